@@ -1,0 +1,167 @@
+"""Optimizers: SGD (momentum, Nesterov), RMSprop and Adam, each an in-place update.
+
+Usage::
+
+    opt = rawgan.optim.Adam(model, lr=1e-4)
+    model.zero_grad(); model.forward(x); model.backward(dy); opt.step()
+
+The update rules follow Keras 3 (the seeds are Keras models), written per parameter
+``p`` with gradient ``g``; ``t`` counts steps from 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+
+class Optimizer:
+    """Base: holds ``(name, param, grad)`` triples and per-parameter state arrays."""
+
+    def __init__(self, model, lr: float, clip_value: float | None = None) -> None:
+        if not float(lr) > 0.0:
+            raise ValueError(f"{type(self).__name__}: lr must be > 0, got {lr!r}")
+        if clip_value is not None and not float(clip_value) > 0.0:
+            raise ValueError(f"{type(self).__name__}: clip_value must be > 0, got {clip_value!r}")
+        self.model = model
+        self.lr = float(lr)
+        self.clip_value = None if clip_value is None else float(clip_value)
+        self.iterations = 0
+        self.state: dict[str, dict[str, object]] = {}
+
+    def _params(self) -> Iterable[tuple[str, object, object]]:
+        return self.model.parameters()
+
+    def _slot(self, name: str, slot: str, like):
+        per = self.state.setdefault(name, {})
+        if slot not in per:
+            per[slot] = like * 0  # zeros on the parameter's backend and dtype
+        return per[slot]
+
+    def step(self) -> None:
+        """Apply one update to every trainable parameter, in place."""
+        self.iterations += 1
+        for name, p, g in self._params():
+            self._update(name, p, g)
+            if self.clip_value is not None:
+                # WGAN weight clipping (Arjovsky et al. 2017): p <- clip(p, -c, c)
+                np.clip(p, -self.clip_value, self.clip_value, out=p)
+
+    def _update(self, name: str, p, g) -> None:
+        raise NotImplementedError
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """``{"iterations": int, "slots": {"param/slot": ndarray}}`` (NumPy arrays)."""
+        slots = {}
+        for name, per in self.state.items():
+            for slot, arr in per.items():
+                slots[f"{name}/{slot}"] = self.model.ops.to_numpy(arr)
+        return {"iterations": self.iterations, "slots": slots}
+
+    def load_state_dict(self, state: dict) -> None:
+        names = {n: p for n, p, _ in self._params()}
+        restored: dict[str, dict[str, object]] = {}
+        for key, arr in state["slots"].items():
+            name, slot = key.rsplit("/", 1)
+            if name not in names:
+                raise ValueError(f"{type(self).__name__}: state for unknown parameter {name!r}")
+            if tuple(arr.shape) != tuple(names[name].shape):
+                raise ValueError(f"{type(self).__name__}: state {key!r} has shape "
+                                 f"{tuple(arr.shape)}, parameter has {tuple(names[name].shape)}")
+            restored.setdefault(name, {})[slot] = self.model.ops.asarray(
+                arr, dtype=names[name].dtype)
+        self.state = restored
+        self.iterations = int(state["iterations"])
+
+
+class SGD(Optimizer):
+    """SGD with momentum ``mu`` (Keras form)::
+
+        v <- mu * v - lr * g
+        p <- p + v                      (plain momentum)
+        p <- p + mu * v - lr * g        (nesterov=True)
+    """
+
+    def __init__(self, model, lr: float = 0.01, momentum: float = 0.0, nesterov: bool = False,
+                 clip_value: float | None = None) -> None:
+        super().__init__(model, lr, clip_value)
+        if not 0.0 <= float(momentum) < 1.0:
+            raise ValueError(f"SGD: momentum must be in [0, 1), got {momentum!r}")
+        self.momentum = float(momentum)
+        self.nesterov = bool(nesterov)
+
+    def _update(self, name, p, g):
+        if self.momentum == 0.0:
+            p -= self.lr * g
+            return
+        v = self._slot(name, "momentum", p)
+        v *= self.momentum
+        v -= self.lr * g
+        if self.nesterov:
+            p += self.momentum * v - self.lr * g
+        else:
+            p += v
+
+
+class RMSprop(Optimizer):
+    """RMSprop (Keras form, rho 0.9, epsilon 1e-7), as the original WGAN uses::
+
+        a <- rho * a + (1 - rho) * g^2
+        p <- p - lr * g / (sqrt(a) + eps)
+    """
+
+    def __init__(self, model, lr: float = 1e-3, rho: float = 0.9, epsilon: float = 1e-7,
+                 clip_value: float | None = None) -> None:
+        super().__init__(model, lr, clip_value)
+        if not 0.0 <= float(rho) < 1.0:
+            raise ValueError(f"RMSprop: rho must be in [0, 1), got {rho!r}")
+        self.rho = float(rho)
+        self.epsilon = float(epsilon)
+
+    def _update(self, name, p, g):
+        a = self._slot(name, "velocity", p)
+        a *= self.rho
+        a += (1.0 - self.rho) * g * g
+        p -= self.lr * g / (np.sqrt(a) + self.epsilon)
+
+
+class Adam(Optimizer):
+    """Adam with bias correction (Keras defaults beta_1 0.9, beta_2 0.999, epsilon 1e-7)::
+
+        m <- m + (1 - b1) * (g - m)
+        v <- v + (1 - b2) * (g^2 - v)
+        p <- p - lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)
+
+    The bias correction is folded into the step size, so epsilon is added to the
+    uncorrected sqrt(v), exactly as Keras (and the paper's "epsilon hat" form) do.
+    """
+
+    def __init__(self, model, lr: float = 1e-3, beta_1: float = 0.9, beta_2: float = 0.999,
+                 epsilon: float = 1e-7, clip_value: float | None = None) -> None:
+        super().__init__(model, lr, clip_value)
+        for nm, b in (("beta_1", beta_1), ("beta_2", beta_2)):
+            if not 0.0 <= float(b) < 1.0:
+                raise ValueError(f"Adam: {nm} must be in [0, 1), got {b!r}")
+        self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
+
+    def step(self) -> None:
+        t = self.iterations + 1
+        self._alpha = self.lr * (1.0 - self.beta_2 ** t) ** 0.5 / (1.0 - self.beta_1 ** t)
+        super().step()
+
+    def _update(self, name, p, g):
+        m = self._slot(name, "m", p)
+        v = self._slot(name, "v", p)
+        m += (1.0 - self.beta_1) * (g - m)
+        v += (1.0 - self.beta_2) * (g * g - v)
+        p -= self._alpha * m / (np.sqrt(v) + self.epsilon)
+
+
+def build(name: str, model, **kwargs) -> Optimizer:
+    """``build("adam", model, lr=1e-4)``; names: sgd, rmsprop, adam."""
+    table = {"sgd": SGD, "rmsprop": RMSprop, "adam": Adam}
+    if name.lower() not in table:
+        raise ValueError(f"unknown optimizer {name!r}: expected one of {sorted(table)}")
+    return table[name.lower()](model, **kwargs)
