@@ -419,7 +419,11 @@ def fetch_file(
     part = folder / (name + ".part")
     if final.is_file() and file_md5(final) == md5:
         return final
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DownloadError(f"cannot create the download folder {folder} ({exc}); pass a "
+                            f"writable data_dir= or set ${_ENV_DATA}") from exc
     failures: list[tuple[str, BaseException]] = []
     for base in mirrors:
         url = base.rstrip("/") + "/" + name
