@@ -135,12 +135,16 @@ def check_layer(layer: Layer, input_shape: tuple[int, ...], rng: np.random.Gener
             layer.rng = np.random.default_rng(rng.integers(2**63))
         layer.build(x.shape, np.float64)
     layer.astype(np.float64)
-    # parameters random too (zero biases / unit gammas would hide mistakes)
+    # parameters random too (zero biases / unit gammas would hide mistakes); a whole model
+    # keeps its initialisation plus small noise, so deep tanh outputs do not saturate
     layers = layer.layers if isinstance(layer, Sequential) else [layer]
     for sub in layers:
         for k in sub.trainable:
-            sub.params[k][...] = rng.standard_normal(sub.params[k].shape) * 0.5 + (
-                1.0 if k == "gamma" else 0.0)
+            noise = rng.standard_normal(sub.params[k].shape)
+            if isinstance(layer, Sequential):
+                sub.params[k] += 0.1 * noise
+            else:
+                sub.params[k][...] = 0.5 * noise + (1.0 if k == "gamma" else 0.0)
     states, stats = _rng_states(layer), _moving_stats(layer)
 
     _restore(states)

@@ -195,67 +195,161 @@ def conv_transpose_geometry(
 
 
 # --------------------------------------------------------------------------------------
-# im2col / col2im
+# im2col without the padding: output pixels grouped by the kernel taps they can use
 # --------------------------------------------------------------------------------------
+#
+# Output pixel i of a conv (one axis) reads input rows ``i*s - pad + a``, a = 0..k-1. A
+# plain im2col pads the input with zeros and multiplies them: for the DCGAN's 5x5 kernels
+# on 7x7 and 14x14 maps that is ~30% of all multiply-adds. Instead the output positions
+# are split into RUNS that share the same range of valid taps [a0, a1) (the border rows,
+# then one big interior run), and each (row run, column run) GROUP gets its own im2col of
+# the UNPADDED input and its own GEMM with the matching slice w[a0:a1, b0:b1] of the
+# kernel. Every multiply-add is then a real one; the interior group carries most of them.
 
-def _pad_input(x: np.ndarray, pads: Pads, kh: int, kw: int, stride, ho: int, wo: int, tag: str):
-    """Zero-padded copy of ``x`` (N, H, W, C), cropped to the rows the windows touch."""
-    (pt, pb), (pl, pr) = pads
-    sh, sw = stride
+def _tap_runs(out_size: int, in_size: int, k: int, s: int, pad: int) -> list[tuple[int, ...]]:
+    """Runs ``(i0, i1, a0, a1)`` of output positions i in [i0, i1) whose valid taps are
+    a in [a0, a1): ``0 <= i*s - pad + a < in_size``. A run with a0 >= a1 reads only padding."""
+    runs: list[tuple[int, ...]] = []
+    for i in range(out_size):
+        a0, a1 = max(0, pad - i * s), min(k, in_size + pad - i * s)
+        if runs and runs[-1][1] == i and runs[-1][2:] == (a0, a1):
+            runs[-1] = (runs[-1][0], i + 1, a0, a1)
+        else:
+            runs.append((i, i + 1, a0, a1))
+    return runs
+
+
+def _groups(out_hw, in_hw, kernel, stride, pads: Pads):
+    """Every (row run) x (column run) group: ``(i0, i1, a0, a1, j0, j1, b0, b1)``."""
+    rows = _tap_runs(out_hw[0], in_hw[0], kernel[0], stride[0], pads[0][0])
+    cols = _tap_runs(out_hw[1], in_hw[1], kernel[1], stride[1], pads[1][0])
+    return [r + c for r in rows for c in cols]
+
+
+def _group_cols(x: np.ndarray, g, stride, pads: Pads, tag: str = "cols") -> np.ndarray:
+    """im2col of one group: ``(N * ni * nj, ka * kb * C)``, no padding involved.
+
+    ``cols[(n, i, j), (a, b, c)] = x[n, (i0 + i)*sh - pt + a0 + a, (j0 + j)*sw - pl + b0 + b, c]``
+    (a strided view of x copied into a reused buffer: valid until the next call with ``tag``).
+    """
+    i0, i1, a0, a1, j0, j1, b0, b1 = g
+    (sh, sw), (pt, pl) = stride, (pads[0][0], pads[1][0])
+    n, _, _, c = x.shape
+    base = x[:, i0 * sh - pt + a0:, j0 * sw - pl + b0:, :]
+    s0, s1, s2, s3 = x.strides
+    shape = (n, i1 - i0, j1 - j0, a1 - a0, b1 - b0, c)
+    view = as_strided(base, shape=shape, strides=(s0, s1 * sh, s2 * sw, s1, s2, s3),
+                      writeable=False)
+    cols = workspace.get(tag, shape, x.dtype)
+    np.copyto(cols, view)
+    return cols.reshape(n * shape[1] * shape[2], -1)
+
+
+def _block(a: np.ndarray, g) -> np.ndarray:
+    """The output pixels of group g as a (N * ni * nj, C) matrix (copied if not contiguous)."""
+    i0, i1, _, _, j0, j1, _, _ = g
+    return np.ascontiguousarray(a[:, i0:i1, j0:j1, :]).reshape(-1, a.shape[-1])
+
+
+# Below this many columns (kh * kw * C) a GEMM is too thin to pay for several groups: the
+# input is then zero-padded once and the whole conv is one group (classic im2col).
+SMALL_K = 256
+
+
+def _padded(x: np.ndarray, pads: Pads, out_hw, kernel, stride) -> np.ndarray:
+    """x zero-padded by ``pads``, cropped to the rows and columns the windows reach."""
+    (pt, _), (pl, _) = pads
     n, h, w, c = x.shape
-    hp, wp = (ho - 1) * sh + kh, (wo - 1) * sw + kw  # rows/cols actually read
-    if pt == 0 and pl == 0 and hp <= h and wp <= w:
-        return x  # no padding touched: read x in place
-    buf = workspace.get(tag, (n, hp, wp, c), x.dtype)
+    hp = max(h + pt, (out_hw[0] - 1) * stride[0] + kernel[0])
+    wp = max(w + pl, (out_hw[1] - 1) * stride[1] + kernel[1])
+    buf = workspace.get("pad", (n, hp, wp, c), x.dtype)
     buf.fill(0)
-    rows, cols = min(h, hp - pt), min(w, wp - pl)
-    buf[:, pt:pt + rows, pl:pl + cols, :] = x[:, :rows, :cols, :]
+    buf[:, pt:pt + h, pl:pl + w, :] = x[:, :hp - pt, :wp - pl, :]
     return buf
 
 
-def _windows(xp_: np.ndarray, kh: int, kw: int, stride, ho: int, wo: int) -> np.ndarray:
-    """Strided view ``(N, Ho, Wo, kh, kw, C)`` of every receptive field (no copy)."""
-    n, _, _, c = xp_.shape
-    s0, s1, s2, s3 = xp_.strides
-    sh, sw = stride
-    return as_strided(
-        xp_, shape=(n, ho, wo, kh, kw, c), strides=(s0, s1 * sh, s2 * sw, s1, s2, s3),
-        writeable=False,
-    )
+NO_PADS: Pads = ((0, 0), (0, 0))
 
 
-def im2col(x: np.ndarray, kh: int, kw: int, stride, pads: Pads, ho: int, wo: int,
-           tag: str = "cols") -> np.ndarray:
-    """Column matrix ``(M, K)``: row ``(n, i, j)`` is the flattened receptive field.
+def _conv_gather(x: np.ndarray, w: np.ndarray, stride, pads: Pads, out_hw,
+                 dy: np.ndarray | None = None):
+    """Convolution without bias: ``y[n,i,j,o] = sum_{a,b,c} x[n, i*sh-pt+a, j*sw-pl+b, c] w[a,b,c,o]``
+    over the valid taps only. x (N, H, W, C), w (kh, kw, C, O) -> y (N, Ho, Wo, O).
 
-    ``cols[(n, i, j), (a, b, c)] = xpad[n, i * sh + a, j * sw + b, c]``. Lives in a
-    reused workspace buffer: valid until the next call with the same ``tag``.
+    With ``dy`` (N, Ho, Wo, D) it also returns ``dw = sum cols^T dy`` of shape (kh, kw, C, D)
+    from the same im2col (the transposed conv's backward needs both).
     """
-    n, c = x.shape[0], x.shape[3]
-    xpad = _pad_input(x, pads, kh, kw, stride, ho, wo, tag + "_pad")
-    cols = workspace.get(tag, (n, ho, wo, kh, kw, c), x.dtype)
-    np.copyto(cols, _windows(xpad, kh, kw, stride, ho, wo))
-    return cols.reshape(n * ho * wo, kh * kw * c)
+    kh, kw, ci, co = w.shape
+    n = x.shape[0]
+    if kh * kw * ci < SMALL_K and pads != NO_PADS:
+        x, pads = _padded(x, pads, out_hw, (kh, kw), stride), NO_PADS
+    y = np.empty((n, *out_hw, co), dtype=x.dtype)
+    dw = None if dy is None else np.zeros((kh, kw, ci, dy.shape[-1]), dtype=x.dtype)
+    for g in _groups(out_hw, x.shape[1:3], (kh, kw), stride, pads):
+        i0, i1, a0, a1, j0, j1, b0, b1 = g
+        if a0 >= a1 or b0 >= b1:
+            y[:, i0:i1, j0:j1, :] = 0  # reads nothing but padding
+            continue
+        cols = _group_cols(x, g, stride, pads)
+        wg = w[a0:a1, b0:b1].reshape(-1, co)
+        if (i1 - i0, j1 - j0) == tuple(out_hw):  # one group: GEMM straight into y
+            np.matmul(cols, wg, out=y.reshape(-1, co))
+        else:
+            y[:, i0:i1, j0:j1, :] = (cols @ wg).reshape(n, i1 - i0, j1 - j0, co)
+        if dy is not None:
+            dw[a0:a1, b0:b1] += (cols.T @ _block(dy, g)).reshape(a1 - a0, b1 - b0, ci, -1)
+    return y if dy is None else (y, dw)
 
 
-def col2im(dcols: np.ndarray, x_shape: tuple[int, ...], kh: int, kw: int, stride, pads: Pads,
-           ho: int, wo: int) -> np.ndarray:
-    """Adjoint of :func:`im2col`: scatter-add every column back to its pixel.
+def _conv_scatter(dy: np.ndarray, w: np.ndarray, x_shape, stride, pads: Pads) -> np.ndarray:
+    """Adjoint of :func:`_conv_gather` (conv backward-data): each output pixel sends
+    ``dy[n,i,j,:] @ w[a,b]^T`` back to input pixel ``(i*sh - pt + a, j*sw - pl + b)``.
 
-    ``dx[n, i * sh + a - pt, j * sw + b - pl, c] += dcols[(n, i, j), (a, b, c)]``,
-    one strided add per kernel tap (kh * kw adds, no loop over pixels or batch).
+    Per group: one GEMM ``dcols = dy_g @ w_g^T`` (N*ni*nj, ka*kb*C), then one strided add per
+    tap into dx. dy (N, Ho, Wo, O), w (kh, kw, C, O) -> dx (N, H, W, C).
     """
-    n, h, w, c = x_shape
-    (pt, pb), (pl, pr) = pads
+    kh, kw, ci, co = w.shape
+    n, ho, wo, _ = dy.shape
     sh, sw = stride
-    hp, wp = max(h + pt + pb, (ho - 1) * sh + kh), max(w + pl + pr, (wo - 1) * sw + kw)
-    d6 = dcols.reshape(n, ho, wo, kh, kw, c)
-    dxp = workspace.get("col2im", (n, hp, wp, c), dcols.dtype)
-    dxp.fill(0)
-    for a in range(kh):
-        for b in range(kw):
-            dxp[:, a:a + sh * (ho - 1) + 1:sh, b:b + sw * (wo - 1) + 1:sw, :] += d6[:, :, :, a, b, :]
-    return dxp[:, pt:pt + h, pl:pl + w, :].copy()
+    if kh * kw * ci < SMALL_K and pads != NO_PADS:  # scatter into a padded buffer, crop after
+        (pt, _), (pl, _) = pads
+        hp = max(x_shape[1] + pt, (ho - 1) * sh + kh)
+        wp = max(x_shape[2] + pl, (wo - 1) * sw + kw)
+        dxp = _conv_scatter(dy, w, (n, hp, wp, ci), stride, NO_PADS)
+        return dxp[:, pt:pt + x_shape[1], pl:pl + x_shape[2], :].copy()
+    pt, pl = pads[0][0], pads[1][0]
+    dx = np.zeros(x_shape, dtype=dy.dtype)
+    for g in _groups((ho, wo), x_shape[1:3], (kh, kw), stride, pads):
+        i0, i1, a0, a1, j0, j1, b0, b1 = g
+        if a0 >= a1 or b0 >= b1:
+            continue
+        ni, nj = i1 - i0, j1 - j0
+        dcols = workspace.get("dcols", (n * ni * nj, (a1 - a0) * (b1 - b0) * ci), dy.dtype)
+        np.matmul(_block(dy, g), w[a0:a1, b0:b1].reshape(-1, co).T, out=dcols)
+        d6 = dcols.reshape(n, ni, nj, a1 - a0, b1 - b0, ci)
+        for a in range(a0, a1):
+            r = i0 * sh - pt + a
+            for b in range(b0, b1):
+                c = j0 * sw - pl + b
+                dx[:, r:r + sh * (ni - 1) + 1:sh, c:c + sw * (nj - 1) + 1:sw, :] += \
+                    d6[:, :, :, a - a0, b - b0, :]
+    return dx
+
+
+def _conv_weight_grad(x: np.ndarray, dy: np.ndarray, w_shape, stride, pads: Pads) -> np.ndarray:
+    """``dw[a,b,c,o] = sum_{n,i,j} x[n, i*sh-pt+a, j*sw-pl+b, c] dy[n,i,j,o]``: per group
+    ``dw[a0:a1, b0:b1] += cols_g^T @ dy_g``. x (N, H, W, C), dy (N, Ho, Wo, O) -> w_shape."""
+    kh, kw, ci, co = w_shape
+    if kh * kw * ci < SMALL_K and pads != NO_PADS:
+        x, pads = _padded(x, pads, dy.shape[1:3], (kh, kw), stride), NO_PADS
+    dw = np.zeros(w_shape, dtype=dy.dtype)
+    for g in _groups(dy.shape[1:3], x.shape[1:3], (kh, kw), stride, pads):
+        i0, i1, a0, a1, j0, j1, b0, b1 = g
+        if a0 >= a1 or b0 >= b1:
+            continue
+        cols = _group_cols(x, g, stride, pads)
+        dw[a0:a1, b0:b1] += (cols.T @ _block(dy, g)).reshape(a1 - a0, b1 - b0, ci, co)
+    return dw
 
 
 # --------------------------------------------------------------------------------------
@@ -288,33 +382,17 @@ def dense_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, need_dx: bool =
 # conv2d and its adjoint, the transposed conv2d
 # --------------------------------------------------------------------------------------
 
-def _conv_core(x: np.ndarray, w: np.ndarray, stride, pads: Pads, ho: int, wo: int,
-               tag: str = "cols") -> np.ndarray:
-    """``y = im2col(x) @ w.reshape(K, c_out)`` -> (N, Ho, Wo, c_out), no bias."""
-    kh, kw, ci, co = w.shape
-    cols = im2col(x, kh, kw, stride, pads, ho, wo, tag)
-    return (cols @ w.reshape(kh * kw * ci, co)).reshape(x.shape[0], ho, wo, co)
-
-
-def _conv_backward_data(dy: np.ndarray, w: np.ndarray, x_shape, stride, pads: Pads) -> np.ndarray:
-    """``dx = col2im(dy @ w.reshape(K, c_out)^T)``: the adjoint of :func:`_conv_core`."""
-    kh, kw, ci, co = w.shape
-    n, ho, wo, _ = dy.shape
-    dcols = workspace.get("dcols", (n * ho * wo, kh * kw * ci), dy.dtype)
-    np.matmul(dy.reshape(-1, co), w.reshape(kh * kw * ci, co).T, out=dcols)
-    return col2im(dcols, x_shape, kh, kw, stride, pads, ho, wo)
-
-
 def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride=1,
                    padding: Padding = "valid") -> np.ndarray:
     """2-D convolution (cross-correlation, as Keras/PyTorch).
 
     x (N, H, W, c_in), w (kh, kw, c_in, c_out), b (c_out,) or None -> y (N, Ho, Wo, c_out):
-    ``y[n,i,j,o] = b[o] + sum_{a,b,c} xpad[n, i*sh + a, j*sw + b, c] * w[a,b,c,o]``.
+    ``y[n,i,j,o] = b[o] + sum_{a,b,c} xpad[n, i*sh + a, j*sw + b, c] * w[a,b,c,o]``
+    (xpad: x with zero padding; the zeros are skipped, see :func:`_conv_gather`).
     """
     stride = pair(stride, "strides")
     ho, wo, pads = conv_geometry(x.shape[1], x.shape[2], w.shape[0], w.shape[1], stride, padding)
-    y = _conv_core(x, w, stride, pads, ho, wo)
+    y = _conv_gather(x, w, stride, pads, (ho, wo))
     if b is not None:
         y += b
     return y
@@ -325,7 +403,7 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, stride=1,
     """Gradients of :func:`conv2d_forward`.  dy (N, Ho, Wo, c_out) -> dx, dw, db.
 
     With ``X = im2col(x)`` (M, K) and ``Y = X @ Wm`` (Wm = w as (K, c_out)):
-    dL/dWm = X^T @ dY;   dL/dX = dY @ Wm^T, scattered back by col2im to give dL/dx
+    dL/dWm = X^T @ dY;   dL/dX = dY @ Wm^T, scattered back to the pixels each window read
     (a pixel's gradient is the sum over every window that read it);
     dL/db = sum over N, Ho, Wo of dy.  ``need_dx`` / ``need_dw`` False skip (return None
     for) the input / parameter gradients.
@@ -335,11 +413,9 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, stride=1,
     ho, wo, pads = conv_geometry(x.shape[1], x.shape[2], kh, kw, stride, padding)
     dw = db = None
     if need_dw:
-        dy2 = dy.reshape(-1, co)
-        cols = im2col(x, kh, kw, stride, pads, ho, wo)
-        dw = (cols.T @ dy2).reshape(w.shape)
-        db = dy2.sum(axis=0)
-    dx = _conv_backward_data(dy, w, x.shape, stride, pads) if need_dx else None
+        dw = _conv_weight_grad(x, dy, w.shape, stride, pads)
+        db = dy.reshape(-1, co).sum(axis=0)
+    dx = _conv_scatter(dy, w, x.shape, stride, pads) if need_dx else None
     return dx, dw, db
 
 
@@ -357,7 +433,7 @@ def conv2d_transpose_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None,
     kh, kw, co, ci = w.shape
     n, h, wd, _ = x.shape
     ho, wo, pads = conv_transpose_geometry(h, wd, kh, kw, stride, padding, output_padding)
-    y = _conv_backward_data(x, w, (n, ho, wo, co), stride, pads)
+    y = _conv_scatter(x, w, (n, ho, wo, co), stride, pads)
     if b is not None:
         y += b
     return y
@@ -369,19 +445,21 @@ def conv2d_transpose_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, stri
     """Gradients of :func:`conv2d_transpose_forward`.  dy (N, Ho, Wo, c_out) -> dx, dw, db.
 
     The forward is ``y = A^T x`` with ``A`` the conv; so dL/dx = A dy: the conv2d
-    FORWARD of ``dy`` with the same kernel. With ``D = im2col(dy)`` (N*H*W, kh*kw*c_out):
-    dL/dx = D @ Wm (Wm = w as (K, c_in));   dL/dWm = D^T @ x (as (N*H*W, c_in));
-    dL/db = sum over N, Ho, Wo of dy. One im2col serves both GEMMs.
+    FORWARD of ``dy`` with the same kernel; and dL/dw is the conv's weight gradient with
+    the roles read off the adjoint: input ``dy``, output gradient ``x``
+    (``dw[a,b,o,c] = sum dy[n, i*sh-pt+a, j*sw-pl+b, o] x[n,i,j,c]``);
+    dL/db = sum over N, Ho, Wo of dy.
     """
     stride = pair(stride, "strides")
     kh, kw, co, ci = w.shape
     n, h, wd, _ = x.shape
     ho, wo, pads = conv_transpose_geometry(h, wd, kh, kw, stride, padding, output_padding)
-    cols = im2col(dy, kh, kw, stride, pads, h, wd)
-    dx = (cols @ w.reshape(kh * kw * co, ci)).reshape(x.shape) if need_dx else None
     if not need_dw:
-        return dx, None, None
-    dw = (cols.T @ x.reshape(-1, ci)).reshape(w.shape)
+        return (_conv_gather(dy, w, stride, pads, (h, wd)) if need_dx else None), None, None
+    if need_dx:  # one im2col of dy serves both GEMMs
+        dx, dw = _conv_gather(dy, w, stride, pads, (h, wd), dy=x)
+    else:
+        dx, dw = None, _conv_weight_grad(dy, x, w.shape, stride, pads)
     db = dy.reshape(-1, co).sum(axis=0)
     return dx, dw, db
 
@@ -413,8 +491,17 @@ def leaky_relu_forward(x: np.ndarray, alpha: float = 0.3) -> np.ndarray:
 
 
 def leaky_relu_backward(dy: np.ndarray, x: np.ndarray, alpha: float = 0.3) -> np.ndarray:
-    """dL/dx = dy if x > 0 else alpha * dy (the derivative at 0 is taken as alpha)."""
-    return np.where(x > 0, dy, float(alpha) * dy)
+    """dL/dx = dy * slope, slope = 1 if x > 0 else alpha (the derivative at 0 is taken as alpha).
+
+    Written as ``slope = alpha + (1 - alpha) * [x > 0]`` in place: three cheap passes, about
+    4x faster than ``np.where(x > 0, dy, alpha * dy)``.
+    """
+    alpha = float(alpha)
+    slope = np.greater(x, 0).astype(dy.dtype)
+    slope *= 1.0 - alpha
+    slope += alpha
+    slope *= dy
+    return slope
 
 
 def relu_forward(x: np.ndarray) -> np.ndarray:

@@ -70,6 +70,9 @@ class Layer:
     def _describe(self) -> str:
         return ""
 
+    def _ranks(self) -> str:
+        return " or ".join(map(str, self.expected_rank or ()))
+
     def _where(self) -> str:
         return f"{self.kind} {self.name!r}" if self.name else self.kind
 
@@ -81,10 +84,8 @@ class Layer:
             raise TypeError(f"{self._where()}: dtype must be float32 or float64, got {dtype}")
         shape = tuple(input_shape)
         if self.expected_rank is not None and len(shape) not in self.expected_rank:
-            raise ValueError(
-                f"{self._where()}: expected input of rank {' or '.join(map(str, self.expected_rank))}"
-                f" (batch first), got shape {shape}"
-            )
+            raise ValueError(f"{self._where()}: expected input of rank {self._ranks()} "
+                             f"(batch first), got shape {shape}")
         per_sample = tuple(int(d) for d in shape[1:])
         if any(d < 1 for d in per_sample):
             raise ValueError(f"{self._where()}: input sizes must be positive, got {shape}")
@@ -168,10 +169,8 @@ class Layer:
             raise TypeError(f"{self._where()}: input dtype must be float32 or float64, "
                             f"got {x.dtype}")
         if self.expected_rank is not None and x.ndim not in self.expected_rank:
-            raise ValueError(
-                f"{self._where()}: expected input of rank {' or '.join(map(str, self.expected_rank))}"
-                f" (batch first), got shape {tuple(x.shape)}"
-            )
+            raise ValueError(f"{self._where()}: expected input of rank {self._ranks()} "
+                             f"(batch first), got shape {tuple(x.shape)}")
         if x.shape[0] < 1:
             raise ValueError(f"{self._where()}: empty batch, got shape {tuple(x.shape)}")
 

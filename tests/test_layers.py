@@ -1,0 +1,274 @@
+"""Layer behaviour beyond gradients: shapes, Keras conventions, dtypes, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rawgan import backends, models
+from rawgan.backends import numpy_ops as ops
+from rawgan.nn import (
+    BatchNormalization,
+    Conv2D,
+    Conv2DTranspose,
+    Dense,
+    Dropout,
+    Flatten,
+    LeakyReLU,
+    Reshape,
+    Sequential,
+    Tanh,
+)
+
+RNG = np.random.default_rng(0)
+
+
+def rand(*shape, dtype=np.float32):
+    return RNG.standard_normal(shape).astype(dtype)
+
+
+# -- Keras conventions -------------------------------------------------------------------
+
+def test_dcgan_shapes_match_the_keras_tutorial():
+    G, D = models.build("dcgan", seed=0)
+    shapes = []
+    shape = (None, 100)
+    for layer in G:
+        shape = layer.compute_output_shape(shape)
+        shapes.append(shape)
+    assert (None, 7, 7, 256) in shapes and (None, 7, 7, 128) in shapes
+    assert (None, 14, 14, 64) in shapes and shapes[-1] == (None, 28, 28, 1)
+    assert D.output_shape == (None, 1)
+    # parameter counts printed by Keras' summary() for the tutorial's models
+    assert G.count_params() == 2_330_944 and D.count_params() == 212_865
+    assert G.layers[4].params["kernel"].shape == (5, 5, 128, 256)  # (kh, kw, out, in)
+    assert D.layers[0].params["kernel"].shape == (5, 5, 1, 64)  # HWIO
+
+
+@pytest.mark.parametrize("h,k,s,expected,pads", [
+    (28, 5, 2, 14, (1, 2)), (14, 5, 2, 7, (1, 2)), (7, 5, 1, 7, (2, 2)),
+    (8, 2, 1, 8, (0, 1)), (5, 4, 3, 2, (1, 1)), (6, 4, 3, 2, (0, 1)), (6, 1, 3, 2, (0, 0)),
+])
+def test_same_padding_follows_tensorflow(h, k, s, expected, pads):
+    ho, _, (ph, _) = ops.conv_geometry(h, h, k, k, s, "same")
+    assert ho == expected == -(-h // s)
+    assert ph == pads
+
+
+@pytest.mark.parametrize("h,k,s,padding,op,expected", [
+    (7, 5, 2, "same", None, 14), (14, 5, 2, "same", None, 28), (7, 5, 1, "same", None, 7),
+    (7, 5, 2, "valid", None, 17), (7, 2, 3, "valid", None, 21), (7, 5, 2, "same", 0, 13),
+    (7, 5, 2, "same", 1, 14), (7, 4, 2, "same", 1, 13), (7, 3, 2, 1, 1, 14), (7, 3, 2, 0, None, 15),
+])
+def test_transposed_output_size_follows_keras(h, k, s, padding, op, expected):
+    layer = Conv2DTranspose(2, k, s, padding, output_padding=op)
+    assert layer.compute_output_shape((None, h, h, 3)) == (None, expected, expected, 2)
+
+
+@pytest.mark.parametrize("k,s,pad,op", [
+    (5, 2, "same", None), (3, 1, "valid", None), (4, 3, 1, (1, 0)), (2, 2, "same", None),
+    (3, 2, "valid", (0, 1)), (5, 3, "same", (2, 1)),
+])
+def test_transposed_conv_is_the_adjoint_of_conv(k, s, pad, op):
+    """<conv(x), y> == <x, conv_T(y)> for the same kernel: one algorithm, two directions."""
+    w = rand(k, k, 3, 4, dtype=np.float64)  # conv: 3 -> 4 channels; conv_T: 4 -> 3
+    size = (8, 8) if op is None and pad != "valid" else (9, 8)
+    x = rand(2, *size, 3, dtype=np.float64)
+    y_conv = ops.conv2d_forward(x, w, None, s, pad)
+    y = rand(*y_conv.shape, dtype=np.float64)
+    x_back = ops.conv2d_transpose_forward(y, w, None, s, pad, output_padding=op)
+    assert x_back.shape == x.shape
+    assert np.isclose(np.vdot(y_conv, y), np.vdot(x, x_back), rtol=1e-12)
+
+
+def test_float32_and_float64_agree_and_dtypes_are_preserved():
+    G64, _ = models.build("dcgan", seed=3, dtype=np.float64)
+    G32, _ = models.build("dcgan", seed=3, dtype=np.float32)
+    z = rand(3, 100, dtype=np.float64)
+    y64 = G64.forward(z)
+    y32 = G32.forward(z.astype(np.float32))
+    assert y32.dtype == np.float32 and y64.dtype == np.float64
+    assert np.abs(y64 - y32).max() < 1e-4
+    dz = G32.backward(np.ones_like(y32))
+    assert dz.dtype == np.float32
+    assert all(g.dtype == np.float32 for _, _, g in G32.parameters())
+
+
+def test_gradients_accumulate_until_zero_grad():
+    layer = Dense(3)
+    x, dy = rand(4, 5), rand(4, 3)
+    layer.forward(x)
+    layer.backward(dy)
+    first = layer.grads["kernel"].copy()
+    layer.backward(dy)
+    np.testing.assert_allclose(layer.grads["kernel"], 2 * first, rtol=1e-6)
+    layer.zero_grad()
+    assert not layer.grads["kernel"].any()
+
+
+def test_backward_flags_skip_work_but_not_results():
+    D = models.build("dcgan", seed=1)[1]
+    x = rand(2, 28, 28, 1)
+    D.forward(x, training=False)
+    dx_full = D.backward(np.ones((2, 1), np.float32))
+    grads = {n: g.copy() for n, _, g in D.parameters()}
+    D.zero_grad()
+    dx_only = D.backward(np.ones((2, 1), np.float32), param_grads=False)
+    np.testing.assert_allclose(dx_only, dx_full, rtol=1e-6)
+    assert all(not g.any() for _, _, g in D.parameters())
+    assert D.backward(np.ones((2, 1), np.float32), input_grad=False) is None
+    for n, _, g in D.parameters():
+        np.testing.assert_allclose(g, grads[n], rtol=1e-6)
+
+
+def test_batchnorm_running_statistics_and_inference():
+    bn = BatchNormalization(momentum=0.9)
+    x = rand(64, 3, 3, 2) * 3 + 5
+    bn.forward(x, training=True)
+    mean, var = x.reshape(-1, 2).mean(0), x.reshape(-1, 2).var(0)
+    np.testing.assert_allclose(bn.params["moving_mean"], 0.1 * mean, rtol=1e-5)
+    np.testing.assert_allclose(bn.params["moving_variance"], 0.9 + 0.1 * var, rtol=1e-5)
+    y = bn.forward(x, training=False)  # uses moving statistics, updates nothing
+    expect = (x - bn.params["moving_mean"]) / np.sqrt(bn.params["moving_variance"] + 1e-3)
+    np.testing.assert_allclose(y, expect, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(bn.params["moving_mean"], 0.1 * mean, rtol=1e-5)
+
+
+def test_dropout_is_inverted_seeded_and_identity_at_inference():
+    x = np.ones((200, 50), np.float32)
+    a, b = Dropout(0.3, seed=1), Dropout(0.3, seed=1)
+    ya, yb = a.forward(x), b.forward(x)
+    np.testing.assert_array_equal(ya, yb)
+    assert set(np.unique(ya)) == {0.0, np.float32(1 / 0.7)}
+    assert abs((ya == 0).mean() - 0.3) < 0.02
+    assert abs(ya.mean() - 1.0) < 0.03
+    np.testing.assert_array_equal(a.forward(x, training=False), x)
+
+
+def test_sequential_names_summary_and_weights_round_trip():
+    m = Sequential([Dense(4), LeakyReLU(), Dense(2), Tanh()], seed=0, input_shape=(3,))
+    assert [layer.name for layer in m] == ["dense", "leaky_re_lu", "dense_1", "tanh"]
+    text = m.summary(print_fn=None)
+    assert "dense_1 (Dense)" in text and "Total params: 26" in text
+    w = m.get_weights()
+    m2 = Sequential([Dense(4), LeakyReLU(), Dense(2), Tanh()], seed=9, input_shape=(3,))
+    m2.set_weights(w)
+    x = rand(5, 3)
+    np.testing.assert_array_equal(m.forward(x), m2.forward(x))
+
+
+def test_models_are_reproducible_from_the_seed():
+    a, b = models.build("dcgan", seed=5)[1], models.build("dcgan", seed=5)[1]
+    for (_, pa, _), (_, pb, _) in zip(a.parameters(), b.parameters(), strict=True):
+        np.testing.assert_array_equal(pa, pb)
+    x = rand(2, 28, 28, 1)
+    np.testing.assert_array_equal(a.forward(x), b.forward(x))  # same dropout masks too
+
+
+def test_glorot_uniform_limits():
+    d = Dense(300)
+    d.build((None, 200))
+    limit = np.sqrt(6 / 500)
+    k = d.params["kernel"]
+    assert k.max() <= limit and k.min() >= -limit and k.std() > 0.5 * limit / np.sqrt(3)
+    assert not d.params["bias"].any()
+
+
+# -- bad input --------------------------------------------------------------------------------
+
+def test_wrong_rank_names_the_layer_and_shape():
+    with pytest.raises(ValueError, match=r"Conv2D.*rank 4.*\(2, 28, 28\)"):
+        Conv2D(4, 3).forward(rand(2, 28, 28))
+    with pytest.raises(ValueError, match=r"Dense.*rank 2"):
+        Dense(4).forward(rand(2, 3, 3))
+
+
+def test_wrong_channel_count():
+    c = Conv2D(4, 3)
+    c.forward(rand(1, 5, 5, 3))
+    with pytest.raises(ValueError, match="expected 3 input channels"):
+        c.forward(rand(1, 5, 5, 2))
+    d = Dense(2)
+    d.forward(rand(1, 3))
+    with pytest.raises(ValueError, match=r"built for inputs of shape \(N, 3\)"):
+        d.forward(rand(1, 4))
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.float16, np.complex64, bool])
+def test_wrong_dtype(dtype):
+    with pytest.raises(TypeError, match="float32 or float64"):
+        Dense(2).forward(np.ones((2, 3), dtype=dtype))
+
+
+def test_mixed_dtypes_are_refused():
+    d = Dense(2)
+    d.forward(rand(2, 3))
+    with pytest.raises(TypeError, match="weights are float32 but the input is float64"):
+        d.forward(rand(2, 3, dtype=np.float64))
+
+
+def test_backward_before_forward_and_wrong_dy_shape():
+    d = Dense(2)
+    d.build((None, 3))
+    with pytest.raises(ValueError, match="backward\\(\\) called before forward\\(\\)"):
+        d.backward(rand(2, 2))
+    d.forward(rand(2, 3))
+    with pytest.raises(ValueError, match=r"dy has shape \(2, 3\), expected .*\(2, 2\)"):
+        d.backward(rand(2, 3))
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: Conv2D(4, 3, padding="full"), "unknown padding 'full'"),
+    (lambda: Conv2D(0, 3), "filters must be a positive int"),
+    (lambda: Conv2D(4, 0), "kernel_size must be positive"),
+    (lambda: Conv2D(4, 3, strides=-1), "strides must be positive"),
+    (lambda: Conv2D(4, 3, padding=-1), "non-negative"),
+    (lambda: Dense(-3), "units must be a positive int"),
+    (lambda: Dropout(1.0), r"rate must be in \[0, 1\)"),
+    (lambda: Conv2DTranspose(4, 3, strides=2, output_padding=2), "smaller than strides"),
+    (lambda: BatchNormalization(momentum=2), "momentum"),
+    (lambda: Reshape((0, 3)), "invalid target shape"),
+])
+def test_bad_constructor_arguments(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_kernel_larger_than_valid_input():
+    with pytest.raises(ValueError, match=r"kernel \(5, 5\) is larger than the padded input"):
+        Conv2D(2, 5, padding="valid").forward(rand(1, 4, 4, 1))
+
+
+def test_reshape_size_mismatch_and_empty_batch():
+    with pytest.raises(ValueError, match="cannot reshape"):
+        Reshape((5, 5)).forward(rand(2, 12))
+    with pytest.raises(ValueError, match="empty batch"):
+        Flatten().forward(rand(0, 3))
+
+
+def test_batchnorm_needs_two_values_per_channel():
+    with pytest.raises(ValueError, match="at least 2 values per channel"):
+        BatchNormalization().forward(rand(1, 4))
+
+
+def test_set_weights_mismatch():
+    m = Sequential([Dense(4)], seed=0, input_shape=(3,))
+    with pytest.raises(ValueError, match="missing"):
+        m.set_weights({})
+    with pytest.raises(ValueError, match=r"dense/kernel has shape \(4, 4\)"):
+        m.set_weights({"dense/kernel": np.zeros((4, 4)), "dense/bias": np.zeros(4)})
+
+
+def test_backend_selection():
+    assert backends.get("numpy") is ops
+    with pytest.raises(ValueError, match="unknown backend 'tpu'"):
+        backends.get("tpu")
+    with pytest.warns(UserWarning, match="NumPy"):
+        assert backends.get("auto") is ops
+    with pytest.raises(backends.BackendUnavailable):
+        backends.get("cupy")
+
+
+def test_unknown_model():
+    with pytest.raises(ValueError, match="unknown model 'vae'"):
+        models.build("vae")
