@@ -17,6 +17,7 @@ Notation in the docstrings: ``N`` batch, ``H, W`` spatial size, ``C`` channels,
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -74,6 +75,38 @@ class _Workspace:
 
 
 workspace = _Workspace()
+
+
+class _Halves:
+    """Run ``fn(lo, hi)`` on the two halves of a batch in two threads.
+
+    BLAS already uses every core for the GEMMs; the rest of a conv (im2col copies, the
+    scatter-adds of backward-data) and the elementwise ops are NumPy loops on ONE core.
+    NumPy releases the GIL inside those loops, so splitting the batch in two and running
+    the halves in threads keeps both cores busy. Small arrays run inline (no thread cost).
+    """
+
+    MIN_ELEMENTS = 1 << 17
+
+    def __init__(self) -> None:
+        self._pool = None
+        self.threads = max(1, min(2, os.cpu_count() or 1))
+
+    def __call__(self, fn, n: int, size: int) -> None:
+        if self.threads < 2 or n < 2 or size < self.MIN_ELEMENTS:
+            fn(0, n)
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(2, thread_name_prefix="rawgan")
+        half = n // 2
+        future = self._pool.submit(fn, half, n)
+        fn(0, half)
+        future.result()
+
+
+in_halves = _Halves()
 
 
 # --------------------------------------------------------------------------------------
@@ -241,7 +274,7 @@ def _group_cols(x: np.ndarray, g, stride, pads: Pads, tag: str = "cols") -> np.n
     view = as_strided(base, shape=shape, strides=(s0, s1 * sh, s2 * sw, s1, s2, s3),
                       writeable=False)
     cols = workspace.get(tag, shape, x.dtype)
-    np.copyto(cols, view)
+    in_halves(lambda lo, hi: np.copyto(cols[lo:hi], view[lo:hi]), n, cols.size)
     return cols.reshape(n * shape[1] * shape[2], -1)
 
 
@@ -273,8 +306,9 @@ NO_PADS: Pads = ((0, 0), (0, 0))
 
 def _conv_gather(x: np.ndarray, w: np.ndarray, stride, pads: Pads, out_hw,
                  dy: np.ndarray | None = None):
-    """Convolution without bias: ``y[n,i,j,o] = sum_{a,b,c} x[n, i*sh-pt+a, j*sw-pl+b, c] w[a,b,c,o]``
-    over the valid taps only. x (N, H, W, C), w (kh, kw, C, O) -> y (N, Ho, Wo, O).
+    """Convolution without bias over the valid taps only:
+    ``y[n,i,j,o] = sum_{a,b,c} x[n, i*sh-pt+a, j*sw-pl+b, c] w[a,b,c,o]``.
+    x (N, H, W, C), w (kh, kw, C, O) -> y (N, Ho, Wo, O).
 
     With ``dy`` (N, Ho, Wo, D) it also returns ``dw = sum cols^T dy`` of shape (kh, kw, C, D)
     from the same im2col (the transposed conv's backward needs both).
@@ -327,12 +361,17 @@ def _conv_scatter(dy: np.ndarray, w: np.ndarray, x_shape, stride, pads: Pads) ->
         dcols = workspace.get("dcols", (n * ni * nj, (a1 - a0) * (b1 - b0) * ci), dy.dtype)
         np.matmul(_block(dy, g), w[a0:a1, b0:b1].reshape(-1, co).T, out=dcols)
         d6 = dcols.reshape(n, ni, nj, a1 - a0, b1 - b0, ci)
-        for a in range(a0, a1):
-            r = i0 * sh - pt + a
-            for b in range(b0, b1):
-                c = j0 * sw - pl + b
-                dx[:, r:r + sh * (ni - 1) + 1:sh, c:c + sw * (nj - 1) + 1:sw, :] += \
-                    d6[:, :, :, a - a0, b - b0, :]
+
+        def scatter(lo, hi, g=g, d6=d6, ni=ni, nj=nj):
+            i0, i1, a0, a1, j0, j1, b0, b1 = g
+            for a in range(a0, a1):
+                r = i0 * sh - pt + a
+                for b in range(b0, b1):
+                    c = j0 * sw - pl + b
+                    dx[lo:hi, r:r + sh * (ni - 1) + 1:sh, c:c + sw * (nj - 1) + 1:sw, :] += \
+                        d6[lo:hi, :, :, a - a0, b - b0, :]
+
+        in_halves(scatter, n, d6.size)
     return dx
 
 
@@ -485,9 +524,16 @@ def bias_add_backward(dy: np.ndarray) -> np.ndarray:
 def leaky_relu_forward(x: np.ndarray, alpha: float = 0.3) -> np.ndarray:
     """``y = x if x > 0 else alpha * x`` (any shape)."""
     alpha = float(alpha)
-    if 0.0 <= alpha <= 1.0:
-        return np.maximum(x, alpha * x)  # one pass, no mask
-    return np.where(x > 0, x, alpha * x)
+    if not 0.0 <= alpha <= 1.0:
+        return np.where(x > 0, x, alpha * x)
+    y = np.empty_like(x)
+
+    def run(lo, hi):  # max(x, alpha x): one pass, no mask
+        np.multiply(x[lo:hi], alpha, out=y[lo:hi])
+        np.maximum(x[lo:hi], y[lo:hi], out=y[lo:hi])
+
+    in_halves(run, x.shape[0], x.size)
+    return y
 
 
 def leaky_relu_backward(dy: np.ndarray, x: np.ndarray, alpha: float = 0.3) -> np.ndarray:
@@ -497,11 +543,17 @@ def leaky_relu_backward(dy: np.ndarray, x: np.ndarray, alpha: float = 0.3) -> np
     4x faster than ``np.where(x > 0, dy, alpha * dy)``.
     """
     alpha = float(alpha)
-    slope = np.greater(x, 0).astype(dy.dtype)
-    slope *= 1.0 - alpha
-    slope += alpha
-    slope *= dy
-    return slope
+    dx = np.empty_like(dy)
+
+    def run(lo, hi):
+        slope = dx[lo:hi]
+        np.greater(x[lo:hi], 0, out=slope, casting="unsafe")  # 1.0 / 0.0
+        slope *= 1.0 - alpha
+        slope += alpha
+        slope *= dy[lo:hi]
+
+    in_halves(run, dy.shape[0], dy.size)
+    return dx
 
 
 def relu_forward(x: np.ndarray) -> np.ndarray:
@@ -613,12 +665,25 @@ def dropout_forward(x: np.ndarray, rate: float, rng: np.random.Generator,
     """
     if not training or rate == 0.0:
         return x, None
-    u = rng.random(x.shape, dtype=x.dtype)
-    mask = np.greater_equal(u, rate, out=np.empty(x.shape, dtype=bool))
-    mask = np.multiply(mask, 1.0 / (1.0 - rate), dtype=x.dtype)
-    return x * mask, mask
+    mask = rng.random(x.shape, dtype=x.dtype)  # drawn in one thread: reproducible
+    y = np.empty_like(x)
+    scale = 1.0 / (1.0 - rate)
+
+    def run(lo, hi):
+        m = mask[lo:hi]
+        np.greater_equal(m, rate, out=m, casting="unsafe")  # u >= rate -> 1.0, else 0.0
+        m *= scale
+        np.multiply(x[lo:hi], m, out=y[lo:hi])
+
+    in_halves(run, x.shape[0], x.size)
+    return y, mask
 
 
 def dropout_backward(dy: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     """dL/dx = dy * mask (the same mask, scale included, as the forward)."""
-    return dy if mask is None else dy * mask
+    if mask is None:
+        return dy
+    dx = np.empty_like(dy)
+    in_halves(lambda lo, hi: np.multiply(dy[lo:hi], mask[lo:hi], out=dx[lo:hi]),
+              dy.shape[0], dy.size)
+    return dx
