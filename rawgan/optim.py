@@ -57,7 +57,7 @@ class Optimizer:
         slots = {}
         for name, per in self.state.items():
             for slot, arr in per.items():
-                slots[f"{name}/{slot}"] = self.model.ops.to_numpy(arr)
+                slots[f"{name}/{slot}"] = np.array(self.model.ops.to_numpy(arr), copy=True)
         return {"iterations": self.iterations, "slots": slots}
 
     def load_state_dict(self, state: dict) -> None:
@@ -71,7 +71,7 @@ class Optimizer:
                 raise ValueError(f"{type(self).__name__}: state {key!r} has shape "
                                  f"{tuple(arr.shape)}, parameter has {tuple(names[name].shape)}")
             restored.setdefault(name, {})[slot] = self.model.ops.asarray(
-                arr, dtype=names[name].dtype)
+                np.array(arr, dtype=names[name].dtype, copy=True))
         self.state = restored
         self.iterations = int(state["iterations"])
 

@@ -122,8 +122,8 @@ class Sequential(Layer):
         return {f"{layer.name}/{k}": v for layer in self.layers for k, v in layer.params.items()}
 
     def get_weights(self) -> dict[str, np.ndarray]:
-        """Every parameter as NumPy arrays, for checkpoints."""
-        return {k: self.ops.to_numpy(v) for k, v in self.weights().items()}
+        """Every parameter as NumPy arrays (copies, never the live arrays), for checkpoints."""
+        return {k: np.array(self.ops.to_numpy(v), copy=True) for k, v in self.weights().items()}
 
     def set_weights(self, weights: dict[str, np.ndarray]) -> None:
         """Load ``{"layer/key": array}``; names, shapes must match exactly (clear error)."""
@@ -139,7 +139,7 @@ class Sequential(Layer):
                 if tuple(new.shape) != tuple(cur.shape):
                     raise ValueError(f"{self._where()}: weight {layer.name}/{k} has shape "
                                      f"{tuple(new.shape)}, the model expects {tuple(cur.shape)}")
-                layer.params[k] = self.ops.asarray(new, dtype=cur.dtype)
+                layer.params[k] = self.ops.asarray(np.array(new, dtype=cur.dtype, copy=True))
 
     def count_params(self) -> int:
         return sum(layer.count_params() for layer in self.layers)

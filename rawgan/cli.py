@@ -1,0 +1,306 @@
+"""The ``rawgan`` command: ``rawgan train``, ``rawgan sample``, ``rawgan gradcheck``.
+
+``main(argv) -> int`` is the console-script entry point (``rawgan = "rawgan.cli:main"``).
+Exit status: 0 success, 1 a run-time error (message on stderr, no traceback), 2 a usage
+error (unknown option or value, bad config file), 130 interrupted by Ctrl-C (after the
+checkpoint was saved).
+
+``rawgan train`` options come in three layers, each overriding the one before: the
+defaults of :class:`rawgan.train.TrainConfig`, then ``--config FILE.toml`` (top-level keys
+named like the options, ``-`` or ``_``: ``lr_g = 2e-4``), then the flags on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+
+PROG = "rawgan"
+
+# field -> (help, metavar); defaults are read from TrainConfig and appended.
+_HELP: dict[str, tuple[str, str | None]] = {
+    "model": ("architecture: the seeds' DCGAN (28x28 images) or the MLP GAN", None),
+    "data": ("training data: MNIST, Fashion-MNIST, or the toy 2-D mixtures (8 Gaussians "
+             "on a ring, 25 on a grid; these need --model mlp)", None),
+    "data_dir": ("folder holding the IDX files (t10k-images-idx3-ubyte.gz, ...), directly "
+                 "or in a mnist/ or fashion/ subfolder", "DIR"),
+    "split": ("which MNIST split to train on; 'test' is the 10,000-image t10k files", None),
+    "num_examples": ("train on the first N examples only (toy data: the size of the sampled "
+                     "training set)", "N"),
+    "download": ("download missing MNIST files (MD5-checked) into the data folder", None),
+    "loss": ("GAN loss family: bce (the seeds' non-saturating BCE), minimax, wgan, hinge, "
+             "lsgan", None),
+    "d_steps": ("critic (discriminator) updates per generator update, each on its own real "
+                "batch", "K"),
+    "batch_size": ("images per batch", "N"),
+    "noise_dim": ("size of the generator's input noise z ~ N(0, I)", "N"),
+    "optimizer": ("optimizer of both networks", None),
+    "lr_g": ("generator learning rate", "LR"),
+    "lr_d": ("discriminator learning rate", "LR"),
+    "beta_1": ("Adam beta_1 (Keras default, as the seeds)", "B"),
+    "beta_2": ("Adam beta_2", "B"),
+    "momentum": ("SGD momentum", "M"),
+    "clip_value": ("clip discriminator weights to [-C, C] after each update (WGAN); 0: off",
+                   "C"),
+    "ema": ("keep an exponential moving average of the generator weights with this decay "
+            "(e.g. 0.999); samples and the export then use it", "DECAY"),
+    "epochs": ("passes over the training set", "N"),
+    "max_steps": ("stop after this many generator steps (across epochs and resumes)", "N"),
+    "save_every": ("save a checkpoint every N epochs (and always at the end)", "N"),
+    "sample_every": ("write a sample grid every N epochs", "N"),
+    "grid_size": ("images in each sample grid (fixed noise batch)", "N"),
+    "seed": ("seeds weights, data order, noise and dropout: same seed + config = same "
+             "losses step for step on the numpy backend", "N"),
+    "backend": ("compute backend; auto tries the GPU, else numpy (with a warning)", None),
+    "out": ("run folder for checkpoints, samples, metrics.jsonl, losses.png", "RUN_DIR"),
+    "progress": ("show a progress bar and per-epoch lines (the bar only on a terminal)", None),
+}
+
+_DEFAULT_TEXT = {
+    "data_dir": "$RAWGAN_DATA, else ~/.cache/rawgan",
+    "num_examples": "all; toy data: 100000",
+    "d_steps": "1; 5 for --loss wgan",
+    "optimizer": "adam; rmsprop for --loss wgan",
+    "lr_g": "1e-4; 5e-5 for --loss wgan",
+    "lr_d": "1e-4; 5e-5 for --loss wgan",
+    "clip_value": "0; 0.01 for --loss wgan",
+    "ema": "off",
+    "max_steps": "no limit",
+    "out": "runs/MODEL-DATA",
+}
+
+
+def _optional(kind):
+    """argparse type: a ``kind`` value, or 'none' for unset."""
+
+    def parse(text: str):
+        if text.lower() in ("none", "off", ""):
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}"
+                                             ) from None
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    from .train import CHOICES, TrainConfig
+
+    types = {"int": int, "float": float, "str": str}
+    for f in dataclasses.fields(TrainConfig):
+        help_text, metavar = _HELP[f.name]
+        default = _DEFAULT_TEXT.get(f.name, f.default)
+        if isinstance(default, bool):
+            default = "on" if default else "off"
+        help_text = f"{help_text} (default: {default})"
+        flag = "--" + f.name.replace("_", "-")
+        ann = str(f.type)
+        base = ann.split("|")[0].strip()
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if base == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            continue
+        if f.name in CHOICES:
+            kw["choices"] = CHOICES[f.name]
+        else:
+            kw["metavar"] = metavar
+        kind = types[base]
+        kw["type"] = _optional(kind) if "None" in ann and f.name not in CHOICES else kind
+        p.add_argument(flag, **kw)
+    p.add_argument("-q", "--quiet", dest="progress", action="store_false",
+                   default=argparse.SUPPRESS, help="same as --no-progress")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="rawgan: GANs with hand-written forward and backward passes.")
+    parser.add_argument("--version", action="version", version=f"rawgan {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    t = sub.add_parser(
+        "train", help="train a GAN (checkpoints, sample grids, metrics, resume)",
+        description="Train a GAN. Writes to the run folder: checkpoint.h5, generator.h5, "
+                    "samples/epoch_NNNN.png, metrics.jsonl, losses.png, summary.json.",
+        epilog="examples:\n"
+               "  rawgan train --epochs 50                     # DCGAN on MNIST (downloads)\n"
+               "  rawgan train --data-dir ~/mnist --split test --epochs 1 --out runs/t\n"
+               "  rawgan train --model mlp --data ring --epochs 20\n"
+               "  rawgan train --config run.toml --lr-g 2e-4   # flags override the file\n"
+               "  rawgan train --out runs/t --epochs 100 --resume",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--config", metavar="FILE.toml", type=Path,
+                   help="TOML file with any of the options below as top-level keys "
+                        "(lr_g = 2e-4); flags given here override it (default: none)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint (the config must "
+                        "match, except epochs, max-steps and other run-length options) "
+                        "(default: off)")
+    t.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as JSON and exit (default: off)")
+    _add_train_options(t)
+    t.set_defaults(func=_cmd_train, sub_parser=t)
+
+    s = sub.add_parser(
+        "sample", help="sample a trained generator into a PNG grid",
+        description="Write a grid of samples (a scatter plot for 2-D toy models) from a "
+                    "generator export (generator.h5) or a training checkpoint.")
+    s.add_argument("checkpoint", metavar="CHECKPOINT", type=Path,
+                   help="generator.h5 or checkpoint.h5 of a run")
+    s.add_argument("-n", "--num", type=int, default=64, metavar="N",
+                   help="number of samples (default: 64)")
+    s.add_argument("--out", type=Path, default=Path("grid.png"), metavar="PNG",
+                   help="output image (default: grid.png)")
+    s.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    s.add_argument("--nrow", type=int, default=None, metavar="N",
+                   help="images per row (default: ceil(sqrt(n)))")
+    s.add_argument("--scale", type=int, default=1, metavar="S",
+                   help="enlarge each image S times (default: 1)")
+    s.set_defaults(func=_cmd_sample, sub_parser=s)
+
+    g = sub.add_parser("gradcheck", add_help=False,
+                       help="finite-difference gradient checks (rawgan gradcheck --help)")
+    g.set_defaults(func=None)
+    return parser
+
+
+# --------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------
+
+
+def _err(command: str, message: str) -> None:
+    print(f"{PROG} {command}: error: {message}", file=sys.stderr)
+
+
+def _train_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    from .train import TrainConfig
+
+    values: dict[str, Any] = {}
+    if args.config is not None:
+        try:
+            with open(args.config, "rb") as fh:
+                values = tomllib.load(fh)
+        except OSError as exc:
+            parser.error(f"--config: cannot read {args.config}: {exc.strerror or exc}")
+        except tomllib.TOMLDecodeError as exc:
+            parser.error(f"--config: {args.config} is not valid TOML: {exc}")
+        values = {k.replace("-", "_"): v for k, v in values.items()}
+        nested = [k for k, v in values.items() if isinstance(v, dict)]
+        if nested:
+            parser.error(f"--config: {args.config}: tables are not supported ([{nested[0]}]); "
+                         "put the options at the top level")
+    skip = {"config", "resume", "print_config", "func", "command", "sub_parser"}
+    values.update({k: v for k, v in vars(args).items() if k not in skip})
+    try:
+        return TrainConfig.from_dict(values, source=f"--config {args.config}"
+                                     if args.config else "rawgan train")
+    except (ValueError, TypeError) as exc:
+        parser.error(str(exc))
+
+
+def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from . import backends, checkpoint, data
+    from .train import RunDirError, TrainingDiverged, train
+
+    cfg = _train_config(args, parser)
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    try:
+        summary = train(cfg, resume=args.resume)
+    except KeyboardInterrupt:
+        print(f"{PROG} train: interrupted", file=sys.stderr)
+        return 130
+    except (RunDirError, TrainingDiverged, checkpoint.CheckpointError,
+            backends.BackendUnavailable, data.ChecksumError, data.DownloadError,
+            FileNotFoundError, ImportError) as exc:
+        _err("train", str(exc))
+        return 1
+    except (ValueError, OSError) as exc:
+        _err("train", f"{type(exc).__name__}: {exc}")
+        return 1
+    line = (f"{summary['stopped']}: {summary['steps']} steps, {summary['epochs_completed']} "
+            f"epochs in {summary['seconds']:.1f} s")
+    if summary.get("images_per_s"):
+        line += f" ({summary['images_per_s']:.0f} images/s)"
+    if summary.get("d_loss") is not None:
+        line += f"; d_loss {summary['d_loss']:.4f}, g_loss {summary['g_loss']:.4f}"
+    if "modes_covered" in summary:
+        line += (f"; modes covered {summary['modes_covered']}/{summary['n_modes']} "
+                 f"(high quality {summary['high_quality']:.1%})")
+    print(line)
+    print(f"run folder: {summary['out']} (generator: {summary['generator']})")
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from . import checkpoint, data
+    from .sampling import save_image_grid, save_scatter
+
+    if args.num < 1:
+        parser.error(f"-n must be >= 1, got {args.num}")
+    if args.scale < 1:
+        parser.error(f"--scale must be >= 1, got {args.scale}")
+    if args.nrow is not None and args.nrow < 1:
+        parser.error(f"--nrow must be >= 1, got {args.nrow}")
+    try:
+        gen = checkpoint.load_generator(args.checkpoint)
+        x = gen.sample(args.num, seed=args.seed)
+        if len(gen.image_shape) == 1:
+            name = gen.config.get("data")
+            modes = data.toy_modes(name)[0] if name in ("ring", "grid") else None
+            save_scatter(args.out, x, modes=modes, title=f"{args.num} samples, seed {args.seed}")
+        else:
+            save_image_grid(args.out, x, nrow=args.nrow, scale=args.scale)
+    except (checkpoint.CheckpointError, FileNotFoundError, ImportError, OSError,
+            ValueError) as exc:
+        _err("sample", str(exc))
+        return 1
+    print(f"wrote {args.out} ({args.num} samples, seed {args.seed})")
+    return 0
+
+
+def _cmd_gradcheck(argv: list[str]) -> int:
+    try:
+        from . import gradcheck
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__package__}.gradcheck":
+            raise
+        _err("gradcheck", "rawgan.gradcheck is not available in this installation")
+        return 1
+    return int(gradcheck.main(argv) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``rawgan`` command line; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if argv and argv[0] == "gradcheck":  # its own parser handles the rest, --help included
+        return _cmd_gradcheck(argv[1:])
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    try:
+        return args.func(args, args.sub_parser)
+    except SystemExit as exc:  # parser.error inside a command
+        return int(exc.code or 0)
+    except BrokenPipeError:  # `rawgan train ... | head -1`: the reader left, not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

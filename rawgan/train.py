@@ -1,0 +1,623 @@
+"""The GAN training loop behind ``rawgan train``: epochs of shuffled minibatches, k critic
+steps per generator step (:func:`rawgan.gan.train_step`), an optional generator EMA,
+checkpoints, sample grids, a metrics log, a progress bar, and exact resume.
+
+``summary = rawgan.train.train(TrainConfig(model="dcgan", data="mnist", epochs=50))``
+
+The loop, per epoch::
+
+    draw a permutation of the training set from the data RNG
+    for each group of k = d_steps minibatches (batch_size each, the last partial one dropped):
+        stats = gan.train_step(G, D, opt_G, opt_D, loss, reals=[x_1..x_k], noise)
+        stop with TrainingDiverged if a loss is NaN / inf (the last checkpoint is kept)
+        G_ema <- G_ema + (1 - ema) * (G - G_ema)        (if ema is set)
+        append {step, epoch, d_loss, g_loss, d_real, d_fake, images_per_s} to metrics.jsonl
+    write samples/epoch_NNNN.png from a fixed noise batch (every sample_every epochs)
+    save checkpoint.h5 (every save_every epochs)
+    at the end: checkpoint.h5, generator.h5 (export), losses.png, summary.json
+
+Randomness. ``seed`` seeds everything: G's weights (``seed``), D's (``seed + 1``, which also
+seeds D's dropout masks through each layer's own generator), and four independent streams
+spawned from ``numpy.random.SeedSequence(seed)``: data order, training noise, the fixed
+noise of the sample grids, and the toy data set. The checkpoint stores the data-order
+stream as it was at the start of the current epoch plus the number of steps taken in it,
+the noise stream, every layer's generator, both optimizers and the weights, so a run
+resumed from any checkpoint (end of epoch, ``max_steps``, Ctrl-C) takes exactly the steps
+an uninterrupted run takes: the same losses, bit for bit, on the NumPy backend.
+
+Faults. A NaN / inf loss stops the run with :class:`TrainingDiverged` naming the step; the
+state is not saved, the last good checkpoint is left as it was. The first Ctrl-C finishes the
+current step, saves a checkpoint, and raises KeyboardInterrupt; a second one aborts at once
+(the last checkpoint stays). An output folder that holds another run is refused
+(:class:`RunDirError`) before anything is written, as is ``resume`` with a different config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import itertools
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import backends, checkpoint, data, gan, losses, models, optim
+from .sampling import (
+    mode_coverage,
+    require_extras,
+    save_image_grid,
+    save_loss_curve,
+    save_scatter,
+)
+
+__all__ = [
+    "CHOICES",
+    "RunDirError",
+    "TrainConfig",
+    "TrainingDiverged",
+    "read_metrics",
+    "train",
+]
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model": models.MODELS,
+    "data": ("mnist", "fashion", "ring", "grid"),
+    "split": ("train", "test"),
+    "loss": losses.KINDS,
+    "optimizer": ("adam", "rmsprop", "sgd"),
+    "backend": ("numpy", "cupy", "numba", "auto"),
+}
+TOY_DATA = ("ring", "grid")
+#: Toy points are divided by this for training (the seed MLP generator ends in tanh, whose
+#: range [-1, 1] must contain the data) and multiplied back for plots and mode counts.
+TOY_SCALE = {"ring": 4.0, "grid": 8.0}
+TOY_EXAMPLES = 100_000  # default size of a toy training set
+TOY_EVAL_POINTS = 2500  # generated points for the toy scatter plot and mode coverage
+
+#: Config keys that may change between a run and its resumption: they set how long it runs,
+#: where and how it reports, not what it computes.
+RUN_KEYS = frozenset({"epochs", "max_steps", "save_every", "sample_every", "grid_size",
+                      "out", "progress", "backend", "data_dir", "download"})
+
+CHECKPOINT = "checkpoint.h5"
+GENERATOR = "generator.h5"
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+LOSS_CURVE = "losses.png"
+SAMPLES = "samples"
+_RUN_MARKERS = (CONFIG, CHECKPOINT, METRICS, GENERATOR)
+
+
+class TrainingDiverged(FloatingPointError):
+    """A loss became NaN or infinite; ``step`` is the step that produced it."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+class RunDirError(ValueError):
+    """The output folder holds a different run (or a run that would be overwritten)."""
+
+
+# --------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------
+
+_WGAN_DEFAULTS = {"optimizer": "rmsprop", "lr_g": 5e-5, "lr_d": 5e-5, "d_steps": 5,
+                  "clip_value": 0.01}
+_DEFAULTS = {"optimizer": "adam", "lr_g": 1e-4, "lr_d": 1e-4, "d_steps": 1, "clip_value": 0.0}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (``rawgan train --help`` lists the same).
+
+    Fields left at None take the loss family's default when the config is made: for
+    ``loss="wgan"`` the original WGAN's RMSprop, lr 5e-5, 5 critic steps and weight clipping
+    at 0.01 (Arjovsky et al. 2017, Alg. 1); for every other loss the seeds' Adam, lr 1e-4,
+    one critic step and no clipping.
+    """
+
+    model: str = "dcgan"
+    data: str = "mnist"
+    data_dir: str | None = None
+    split: str = "train"
+    num_examples: int | None = None
+    download: bool = True
+    loss: str = "bce"
+    d_steps: int | None = None
+    batch_size: int = 256
+    noise_dim: int = 100
+    optimizer: str | None = None
+    lr_g: float | None = None
+    lr_d: float | None = None
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    momentum: float = 0.0
+    clip_value: float | None = None
+    ema: float | None = None
+    epochs: int = 50
+    max_steps: int | None = None
+    save_every: int = 10
+    sample_every: int = 1
+    grid_size: int = 64
+    seed: int = 0
+    backend: str = "numpy"
+    out: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name, choices in CHOICES.items():
+            value = getattr(self, name)
+            if value is None and name == "optimizer":
+                continue
+            if not isinstance(value, str) or value.lower() not in choices:
+                raise ValueError(f"{name}: {value!r} is not one of {', '.join(choices)}")
+            setattr(self, name, value.lower())
+        defaults = _WGAN_DEFAULTS if self.loss == "wgan" else _DEFAULTS
+        for key, value in defaults.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        self._check_types()
+        if self.data in TOY_DATA and self.model != "mlp":
+            raise ValueError(f"data {self.data!r} is 2-D points: use model 'mlp' "
+                             f"(the DCGAN is built for 28x28 images)")
+        for name in ("batch_size", "noise_dim", "d_steps", "epochs", "save_every",
+                     "sample_every", "grid_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_examples", "max_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (or unset), got {getattr(self, name)}")
+        for name in ("lr_g", "lr_d"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)}")
+        for name in ("beta_1", "beta_2", "momentum"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not (math.isfinite(self.clip_value) and self.clip_value >= 0):
+            raise ValueError(f"clip_value must be >= 0 (0: no clipping), got {self.clip_value}")
+        if self.ema is not None and not 0.0 < self.ema < 1.0:
+            raise ValueError(f"ema must be a decay in (0, 1) (e.g. 0.999) or unset, got "
+                             f"{self.ema}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+
+    def _check_types(self) -> None:
+        kinds = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            ann = str(f.type)
+            if value is None and "None" in ann:
+                continue
+            base = ann.split("|")[0].strip()
+            ok = kinds[base]
+            if isinstance(value, os.PathLike) and base == "str":
+                value = os.fspath(value)
+                setattr(self, f.name, value)
+            if not isinstance(value, ok) or (base != "bool" and isinstance(value, bool)):
+                raise ValueError(f"{f.name}: expected {base}"
+                                 f"{' or nothing' if 'None' in ann else ''}, got {value!r}")
+            if base == "float":
+                setattr(self, f.name, float(value))
+
+    # -- conversions ------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> TrainConfig:
+        """Build from a dict (a TOML file's table, say); keys may use '-' or '_'. Unknown
+        keys raise ValueError naming them and the closest known key."""
+        known = [f.name for f in fields(cls)]
+        clean: dict[str, Any] = {}
+        bad = []
+        for key, value in values.items():
+            k = str(key).replace("-", "_")
+            if k not in known:
+                close = difflib.get_close_matches(k, known, n=1)
+                bad.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            else:
+                clean[k] = value
+        if bad:
+            raise ValueError(f"{source}: unknown key{'s' if len(bad) > 1 else ''} "
+                             f"{', '.join(bad)}; known keys: {', '.join(known)}")
+        return cls(**clean)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out else Path("runs") / f"{self.model}-{self.data}"
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return (2,) if self.data in TOY_DATA else models.IMAGE_SHAPE
+
+
+def config_differences(a: Mapping, b: Mapping, ignore=RUN_KEYS) -> list[str]:
+    """``["lr_g: 0.0001 -> 0.0002", ...]`` for the keys (not in ``ignore``) that differ."""
+    keys = sorted((set(a) | set(b)) - set(ignore))
+    missing = object()
+    return [f"{k}: {a.get(k, missing)!r} -> {b.get(k, missing)!r}".replace(
+        repr(missing), "(absent)") for k in keys if a.get(k, missing) != b.get(k, missing)]
+
+
+# --------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------
+
+
+def read_metrics(path: str | os.PathLike[str]) -> list[dict]:
+    """The records of a metrics log (JSON lines); a torn last line is ignored."""
+    out = []
+    p = Path(path)
+    if not p.is_file():
+        return out
+    for line in p.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            if line.strip():
+                out.append(json.loads(line))
+    return out
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    with checkpoint.atomic_write(path) as tmp:
+        tmp.write_text(text)
+
+
+def _load_data(cfg: TrainConfig, toy_rng: np.random.Generator) -> np.ndarray:
+    if cfg.data in TOY_DATA:
+        n = cfg.num_examples or TOY_EXAMPLES
+        return data.sample_toy(cfg.data, n, toy_rng) / np.float32(TOY_SCALE[cfg.data])
+    x, _ = data.load_mnist(cfg.split, data_dir=cfg.data_dir, dataset=cfg.data,
+                           download=cfg.download, progress=cfg.progress)
+    if cfg.num_examples is not None:
+        if cfg.num_examples > len(x):
+            raise ValueError(f"num_examples={cfg.num_examples} but the {cfg.data} {cfg.split} "
+                             f"split has {len(x)} images")
+        x = x[:cfg.num_examples]
+    return x
+
+
+def _optimizer(cfg: TrainConfig, model, lr: float, clip: float | None):
+    kw: dict[str, Any] = {"lr": lr, "clip_value": clip}
+    if cfg.optimizer == "adam":
+        kw.update(beta_1=cfg.beta_1, beta_2=cfg.beta_2)
+    elif cfg.optimizer == "sgd":
+        kw.update(momentum=cfg.momentum)
+    return optim.build(cfg.optimizer, model, **kw)
+
+
+def _arch(cfg: TrainConfig) -> dict:
+    return {"model": cfg.model, "noise_dim": cfg.noise_dim, "image_shape": list(cfg.image_shape),
+            "output_scale": TOY_SCALE.get(cfg.data, 1.0), "dtype": "float32"}
+
+
+def _ema_update(ema_G, G, decay: float) -> None:
+    """ema <- ema + (1 - decay) * (p - ema) for every weight, moving BN statistics included."""
+    for le, lg in zip(ema_G.layers, G.layers, strict=True):
+        for k, p in lg.params.items():
+            e = le.params[k]
+            e += (1.0 - decay) * (p - e)
+
+
+class _SigintGuard:
+    """First Ctrl-C sets ``requested`` (the loop saves and stops after the current step); the
+    previous handler is put back at once, so a second Ctrl-C raises KeyboardInterrupt."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._installed = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _SigintGuard:
+        if threading.current_thread() is threading.main_thread():
+            with contextlib.suppress(ValueError, OSError):
+                self._previous = signal.signal(signal.SIGINT, self._handle)
+                self._installed = True
+        return self
+
+    def _restore(self) -> None:
+        if self._installed:
+            prev = self._previous if self._previous is not None else signal.default_int_handler
+            signal.signal(signal.SIGINT, prev)
+            self._installed = False
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        self._restore()
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+
+def _progress_bar(cfg: TrainConfig, total: int, initial: int):
+    if not cfg.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                disable=None, desc=f"{cfg.model}/{cfg.data}", file=sys.stderr)
+
+
+def _say(cfg: TrainConfig, message: str) -> None:
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        tqdm.write(message, file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------
+# Output folder
+# --------------------------------------------------------------------------------------
+
+
+def _check_out_dir(out: Path, cfg: TrainConfig, resume: bool) -> checkpoint.Checkpoint | None:
+    """Refuse a folder holding another run; return the checkpoint to resume from, if any.
+
+    Reads only; nothing is written before every check has passed.
+    """
+    present = [m for m in _RUN_MARKERS if (out / m).exists()]
+    if not present:
+        if resume:
+            _say(cfg, f"rawgan train: nothing to resume in {out}: starting a new run")
+        return None
+    ck = None
+    if (out / CHECKPOINT).exists():
+        ck = checkpoint.load_checkpoint(out / CHECKPOINT, kind="training")
+        previous = ck.config
+    elif (out / CONFIG).exists():
+        try:
+            previous = json.loads((out / CONFIG).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise RunDirError(f"{out} holds a run whose {CONFIG} cannot be read ({exc}); "
+                              "choose another output folder") from None
+    else:
+        previous = {}
+    diffs = config_differences(previous, cfg.to_dict())
+    if diffs:
+        raise RunDirError(
+            f"{out} holds a different run ({', '.join(present)}); its config differs in: "
+            f"{'; '.join(diffs)}. Choose another output folder (--out), or resume it with its "
+            "own config.")
+    if not resume:
+        raise RunDirError(
+            f"{out} already holds this run ({', '.join(present)}); pass resume=True "
+            "(--resume) to continue it, or choose another output folder (--out)")
+    if ck is None:
+        _say(cfg, f"rawgan train: {out} has no checkpoint yet: starting the run again")
+    return ck
+
+
+# --------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------
+
+
+def train(config: TrainConfig | Mapping[str, Any] | None = None, *, resume: bool = False,
+          **overrides: Any) -> dict[str, Any]:
+    """Train a GAN as ``config`` says and return a summary dict (also in summary.json).
+
+    ``config`` is a :class:`TrainConfig`, a dict of its fields, or None (all defaults);
+    ``overrides`` replace fields. ``resume=True`` continues the run in ``config.out`` from
+    its checkpoint (the config must match, except :data:`RUN_KEYS` such as ``epochs``).
+
+    Raises :class:`RunDirError`, :class:`TrainingDiverged`, :class:`rawgan.checkpoint.
+    CheckpointError`, data errors from :mod:`rawgan.data`, and KeyboardInterrupt after
+    saving a checkpoint on Ctrl-C.
+    """
+    if config is None:
+        cfg = TrainConfig(**overrides)
+    elif isinstance(config, TrainConfig):
+        cfg = dataclasses.replace(config, **overrides) if overrides else config
+    else:
+        cfg = TrainConfig.from_dict({**dict(config), **overrides})
+    require_extras("PIL", "matplotlib", *(("tqdm",) if cfg.progress else ()))
+    out = cfg.out_dir
+    ck = _check_out_dir(out, cfg, resume)
+
+    ops = backends.get(cfg.backend)
+    data_ss, noise_ss, fixed_ss, toy_ss = np.random.SeedSequence(cfg.seed).spawn(4)
+    data_rng, noise_rng = np.random.default_rng(data_ss), np.random.default_rng(noise_ss)
+    x = _load_data(cfg, np.random.default_rng(toy_ss))
+    per_step = cfg.batch_size * cfg.d_steps
+    steps_per_epoch = len(x) // per_step
+    if steps_per_epoch < 1:
+        raise ValueError(f"batch_size * d_steps = {per_step} exceeds the {len(x)} training "
+                         "examples: no full step fits in an epoch")
+    toy = cfg.data in TOY_DATA
+    n_fixed = TOY_EVAL_POINTS if toy else cfg.grid_size
+    fixed_noise = np.random.default_rng(fixed_ss).standard_normal(
+        (n_fixed, cfg.noise_dim), dtype=np.float32)
+
+    G, D = models.build(cfg.model, seed=cfg.seed, backend=ops, noise_dim=cfg.noise_dim,
+                        image_shape=cfg.image_shape)
+    opt_g = _optimizer(cfg, G, cfg.lr_g, None)
+    opt_d = _optimizer(cfg, D, cfg.lr_d, cfg.clip_value or None)
+    ema_G = None
+    if cfg.ema is not None:
+        ema_G = checkpoint.build_generator(_arch(cfg), backend=ops)
+        # copies: on the NumPy backend get_weights() returns G's live arrays
+        ema_G.set_weights({k: v.copy() for k, v in G.get_weights().items()})
+    nets = {"generator": G, "discriminator": D, **({"ema_generator": ema_G} if ema_G else {})}
+    opts = {"generator": opt_g, "discriminator": opt_d}
+    rngs = {"data": data_rng, "noise": noise_rng}
+
+    step, epoch, batch_in_epoch, epoch_start_state = 0, 0, 0, None
+    train_seconds = 0.0
+    if ck is not None:
+        checkpoint.restore(ck, models=nets, optimizers=opts, rngs=rngs)
+        step, epoch = int(ck.meta["step"]), int(ck.meta["epoch"])
+        batch_in_epoch = int(ck.meta["batch_in_epoch"])
+        epoch_start_state = ck.meta.get("epoch_start_data_rng")
+        train_seconds = float(ck.meta.get("train_seconds", 0.0))
+        records = [r for r in read_metrics(out / METRICS) if r.get("step", 0) <= step]
+        _write_text_atomic(out / METRICS, "".join(json.dumps(r) + "\n" for r in records))
+        _say(cfg, f"rawgan train: resuming {out} at step {step} (epoch {epoch + 1})")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / METRICS).unlink(missing_ok=True)
+    _write_text_atomic(out / CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n")
+    resumed_from = step
+
+    sample_G = ema_G if ema_G is not None else G
+    last_saved = {"step": step if ck is not None else None}
+
+    def save() -> Path:
+        meta = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                "epoch_start_data_rng": epoch_start_state, "train_seconds": train_seconds,
+                "steps_per_epoch": steps_per_epoch}
+        path = checkpoint.save_checkpoint(out / CHECKPOINT, models=nets, optimizers=opts,
+                                          rngs=rngs, config=cfg.to_dict(), meta=meta,
+                                          arch=_arch(cfg))
+        last_saved["step"] = step
+        return path
+
+    def export() -> Path:
+        return checkpoint.export_generator(
+            out / GENERATOR, sample_G, model=cfg.model, noise_dim=cfg.noise_dim,
+            image_shape=cfg.image_shape, output_scale=TOY_SCALE.get(cfg.data, 1.0),
+            config=cfg.to_dict(), meta={"step": step, "epoch": epoch})
+
+    def generate_fixed() -> np.ndarray:
+        y = ops.to_numpy(sample_G.forward(ops.asarray(fixed_noise), training=False))
+        return y * np.float32(TOY_SCALE[cfg.data]) if toy else y
+
+    coverage: dict | None = None
+    samples: list[str] = []
+    sampled_at = {"step": None}
+    mode_history: list[dict] = []
+
+    def write_samples(name: str) -> None:
+        nonlocal coverage
+        path = out / SAMPLES / name
+        sampled_at["step"] = step
+        fake = generate_fixed()
+        if toy:
+            centers, std = data.toy_modes(cfg.data)
+            coverage = mode_coverage(fake, centers, std)
+            mode_history.append({"epoch": epoch, "step": step,
+                                 "modes_covered": coverage["modes_covered"],
+                                 "high_quality": round(coverage["high_quality"], 4)})
+            real = x[:TOY_EVAL_POINTS] * np.float32(TOY_SCALE[cfg.data])
+            save_scatter(path, fake, modes=centers, real=real,
+                         title=f"{cfg.data}, epoch {epoch}, step {step}: "
+                               f"{coverage['modes_covered']}/{coverage['n_modes']} modes")
+        else:
+            save_image_grid(path, fake)
+        samples.append(str(path))
+
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    noise = gan.gaussian_noise(noise_rng, cfg.noise_dim, ops=ops)
+    stopped = "completed"
+    session_images, session_seconds = 0, 0.0
+    last: gan.StepStats | None = None
+    bar = _progress_bar(cfg, total_steps, min(step, total_steps))
+    log = open(out / METRICS, "a")  # closed in the finally below
+    try:
+        with _SigintGuard() as sigint:
+            while epoch < cfg.epochs and step < total_steps:
+                if batch_in_epoch == 0:
+                    epoch_start_state = checkpoint.rng_state(data_rng)
+                else:  # resuming mid-epoch: replay this epoch's permutation, skip what's done
+                    checkpoint.set_rng_state(data_rng, epoch_start_state)
+                batches = data.iterate_minibatches(x, cfg.batch_size, data_rng)
+                if batch_in_epoch:
+                    next(itertools.islice(batches, batch_in_epoch * cfg.d_steps - 1, None))
+                while batch_in_epoch < steps_per_epoch and step < total_steps:
+                    t0 = time.perf_counter()
+                    reals = [ops.asarray(next(batches)) for _ in range(cfg.d_steps)]
+                    stats = gan.train_step(G, D, opt_g, opt_d, cfg.loss, reals, noise)
+                    dt = time.perf_counter() - t0
+                    if not (math.isfinite(stats.d_loss) and math.isfinite(stats.g_loss)):
+                        good = (f"the last good checkpoint, {out / CHECKPOINT} (step "
+                                f"{last_saved['step']}), is kept" if last_saved["step"]
+                                is not None else "no checkpoint had been saved yet")
+                        raise TrainingDiverged(
+                            f"training diverged at step {step + 1} (epoch {epoch + 1}): "
+                            f"d_loss={stats.d_loss}, g_loss={stats.g_loss}; stopped without "
+                            f"saving, {good}. Try a lower learning rate or another --loss.",
+                            step + 1)
+                    if ema_G is not None:
+                        _ema_update(ema_G, G, cfg.ema)
+                    step += 1
+                    batch_in_epoch += 1
+                    train_seconds += dt
+                    session_seconds += dt
+                    session_images += per_step
+                    last = stats
+                    rec = {"step": step, "epoch": epoch + 1, "d_loss": stats.d_loss,
+                           "g_loss": stats.g_loss, "d_real": stats.d_real,
+                           "d_fake": stats.d_fake, "images_per_s": round(per_step / dt, 2)}
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                    if bar is not None:
+                        bar.set_postfix(d_loss=f"{stats.d_loss:.4f}", g_loss=f"{stats.g_loss:.4f}",
+                                        img_s=f"{per_step / dt:.0f}", refresh=False)
+                        bar.update(1)
+                    if sigint.requested:
+                        break
+                if batch_in_epoch == steps_per_epoch:
+                    epoch += 1
+                    batch_in_epoch = 0
+                    if epoch % cfg.sample_every == 0 or epoch == cfg.epochs:
+                        write_samples(f"epoch_{epoch:04d}.png")
+                    if epoch % cfg.save_every == 0:
+                        save()
+                    if last is not None:
+                        _say(cfg, f"epoch {epoch}: step {step}, d_loss {last.d_loss:.4f}, "
+                                  f"g_loss {last.g_loss:.4f}, D(x) {last.d_real:.3f}, "
+                                  f"D(G(z)) {last.d_fake:.3f}")
+                if sigint.requested:
+                    stopped = "interrupted"
+                    break
+            if stopped != "interrupted" and step >= total_steps and epoch < cfg.epochs:
+                stopped = "max_steps"
+            if last_saved["step"] != step or not (out / CHECKPOINT).exists():
+                save()
+            export()
+            if stopped == "interrupted":
+                _say(cfg, f"rawgan train: interrupted; saved {out / CHECKPOINT} at step "
+                          f"{step}; continue with --resume")
+                raise KeyboardInterrupt
+    finally:
+        log.close()
+        if bar is not None:
+            bar.close()
+
+    records = read_metrics(out / METRICS)
+    if sampled_at["step"] != step:  # the final generator, when it was not just sampled
+        write_samples(f"step_{step:08d}.png")
+    loss_curve = (str(save_loss_curve(out / LOSS_CURVE, records,
+                                      title=f"{cfg.model} / {cfg.data} / {cfg.loss}"))
+                  if records else None)
+    summary: dict[str, Any] = {
+        "out": str(out), "stopped": stopped, "steps": step, "epochs_completed": epoch,
+        "steps_per_epoch": steps_per_epoch, "resumed_from_step": resumed_from,
+        "d_loss": last.d_loss if last else None, "g_loss": last.g_loss if last else None,
+        "d_real": last.d_real if last else None, "d_fake": last.d_fake if last else None,
+        "seconds": round(session_seconds, 3),
+        "images_per_s": round(session_images / session_seconds, 2) if session_seconds else None,
+        "checkpoint": str(out / CHECKPOINT), "generator": str(out / GENERATOR),
+        "samples": samples, "loss_curve": loss_curve, "metrics": str(out / METRICS),
+    }
+    if coverage is not None:
+        summary.update(modes_covered=coverage["modes_covered"], n_modes=coverage["n_modes"],
+                       high_quality=coverage["high_quality"], per_mode=coverage["per_mode"],
+                       mode_history=mode_history)
+    _write_text_atomic(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
+    return summary
