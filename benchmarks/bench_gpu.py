@@ -1,0 +1,633 @@
+"""GPU benchmarks: rawgan's CUDA kernels against cuBLAS (CuPy) and cuDNN (PyTorch), and the
+whole DCGAN training step against PyTorch eager and PyTorch with a CUDA graph.
+
+Usage (on a machine with an NVIDIA GPU, CuPy and, for the cuDNN rows, PyTorch with CUDA)::
+
+    python benchmarks/bench_gpu.py                      # batches 64 256 1024, JSON written
+    python benchmarks/bench_gpu.py --quick              # batch 64 only, few repeats (smoke)
+    python benchmarks/bench_gpu.py --batches 256 --repeats 50 --json OUT.json
+
+What is measured, all in the same run, float32, CUDA-event timing after warm-up (median and
+minimum over ``--repeats``):
+
+1. ``sgemm``: C = A @ B at 4096^3 (and the DCGAN's dense shapes) -- rawgan's gemm kernel vs
+   ``cupy.matmul`` (cuBLAS, FP32: CuPy does not use TF32 unless CUPY_TF32=1) and ``torch.mm``
+   with TF32 off and on. FLOP = 2 M N K.
+2. ``layers``: every GEMM-shaped pass of the DCGAN (forward, backward-data, backward-weights
+   of each dense / conv / transposed-conv layer) at batch 64, 256, 1024 -- rawgan's kernel vs
+   cuDNN through ``torch.nn.functional.conv*`` / ``torch.ops.aten.convolution_backward`` in
+   NCHW and channels_last with TF32 off and on, and vs a cuBLAS GEMM of the same implicit-GEMM
+   shape (``cupy.matmul``: the ceiling an implicit GEMM could reach at cuBLAS speed).
+   FLOP per pass (benchmarks/README.md's convention, taps over padding included):
+   dense 2 N in out; conv 2 N Ho Wo kh kw Cin Cout; transposed conv 2 N H W kh kw Cin Cout
+   with (H, W) its input size. The three passes of a layer count the same.
+3. ``elementwise``: LeakyReLU forward/backward, bias add, batch norm forward/backward, tanh,
+   dropout (host-uniform and Philox paths), multi-tensor Adam over the DCGAN's parameters --
+   GB/s from the MINIMUM bytes each op must move (stated per row: e.g. LeakyReLU forward reads
+   x and writes y, 2 n itemsize), vs the same op written with CuPy elementwise / PyTorch.
+4. ``step``: one k = 1 DCGAN training step (images/s = batch / median step time, wall clock,
+   the device synchronised after each step):
+     * ``rawgan library``: exactly ``rawgan.gan.train_step`` on the cupy backend (what
+       ``rawgan train --backend cupy`` runs today: optim.Adam and rawgan.losses as CuPy
+       array expressions, dropout uniforms drawn on the host);
+     * ``rawgan fused``: the same algorithm with the backend's multi-tensor Adam, the one-launch
+       loss kernel and device Philox dropout (what the integration in the issue enables);
+     * ``torch eager`` (NCHW and channels_last, TF32 off and on) and ``torch cuda graph``
+       (the whole step captured once and replayed), bench_step.py's twin architecture.
+   The target of issue 4: batch 256 at least 2x PyTorch eager and ahead of the CUDA graph.
+
+The JSON (default ``benchmarks/results/gpu-<device>-<date>-<commit>.json``) holds the device,
+driver/runtime versions, CuPy/PyTorch versions, date, commit and dirty flag, the arguments and
+every row. Every ratio is ``reference time / rawgan time`` (above 1: rawgan is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import cupy as cp  # noqa: E402
+
+from rawgan import backends, gan, models, optim  # noqa: E402
+from rawgan.backends import cupy_ops  # noqa: E402
+
+DEV = "cuda"  # the PyTorch device of the reference rows
+
+try:
+    import torch
+    import torch.nn.functional as F
+
+    HAVE_TORCH = torch.cuda.is_available()
+except ImportError:
+    torch = None
+    HAVE_TORCH = False
+
+
+# --------------------------------------------------------------------------- timing
+
+def time_cuda(fn, warmup: int, repeats: int, lib: str = "cupy") -> dict:
+    """CUDA-event time of ``fn()`` on the current stream after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    if lib == "torch":
+        torch.cuda.synchronize()
+
+        def ev():
+            return torch.cuda.Event(enable_timing=True)
+    else:
+        cp.cuda.get_current_stream().synchronize()
+        ev = cp.cuda.Event
+    times = []
+    for _ in range(repeats):
+        start, end = ev(), ev()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        ms = start.elapsed_time(end) if lib == "torch" else cp.cuda.get_elapsed_time(start, end)
+        times.append(float(ms))
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "repeats": repeats}
+
+
+def time_wall(fn, warmup: int, repeats: int, sync) -> dict:
+    """Wall-clock time of ``fn()`` followed by a device synchronisation (Python included)."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "repeats": repeats}
+
+
+def rate(r: dict, flop: float | None = None, nbytes: float | None = None) -> dict:
+    out = dict(r)
+    s = r["median_ms"] / 1e3
+    if flop is not None:
+        out["gflops"] = flop / s / 1e9
+    if nbytes is not None:
+        out["gbps"] = nbytes / s / 1e9
+    return out
+
+
+def set_tf32(on: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+
+
+def ratios(row: dict, ours: str = "rawgan") -> dict:
+    """``ref median / rawgan median`` for every reference entry of a row."""
+    base = row[ours]["median_ms"]
+    return {k: v["median_ms"] / base for k, v in row.items()
+            if isinstance(v, dict) and "median_ms" in v and k != ours}
+
+
+def rel_err(got, want) -> float:
+    got, want = cp.asarray(got, dtype=cp.float64), cp.asarray(want, dtype=cp.float64)
+    return float(cp.linalg.norm(got - want) / cp.linalg.norm(want))
+
+
+# --------------------------------------------------------------------------- 1. SGEMM
+
+def bench_sgemm(args, ops) -> list[dict]:
+    rows = []
+    for size in args.sgemm_sizes:
+        m = k = n = size
+        a = cp.random.standard_normal((m, k), dtype=cp.float32)
+        b = cp.random.standard_normal((k, n), dtype=cp.float32)
+        flop = 2.0 * m * n * k
+        row = {"shape": [m, k, n], "flop": flop}
+        row["rawgan"] = rate(time_cuda(lambda a=a, b=b: ops.dense_forward(a, b, None),
+                                       args.warmup, args.repeats), flop)
+        row["cublas_cupy"] = rate(time_cuda(lambda a=a, b=b: cp.matmul(a, b), args.warmup,
+                                            args.repeats), flop)
+        row["max_rel_err_vs_cublas"] = rel_err(ops.dense_forward(a, b, None), cp.matmul(a, b))
+        if HAVE_TORCH:
+            ta, tb = torch.as_tensor(a, device=DEV), torch.as_tensor(b, device=DEV)
+            for tf32 in (False, True):
+                set_tf32(tf32)
+                row[f"torch_mm_tf32_{'on' if tf32 else 'off'}"] = rate(time_cuda(
+                    lambda ta=ta, tb=tb: torch.mm(ta, tb), args.warmup, args.repeats,
+                    "torch"), flop)
+            set_tf32(False)
+        row["ratios"] = ratios(row)
+        row["pct_of_cublas"] = 100.0 * row["ratios"]["cublas_cupy"]
+        rows.append(row)
+        print(f"sgemm {m}x{k}x{n}: rawgan {row['rawgan']['gflops']:.0f} GFLOP/s, cuBLAS "
+              f"{row['cublas_cupy']['gflops']:.0f} GFLOP/s ({row['pct_of_cublas']:.0f}%)")
+    return rows
+
+
+# --------------------------------------------------------------------------- 2. layers
+
+# (name, kind, per-sample input shape HWC or (in,), out channels, kernel, stride)
+DCGAN_LAYERS = [
+    ("G.dense", "dense", (100,), 7 * 7 * 256, None, None),
+    ("G.convT1", "convT", (7, 7, 256), 128, 5, 1),
+    ("G.convT2", "convT", (7, 7, 128), 64, 5, 2),
+    ("G.convT3", "convT", (14, 14, 64), 1, 5, 2),
+    ("D.conv1", "conv", (28, 28, 1), 64, 5, 2),
+    ("D.conv2", "conv", (14, 14, 64), 128, 5, 2),
+    ("D.dense", "dense", (7 * 7 * 128,), 1, None, None),
+]
+
+
+def _torch_conv_passes(kind, n, shape, co, k, s, channels_last):
+    """Closures running cuDNN's forward / backward-data / backward-weights of one layer."""
+    h, w, ci = shape
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(n, ci, h, w, device=DEV).contiguous(memory_format=fmt)
+    pad, opad = k // 2, (s - 1 if s > 1 else 0)
+    if kind == "conv":
+        wt = torch.randn(co, ci, k, k, device=DEV).contiguous(memory_format=fmt)
+        y = F.conv2d(x, wt, None, s, pad)
+        transposed, op = False, [0, 0]
+    else:
+        wt = torch.randn(ci, co, k, k, device=DEV).contiguous(memory_format=fmt)
+        y = F.conv_transpose2d(x, wt, None, s, pad, opad)
+        transposed, op = True, [opad, opad]
+    dy = torch.randn_like(y).contiguous(memory_format=fmt)
+
+    def bwd(mask):
+        return lambda: torch.ops.aten.convolution_backward(
+            dy, x, wt, None, [s, s], [pad, pad], [1, 1], transposed, op, 1, mask)
+
+    def fwd():
+        if kind == "conv":
+            return F.conv2d(x, wt, None, s, pad)
+        return F.conv_transpose2d(x, wt, None, s, pad, opad)
+
+    return {"fwd": fwd, "dgrad": bwd([True, False, False]), "wgrad": bwd([False, True, False])}
+
+
+def _layer_passes(ops, n, kind, shape, co, k, s):
+    """rawgan's three passes of one layer, their FLOPs, and the implicit-GEMM shapes."""
+    if kind == "dense":
+        fin = shape[0]
+        x = cp.random.standard_normal((n, fin), dtype=cp.float32)
+        w = cp.random.standard_normal((fin, co), dtype=cp.float32)
+        dy = cp.random.standard_normal((n, co), dtype=cp.float32)
+        ours = {"fwd": lambda: ops.dense_forward(x, w, None),
+                "dgrad": lambda: ops.dense_backward(dy, x, w, need_dw=False),
+                "wgrad": lambda: ops.dense_backward(dy, x, w, need_dx=False)}
+        return ours, 2.0 * n * fin * co, {"fwd": (n, fin, co), "dgrad": (n, co, fin),
+                                          "wgrad": (fin, n, co)}
+    h, wd, ci = shape
+    x = cp.random.standard_normal((n, h, wd, ci), dtype=cp.float32)
+    if kind == "conv":
+        w = cp.random.standard_normal((k, k, ci, co), dtype=cp.float32)
+        y = ops.conv2d_forward(x, w, None, s, "same")
+        ho, wo = y.shape[1:3]
+        dy = cp.random.standard_normal(y.shape, dtype=cp.float32)
+        ours = {"fwd": lambda: ops.conv2d_forward(x, w, None, s, "same"),
+                "dgrad": lambda: ops.conv2d_backward(dy, x, w, s, "same", need_dw=False),
+                "wgrad": lambda: ops.conv2d_backward(dy, x, w, s, "same", need_dx=False)}
+        return ours, 2.0 * n * ho * wo * k * k * ci * co, {
+            "fwd": (n * ho * wo, k * k * ci, co), "dgrad": (n * h * wd, k * k * co, ci),
+            "wgrad": (k * k * ci, n * ho * wo, co)}
+    w = cp.random.standard_normal((k, k, co, ci), dtype=cp.float32)
+    y = ops.conv2d_transpose_forward(x, w, None, s, "same")
+    ho, wo = y.shape[1:3]
+    dy = cp.random.standard_normal(y.shape, dtype=cp.float32)
+    ours = {"fwd": lambda: ops.conv2d_transpose_forward(x, w, None, s, "same"),
+            "dgrad": lambda: ops.conv2d_transpose_backward(dy, x, w, s, "same", need_dw=False),
+            "wgrad": lambda: ops.conv2d_transpose_backward(dy, x, w, s, "same", need_dx=False)}
+    return ours, 2.0 * n * h * wd * k * k * ci * co, {
+        "fwd": (n * ho * wo, k * k * co, ci), "dgrad": (n * h * wd, k * k * ci, co),
+        "wgrad": (k * k * co, n * h * wd, ci)}
+
+
+def _torch_dense_passes(n, fin, co):
+    tx = torch.randn(n, fin, device=DEV)
+    tw = torch.randn(fin, co, device=DEV)
+    tdy = torch.randn(n, co, device=DEV)
+    return {"fwd": lambda: torch.mm(tx, tw), "dgrad": lambda: torch.mm(tdy, tw.t()),
+            "wgrad": lambda: torch.mm(tx.t(), tdy)}
+
+
+def _cublas_gemm(m, k, n):
+    a = cp.random.standard_normal((m, k), dtype=cp.float32)
+    b = cp.random.standard_normal((k, n), dtype=cp.float32)
+    return lambda: cp.matmul(a, b)
+
+
+def bench_layers(args, ops) -> list[dict]:
+    rows = []
+    for n in args.batches:
+        for name, kind, shape, co, k, s in DCGAN_LAYERS:
+            ours, flop, gemm = _layer_passes(ops, n, kind, shape, co, k, s)
+            torch_passes = {}
+            if HAVE_TORCH and kind == "dense":
+                torch_passes["rowmajor"] = _torch_dense_passes(n, shape[0], co)
+            elif HAVE_TORCH:
+                for cl in (False, True):
+                    torch_passes["nhwc" if cl else "nchw"] = _torch_conv_passes(
+                        kind, n, shape, co, k, s, cl)
+            for pas in ("fwd", "dgrad", "wgrad"):
+                row = {"batch": n, "layer": name, "kind": kind, "pass": pas, "flop": flop}
+                row["rawgan"] = rate(time_cuda(ours[pas], args.warmup, args.repeats), flop)
+                row["cublas_same_gemm"] = rate(time_cuda(_cublas_gemm(*gemm[pas]), args.warmup,
+                                                         args.repeats), flop)
+                for layout, passes in torch_passes.items():
+                    for tf32 in (False, True):
+                        set_tf32(tf32)
+                        key = f"torch_{layout}_tf32_{'on' if tf32 else 'off'}"
+                        row[key] = rate(time_cuda(passes[pas], args.warmup, args.repeats,
+                                                  "torch"), flop)
+                if HAVE_TORCH:
+                    set_tf32(False)
+                row["ratios"] = ratios(row)
+                rows.append(row)
+                best = {k: v for k, v in row["ratios"].items() if "tf32_off" in k}
+                print(f"N={n:5d} {name:9s} {pas:5s}: rawgan {row['rawgan']['gflops']:8.0f} "
+                      f"GFLOP/s  vs cuBLAS-GEMM x{row['ratios']['cublas_same_gemm']:.2f}"
+                      + "".join(f"  {k} x{v:.2f}" for k, v in best.items()))
+    return rows
+
+
+# --------------------------------------------------------------------------- 3. elementwise
+
+def _elementwise_cases(ops, n, rng) -> tuple[tuple, dict]:
+    """name -> (rawgan fn, {reference name: fn}, minimum bytes moved), on (n, 14, 14, 64)."""
+    shape = (n, 14, 14, 64)  # the DCGAN's most common activation
+    x = cp.random.standard_normal(shape, dtype=cp.float32)
+    dy = cp.random.standard_normal(shape, dtype=cp.float32)
+    b = cp.random.standard_normal(shape[-1], dtype=cp.float32)
+    g, be = cp.ones(64, cp.float32), cp.zeros(64, cp.float32)
+    mm, mv = cp.zeros(64, cp.float32), cp.ones(64, cp.float32)
+    _, mean, inv = ops.batchnorm_forward(x, g, be, mm, mv)
+    y = ops.tanh_forward(x)
+    nb = x.size * 4
+    cases = {
+        "leaky_relu_fwd": (lambda: ops.leaky_relu_forward(x, 0.3),
+                           {"cupy": lambda: cp.maximum(x, 0.3 * x)}, 2 * nb),
+        "leaky_relu_bwd": (lambda: ops.leaky_relu_backward(dy, x, 0.3),
+                           {"cupy": lambda: cp.where(x > 0, dy, 0.3 * dy)}, 3 * nb),
+        "bias_add": (lambda: ops.bias_add_forward(x, b), {"cupy": lambda: x + b}, 2 * nb),
+        "bias_grad": (lambda: ops.bias_add_backward(dy),
+                      {"cupy": lambda: dy.reshape(-1, 64).sum(axis=0)}, nb),
+        "tanh_fwd": (lambda: ops.tanh_forward(x), {"cupy": lambda: cp.tanh(x)}, 2 * nb),
+        "tanh_bwd": (lambda: ops.tanh_backward(dy, y), {"cupy": lambda: dy * (1 - y * y)},
+                     3 * nb),
+        "batchnorm_fwd": (lambda: ops.batchnorm_forward(x, g, be, mm, mv), {}, 2 * nb),
+        "batchnorm_bwd": (lambda: ops.batchnorm_backward(dy, x, g, mean, inv), {}, 3 * nb),
+        "dropout_host": (lambda: _dropout(ops, "host", x, rng), {}, 3 * nb),
+        "dropout_philox": (lambda: _dropout(ops, "device", x, rng), {}, 3 * nb),
+    }
+    if HAVE_TORCH:
+        tx = torch.as_tensor(x, device=DEV).permute(0, 3, 1, 2)  # NHWC memory
+        tdy = torch.as_tensor(dy, device=DEV).permute(0, 3, 1, 2)
+        bn = torch.nn.BatchNorm2d(64, eps=1e-3, momentum=0.01).to(DEV).train()
+        cases["leaky_relu_fwd"][1]["torch"] = lambda: F.leaky_relu(tx, 0.3)
+        cases["leaky_relu_bwd"][1]["torch"] = lambda: torch.where(tx > 0, tdy, 0.3 * tdy)
+        cases["tanh_fwd"][1]["torch"] = lambda: torch.tanh(tx)
+        cases["batchnorm_fwd"][1]["torch"] = lambda: bn(tx)
+        cases["dropout_philox"][1]["torch"] = lambda: F.dropout(tx, 0.3, True)
+    return shape, cases
+
+
+def bench_elementwise(args, ops) -> list[dict]:
+    rows = []
+    rng = np.random.default_rng(0)
+    for n in args.batches:
+        shape, cases = _elementwise_cases(ops, n, rng)
+        for name, (fn, refs, nbytes) in cases.items():
+            row = {"batch": n, "op": name, "shape": list(shape), "min_bytes": nbytes,
+                   "rawgan": rate(time_cuda(fn, args.warmup, args.repeats), nbytes=nbytes)}
+            for rname, rfn in refs.items():
+                row[rname] = rate(time_cuda(rfn, args.warmup, args.repeats,
+                                            "torch" if rname == "torch" else "cupy"),
+                                  nbytes=nbytes)
+            row["ratios"] = ratios(row)
+            rows.append(row)
+            print(f"N={n:5d} {name:15s}: rawgan {row['rawgan']['gbps']:7.0f} GB/s"
+                  + "".join(f"  {k} x{v:.2f}" for k, v in row["ratios"].items()))
+    # multi-tensor Adam over the DCGAN's parameters (one launch) vs one CuPy expression each
+    G, D = models.build("dcgan", seed=0, backend=ops)
+    params = [p for mdl in (G, D) for _, p, _ in mdl.parameters()]
+    grads = [cp.random.standard_normal(p.shape, dtype=p.dtype) for p in params]
+    ms, vs = [cp.zeros_like(p) for p in params], [cp.zeros_like(p) for p in params]
+    count = sum(p.size for p in params)
+    nbytes = 7 * 4 * count  # read p g m v, write p m v
+
+    def cupy_adam():
+        for p, gr, m, v in zip(params, grads, ms, vs, strict=True):
+            m += 0.1 * (gr - m)
+            v += 0.001 * (gr * gr - v)
+            p -= 1e-4 * m / (cp.sqrt(v) + 1e-7)
+
+    row = {"op": "adam_all_params", "elements": count, "min_bytes": nbytes,
+           "rawgan": rate(time_cuda(lambda: ops.adam_update(params, grads, ms, vs, 1e-4, 0.9,
+                                                            0.999, 1e-7),
+                                    args.warmup, args.repeats), nbytes=nbytes),
+           "cupy_per_param": rate(time_cuda(cupy_adam, args.warmup, args.repeats),
+                                  nbytes=nbytes)}
+    if HAVE_TORCH:
+        tp = [torch.nn.Parameter(torch.as_tensor(p, device=DEV).clone()) for p in params]
+        for t, gr in zip(tp, grads, strict=True):
+            t.grad = torch.as_tensor(gr, device=DEV).clone()
+        for fused in (False, True):
+            topt = torch.optim.Adam(tp, lr=1e-4, eps=1e-7, foreach=not fused, fused=fused)
+            row[f"torch_adam_{'fused' if fused else 'foreach'}"] = rate(
+                time_cuda(topt.step, args.warmup, args.repeats, "torch"), nbytes=nbytes)
+    row["ratios"] = ratios(row)
+    rows.append(row)
+    print(f"adam ({count:,} params): rawgan {row['rawgan']['gbps']:.0f} GB/s"
+          + "".join(f"  {k} x{v:.2f}" for k, v in row["ratios"].items()))
+    return rows
+
+
+def _dropout(ops, mode, x, rng):
+    ops.set_dropout_rng(mode)
+    try:
+        return ops.dropout_forward(x, 0.3, rng)
+    finally:
+        ops.set_dropout_rng("host")
+
+
+# --------------------------------------------------------------------------- 4. step
+
+class FusedAdam:
+    """rawgan.optim.Adam's update through the backend's ONE-launch multi-tensor kernel."""
+
+    def __init__(self, model, lr, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
+        self.ops = model.ops
+        _, self.params, self.grads = (list(t) for t in zip(*model.parameters(), strict=True))
+        self.m = [cp.zeros_like(p) for p in self.params]
+        self.v = [cp.zeros_like(p) for p in self.params]
+        self.lr, self.b1, self.b2, self.eps, self.t = lr, beta_1, beta_2, epsilon, 0
+
+    def step(self):
+        self.t += 1
+        alpha = self.lr * (1 - self.b2**self.t) ** 0.5 / (1 - self.b1**self.t)
+        self.ops.adam_update(self.params, self.grads, self.m, self.v, alpha, self.b1, self.b2,
+                             self.eps)
+
+
+def fused_step(ops, G, D, opt_g, opt_d, real, z):
+    """gan.train_step's algorithm (k = 1) with the one-launch loss kernels; losses stay on
+    the device (no host synchronisation inside the step)."""
+    n = real.shape[0]
+    fake = G.forward(z, training=True)
+    D.zero_grad()
+    logits = D.forward(cp.concatenate([real, fake]), training=True)
+    d_loss, d_r, d_f = ops.gan_discriminator_loss("bce", logits[:n], logits[n:])
+    D.backward(cp.concatenate([d_r, d_f]), input_grad=False)
+    opt_d.step()
+    fake_logits = D.forward(fake, training=True)
+    g_loss, d_f = ops.gan_generator_loss("bce", fake_logits)
+    dx = D.backward(d_f, param_grads=False)
+    G.zero_grad()
+    G.backward(dx, input_grad=False)
+    opt_g.step()
+    return d_loss, g_loss
+
+
+def torch_step_fns(n, channels_last, seed=0):
+    """bench_step.py's twin DCGAN on the GPU: the eager step, and a CUDA-graph replay."""
+    from bench_step import torch_models
+
+    G, D = torch_models(channels_last, seed)
+    G, D = G.to(DEV).train(), D.to(DEV).train()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    real = (torch.rand(n, 1, 28, 28, device=DEV) * 2 - 1).contiguous(memory_format=fmt)
+    ones, zeros = torch.ones(n, 1, device=DEV), torch.zeros(n, 1, device=DEV)
+    bce = F.binary_cross_entropy_with_logits
+    d_params = list(D.parameters())
+
+    def make_opts(capturable):
+        return (torch.optim.Adam(G.parameters(), lr=1e-4, eps=1e-7, capturable=capturable),
+                torch.optim.Adam(D.parameters(), lr=1e-4, eps=1e-7, capturable=capturable))
+
+    def body(z, opt_g, opt_d):
+        fake = G(z)
+        logits = D(torch.cat([real, fake.detach()]))
+        d_loss = bce(logits[:n], ones) + bce(logits[n:], zeros)
+        opt_d.zero_grad(set_to_none=False)
+        d_loss.backward()
+        opt_d.step()
+        for p in d_params:
+            p.requires_grad_(False)
+        g_loss = bce(D(fake), ones)
+        opt_g.zero_grad(set_to_none=False)
+        g_loss.backward()
+        for p in d_params:
+            p.requires_grad_(True)
+        opt_g.step()
+        return d_loss, g_loss
+
+    eager_opts = make_opts(False)
+
+    def eager():
+        d, g = body(torch.randn(n, 100, device=DEV), *eager_opts)
+        return d.item(), g.item()  # as a training loop logs them
+
+    def graphed():
+        opt_g, opt_d = make_opts(True)
+        static_z = torch.randn(n, 100, device=DEV)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                body(static_z, opt_g, opt_d)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_d, static_g = body(static_z, opt_g, opt_d)
+
+        def replay():
+            static_z.normal_()
+            graph.replay()
+            return static_d.item(), static_g.item()
+
+        return replay
+
+    return eager, graphed
+
+
+def _step_row(args, ops, n) -> dict:
+    row = {"batch": n}
+    sync = ops.synchronize
+    G, D = models.build("dcgan", seed=0, backend=ops)
+    opt_g, opt_d = optim.Adam(G, lr=1e-4), optim.Adam(D, lr=1e-4)
+    real = cp.random.uniform(-1, 1, (n, 28, 28, 1), dtype=cp.float32)
+    noise = gan.gaussian_noise(np.random.default_rng(0), 100, ops=ops)
+    row["rawgan_library"] = time_wall(
+        lambda: gan.train_step(G, D, opt_g, opt_d, "bce", [real], noise),
+        args.warmup, args.step_repeats, sync)
+    G2, D2 = models.build("dcgan", seed=0, backend=ops)
+    fo_g, fo_d = FusedAdam(G2, 1e-4), FusedAdam(D2, 1e-4)
+    ops.set_dropout_rng("device")
+    try:
+        row["rawgan_fused"] = time_wall(
+            lambda: fused_step(ops, G2, D2, fo_g, fo_d, real,
+                               cp.random.standard_normal((n, 100), dtype=cp.float32)),
+            args.warmup, args.step_repeats, sync)
+    finally:
+        ops.set_dropout_rng("host")
+    if HAVE_TORCH:
+        for cl in (False, True):
+            for tf32 in (False, True):
+                set_tf32(tf32)
+                tag = f"{'nhwc' if cl else 'nchw'}_tf32_{'on' if tf32 else 'off'}"
+                eager, graphed = torch_step_fns(n, cl)
+                row[f"torch_eager_{tag}"] = time_wall(eager, args.warmup, args.step_repeats,
+                                                      torch.cuda.synchronize)
+                try:
+                    row[f"torch_graph_{tag}"] = time_wall(
+                        graphed(), args.warmup, args.step_repeats, torch.cuda.synchronize)
+                except Exception as exc:  # capture can fail on some versions: record it
+                    row[f"torch_graph_{tag}"] = {"error": f"{type(exc).__name__}: {exc}"}
+        set_tf32(False)
+    for v in row.values():
+        if isinstance(v, dict) and "median_ms" in v:
+            v["images_per_s"] = n / (v["median_ms"] / 1e3)
+    row["ratios_vs_fused"] = ratios(row, "rawgan_fused")
+    row["ratios_vs_library"] = ratios(row, "rawgan_library")
+    return row
+
+
+def bench_step(args, ops) -> list[dict]:
+    rows = []
+    for n in args.batches:
+        row = _step_row(args, ops, n)
+        rows.append(row)
+        print(f"step N={n}: " + ", ".join(
+            f"{k} {v['images_per_s']:.0f} img/s" for k, v in row.items()
+            if isinstance(v, dict) and "images_per_s" in v))
+    return rows
+
+
+# --------------------------------------------------------------------------- main
+
+def machine_info() -> dict:
+    props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+
+    def git(*cmd):
+        try:
+            return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    name = props["name"]
+    return {
+        "device": name.decode() if isinstance(name, bytes) else str(name),
+        "compute_capability": f"{props['major']}.{props['minor']}",
+        "sm_count": props["multiProcessorCount"],
+        "memory_gib": props["totalGlobalMem"] / 2**30,
+        "cuda_driver": cp.cuda.runtime.driverGetVersion(),
+        "cuda_runtime": cp.cuda.runtime.runtimeGetVersion(),
+        "cupy": cp.__version__,
+        "torch": torch.__version__ if torch is not None else None,
+        "cudnn": torch.backends.cudnn.version() if HAVE_TORCH else None,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": git("rev-parse", "HEAD"),
+        "dirty": bool(git("status", "--porcelain")),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batches", type=int, nargs="+", default=[64, 256, 1024])
+    p.add_argument("--repeats", type=int, default=30, help="timed calls per kernel")
+    p.add_argument("--step-repeats", type=int, default=20, help="timed training steps")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--sgemm-sizes", type=int, nargs="+", default=[4096, 2048, 8192],
+                   help="square SGEMM sizes (the issue's target is 4096)")
+    p.add_argument("--quick", action="store_true", help="batch 64 only, few repeats")
+    p.add_argument("--only", nargs="+", choices=["sgemm", "layers", "elementwise", "step"],
+                   default=["sgemm", "layers", "elementwise", "step"])
+    p.add_argument("--json", type=Path, default=None, help="output file (default: "
+                   "benchmarks/results/gpu-<device>-<date>-<commit>.json)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batches, args.repeats, args.step_repeats, args.warmup = [64], 5, 5, 2
+        args.sgemm_sizes = [4096]
+    ops = backends.get("cupy")
+    info = machine_info()
+    print(f"{info['device']} (sm_{info['compute_capability'].replace('.', '')}, "
+          f"{info['sm_count']} SMs), CuPy {info['cupy']}, torch {info['torch']}, "
+          f"commit {str(info['commit'])[:10]}{' (dirty)' if info['dirty'] else ''}")
+    if not HAVE_TORCH:
+        print("PyTorch with CUDA not found: the cuDNN / PyTorch rows are skipped")
+    result = {"machine": info, "args": {k: (str(v) if isinstance(v, Path) else v)
+                                        for k, v in vars(args).items()},
+              "kernel_tiles": cupy_ops.TILES}
+    benches = {"sgemm": bench_sgemm, "layers": bench_layers, "elementwise": bench_elementwise,
+               "step": bench_step}
+    for key in args.only:
+        print(f"\n== {key}")
+        result[key] = benches[key](args, ops)
+    out = args.json
+    if out is None:
+        dev = re.sub(r"[^A-Za-z0-9]+", "-", info["device"]).strip("-").lower()
+        out = REPO / "benchmarks" / "results" / (
+            f"gpu-{dev}-{info['date'][:10]}-{str(info['commit'])[:8]}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=float) + "\n")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

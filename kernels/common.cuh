@@ -1,0 +1,114 @@
+// rawgan CUDA kernels: helpers shared by every kernels/*.cu file.
+//
+// The .cu files are compiled at run time by NVRTC through cupy.RawModule, which has no
+// include path: rawgan/backends/cupy_ops.py pastes this header in place of the
+// `#include "common.cuh"` line before compiling. nvcc (tests/test_kernels_compile.py)
+// resolves the include normally. No system header is used, so the same text compiles
+// under NVRTC, nvcc and the CPU emulator of the tests.
+//
+// Conventions of every kernel:
+//   * float and double are one template, instantiated as two `extern "C"` kernels whose
+//     names end in _f32 / _f64 (CuPy's RawModule.get_function finds them by name);
+//   * arrays are C-contiguous; activations NHWC, conv weights HWIO (kh, kw, c_in, c_out);
+//   * element counts that can pass 2^31 are `long long`; shapes are `int`;
+//   * an optional input (bias, ...) is a null pointer when absent.
+#pragma once
+
+typedef long long i64;
+typedef unsigned long long u64;
+typedef unsigned int u32;
+
+// 16-byte vector of T: float4 (4 floats) or double2 (2 doubles); one 128-bit load.
+template <typename T> struct Vec16;
+template <> struct Vec16<float> { typedef float4 type; enum { n = 4 }; };
+template <> struct Vec16<double> { typedef double2 type; enum { n = 2 }; };
+
+__device__ __forceinline__ void vload(const float* p, float (&v)[4]) {
+    const float4 t = *reinterpret_cast<const float4*>(p);
+    v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w;
+}
+__device__ __forceinline__ void vload(const double* p, double (&v)[2]) {
+    const double2 t = *reinterpret_cast<const double2*>(p);
+    v[0] = t.x; v[1] = t.y;
+}
+
+// Overloads so templates read the same for float and double.
+__device__ __forceinline__ float rg_exp(float x) { return expf(x); }
+__device__ __forceinline__ double rg_exp(double x) { return exp(x); }
+__device__ __forceinline__ float rg_log1p(float x) { return log1pf(x); }
+__device__ __forceinline__ double rg_log1p(double x) { return log1p(x); }
+__device__ __forceinline__ float rg_tanh(float x) { return tanhf(x); }
+__device__ __forceinline__ double rg_tanh(double x) { return tanh(x); }
+__device__ __forceinline__ float rg_sqrt(float x) { return sqrtf(x); }
+__device__ __forceinline__ double rg_sqrt(double x) { return sqrt(x); }
+__device__ __forceinline__ float rg_abs(float x) { return fabsf(x); }
+__device__ __forceinline__ double rg_abs(double x) { return fabs(x); }
+__device__ __forceinline__ float rg_fma(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double rg_fma(double a, double b, double c) { return fma(a, b, c); }
+template <typename T> __device__ __forceinline__ T rg_min(T a, T b) { return b < a ? b : a; }
+template <typename T> __device__ __forceinline__ T rg_max(T a, T b) { return a < b ? b : a; }
+
+// Grid-stride loop over [0, n): thread t of the grid visits t, t + gridDim*blockDim, ...
+#define RG_GRID_LOOP(i, n)                                                              \
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n);                     \
+         i += (i64)gridDim.x * blockDim.x)
+
+// ---------------------------------------------------------------------------------------
+// Column reduction of an (M, C) row-major matrix in two passes (deterministic: no atomics).
+//
+// Pass 1, colreduce_partial: block (32, 8), grid (ceil(C / 32), S). threadIdx.x picks a
+// channel (a warp reads 32 consecutive channels of one row: 128 coalesced bytes),
+// threadIdx.y one of 8 row lanes, blockIdx.y one of S row splits of `rows_per` rows.
+// Each thread sums its rows; the 8 lanes are added through shared memory; the block
+// writes part[(v * S + split) * C + c] for each of the NV sums v the functor produces.
+// Pass 2 (colreduce_final or a kernel-specific finaliser) adds the S partials of a channel.
+//
+// The functor F is called as f(row, col, acc) and adds its NV terms into acc[0..NV-1].
+// ---------------------------------------------------------------------------------------
+template <typename T, int NV, class F>
+__device__ __forceinline__ void colreduce_partial(int M, int C, int rows_per, T* part,
+                                                  const F& f) {
+    __shared__ T sm[NV][8][33];
+    const int col = blockIdx.x * 32 + threadIdx.x;
+    const int r0 = blockIdx.y * rows_per;
+    const int r1 = rg_min(M, r0 + rows_per);
+    T acc[NV];
+    for (int v = 0; v < NV; ++v) acc[v] = T(0);
+    if (col < C)
+        for (int r = r0 + (int)threadIdx.y; r < r1; r += 8) f(r, col, acc);
+    for (int v = 0; v < NV; ++v) sm[v][threadIdx.y][threadIdx.x] = acc[v];
+    __syncthreads();
+    if (threadIdx.y == 0 && col < C) {
+        for (int v = 0; v < NV; ++v) {
+            T s = sm[v][0][threadIdx.x];
+            for (int y = 1; y < 8; ++y) s += sm[v][y][threadIdx.x];
+            part[((i64)v * gridDim.y + blockIdx.y) * C + col] = s;
+        }
+    }
+}
+
+// out[c] = sum_{s < S} part[s * C + c]; one thread per channel, splits added in order.
+template <typename T>
+__device__ __forceinline__ void colreduce_final(const T* part, int S, int C, T* out) {
+    RG_GRID_LOOP(c, C) {
+        T s = part[c];
+        for (int k = 1; k < S; ++k) s += part[(i64)k * C + c];
+        out[c] = s;
+    }
+}
+
+// Sum of a value over a 1-D block (blockDim.x a power of two <= 1024), via shared memory.
+// Every thread must call it; every thread gets the total.
+template <typename T>
+__device__ __forceinline__ T block_sum(T v) {
+    __shared__ T sm[1024];
+    sm[threadIdx.x] = v;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if ((int)threadIdx.x < s) sm[threadIdx.x] += sm[threadIdx.x + s];
+        __syncthreads();
+    }
+    const T total = sm[0];
+    __syncthreads();
+    return total;
+}

@@ -1,0 +1,224 @@
+// rawgan CUDA kernels: bias, activations, dropout, and the column sum of bias gradients.
+//
+// Thread mapping (unless a kernel says otherwise): a 1-D grid-stride loop, one element per
+// thread per iteration, n elements of a C-contiguous array (any shape; the channel of
+// element i is i % C in NHWC). Every kernel exists as _f32 and _f64. Formulas match
+// rawgan/backends/numpy_ops.py operation by operation (same rounding order), so results
+// agree to a few ulps.
+#include "common.cuh"
+
+// ---- bias -----------------------------------------------------------------------------
+
+// y[i] = x[i] + b[i % C]                                   (bias_add_forward)
+template <typename T>
+__device__ __forceinline__ void bias_add_body(const T* x, const T* b, T* y, i64 n, int C) {
+    RG_GRID_LOOP(i, n) y[i] = x[i] + b[i % C];
+}
+
+// part[s*C + c] = sum of x[r, c] over rows r of split s  (bias_add_backward, pass 1)
+// Block (32, 8), grid (ceil(C/32), S): see colreduce_partial in common.cuh.
+template <typename T>
+struct SumOf {
+    const T* x; int C;
+    __device__ __forceinline__ void operator()(int r, int c, T (&acc)[1]) const {
+        acc[0] += x[(i64)r * C + c];
+    }
+};
+
+// ---- activations ----------------------------------------------------------------------
+
+// LeakyReLU: y = x if x > 0 else alpha*x;  dx = dy * (1 if x > 0 else alpha)
+template <typename T>
+__device__ __forceinline__ void leaky_fwd_body(const T* x, T* y, i64 n, T alpha) {
+    RG_GRID_LOOP(i, n) {
+        const T v = x[i];
+        y[i] = v > T(0) ? v : alpha * v;
+    }
+}
+template <typename T>
+__device__ __forceinline__ void leaky_bwd_body(const T* dy, const T* x, T* dx, i64 n, T alpha) {
+    RG_GRID_LOOP(i, n) dx[i] = x[i] > T(0) ? dy[i] : alpha * dy[i];
+}
+
+// ReLU: y = max(x, 0) (NaN propagates, as np.maximum);  dx = dy where x > 0 else 0
+template <typename T>
+__device__ __forceinline__ void relu_fwd_body(const T* x, T* y, i64 n) {
+    RG_GRID_LOOP(i, n) {
+        const T v = x[i];
+        y[i] = v < T(0) ? T(0) : v;
+    }
+}
+template <typename T>
+__device__ __forceinline__ void relu_bwd_body(const T* dy, const T* x, T* dx, i64 n) {
+    RG_GRID_LOOP(i, n) dx[i] = x[i] > T(0) ? dy[i] : T(0);
+}
+
+// tanh: y = tanh(x);  dx = dy * (1 - y^2), from the OUTPUT y
+template <typename T>
+__device__ __forceinline__ void tanh_fwd_body(const T* x, T* y, i64 n) {
+    RG_GRID_LOOP(i, n) y[i] = rg_tanh(x[i]);
+}
+template <typename T>
+__device__ __forceinline__ void tanh_bwd_body(const T* dy, const T* y, T* dx, i64 n) {
+    RG_GRID_LOOP(i, n) {
+        const T v = y[i];
+        dx[i] = dy[i] * (T(1) - v * v);
+    }
+}
+
+// sigmoid, overflow-free: e = exp(-|x|);  y = 1/(1+e) if x >= 0 else e/(1+e)
+// dx = dy * y * (1 - y), from the OUTPUT y
+template <typename T>
+__device__ __forceinline__ void sigmoid_fwd_body(const T* x, T* y, i64 n) {
+    RG_GRID_LOOP(i, n) {
+        const T v = x[i];
+        const T e = rg_exp(-rg_abs(v));
+        y[i] = v >= T(0) ? T(1) / (T(1) + e) : e / (T(1) + e);
+    }
+}
+template <typename T>
+__device__ __forceinline__ void sigmoid_bwd_body(const T* dy, const T* y, T* dx, i64 n) {
+    RG_GRID_LOOP(i, n) {
+        const T v = y[i];
+        dx[i] = dy[i] * v * (T(1) - v);
+    }
+}
+
+// ---- dropout --------------------------------------------------------------------------
+//
+// Inverted dropout: keep = (u >= rate), mask = keep * scale, scale = 1 / (1 - rate) (cast to
+// T on the host, as NumPy casts it), y = x * mask. Two sources for the uniforms u in [0, 1):
+//   dropout_host:   u drawn on the host by the layer's numpy Generator (exactly the draws
+//                   numpy_ops makes, so the masks are identical: used to compare backends);
+//   dropout_philox: u from Philox-4x32-10 (Salmon et al. 2011), counter-based: element
+//                   group g uses counter (g, offset) and key = seed, so a mask is a pure
+//                   function of (seed, offset, index): reproducible, no state in memory.
+//                   float: 4 elements per Philox call, u = (bits >> 8) * 2^-24;
+//                   double: 2 per call, u = ((a >> 5) * 2^26 + (b >> 6)) * 2^-53.
+// dropout backward is mul: dx = dy * mask.
+
+template <typename T>
+__device__ __forceinline__ void dropout_host_body(const T* x, const T* u, T* y, T* mask, i64 n,
+                                                  T rate, T scale) {
+    RG_GRID_LOOP(i, n) {
+        const T m = u[i] >= rate ? scale : T(0);
+        mask[i] = m;
+        y[i] = x[i] * m;
+    }
+}
+
+__device__ __forceinline__ void philox4x32_10(u32 (&c)[4], u32 k0, u32 k1) {
+#pragma unroll
+    for (int r = 0; r < 10; ++r) {
+        const u64 p0 = (u64)0xD2511F53u * c[0];
+        const u64 p1 = (u64)0xCD9E8D57u * c[2];
+        const u32 n0 = (u32)(p1 >> 32) ^ c[1] ^ k0;
+        const u32 n2 = (u32)(p0 >> 32) ^ c[3] ^ k1;
+        c[0] = n0;
+        c[1] = (u32)p1;
+        c[2] = n2;
+        c[3] = (u32)p0;
+        k0 += 0x9E3779B9u;
+        k1 += 0xBB67AE85u;
+    }
+}
+
+template <typename T> struct PhiloxUniform;
+template <> struct PhiloxUniform<float> {
+    enum { E = 4 };
+    __device__ __forceinline__ static void get(const u32 (&c)[4], float (&u)[4]) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) u[q] = (float)(c[q] >> 8) * (1.0f / 16777216.0f);
+    }
+};
+template <> struct PhiloxUniform<double> {
+    enum { E = 2 };
+    __device__ __forceinline__ static void get(const u32 (&c)[4], double (&u)[2]) {
+#pragma unroll
+        for (int q = 0; q < 2; ++q)
+            u[q] = ((double)(c[2 * q] >> 5) * 67108864.0 + (double)(c[2 * q + 1] >> 6)) *
+                   (1.0 / 9007199254740992.0);
+    }
+};
+
+template <typename T>
+__device__ __forceinline__ void dropout_philox_body(const T* x, T* y, T* mask, i64 n, u64 seed,
+                                                    u64 offset, T rate, T scale) {
+    enum { E = PhiloxUniform<T>::E };
+    const i64 groups = (n + E - 1) / E;
+    RG_GRID_LOOP(g, groups) {
+        u32 c[4] = {(u32)g, (u32)((u64)g >> 32), (u32)offset, (u32)(offset >> 32)};
+        philox4x32_10(c, (u32)seed, (u32)(seed >> 32));
+        T u[E];
+        PhiloxUniform<T>::get(c, u);
+#pragma unroll
+        for (int q = 0; q < E; ++q) {
+            const i64 i = g * E + q;
+            if (i < n) {
+                const T m = u[q] >= rate ? scale : T(0);
+                mask[i] = m;
+                y[i] = x[i] * m;
+            }
+        }
+    }
+}
+
+// y = a * b elementwise (dropout backward: dx = dy * mask)
+template <typename T>
+__device__ __forceinline__ void mul_body(const T* a, const T* b, T* y, i64 n) {
+    RG_GRID_LOOP(i, n) y[i] = a[i] * b[i];
+}
+
+// ---- extern "C" entry points ----------------------------------------------------------
+
+#define RG_ELEMENTWISE_KERNELS(SUF, T)                                                       \
+    extern "C" __global__ void bias_add_##SUF(const T* x, const T* b, T* y, i64 n, int C) {   \
+        bias_add_body(x, b, y, n, C);                                                        \
+    }                                                                                        \
+    extern "C" __global__ void __launch_bounds__(256)                                        \
+    colsum_partial_##SUF(const T* x, int M, int C, int rows_per, T* part) {                  \
+        const SumOf<T> f = {x, C};                                                           \
+        colreduce_partial<T, 1>(M, C, rows_per, part, f);                                    \
+    }                                                                                        \
+    extern "C" __global__ void colsum_final_##SUF(const T* part, int S, int C, T* out) {     \
+        colreduce_final(part, S, C, out);                                                    \
+    }                                                                                        \
+    extern "C" __global__ void leaky_relu_fwd_##SUF(const T* x, T* y, i64 n, T alpha) {      \
+        leaky_fwd_body(x, y, n, alpha);                                                      \
+    }                                                                                        \
+    extern "C" __global__ void leaky_relu_bwd_##SUF(const T* dy, const T* x, T* dx, i64 n,   \
+                                                    T alpha) {                               \
+        leaky_bwd_body(dy, x, dx, n, alpha);                                                 \
+    }                                                                                        \
+    extern "C" __global__ void relu_fwd_##SUF(const T* x, T* y, i64 n) {                     \
+        relu_fwd_body(x, y, n);                                                              \
+    }                                                                                        \
+    extern "C" __global__ void relu_bwd_##SUF(const T* dy, const T* x, T* dx, i64 n) {       \
+        relu_bwd_body(dy, x, dx, n);                                                         \
+    }                                                                                        \
+    extern "C" __global__ void tanh_fwd_##SUF(const T* x, T* y, i64 n) {                     \
+        tanh_fwd_body(x, y, n);                                                              \
+    }                                                                                        \
+    extern "C" __global__ void tanh_bwd_##SUF(const T* dy, const T* y, T* dx, i64 n) {       \
+        tanh_bwd_body(dy, y, dx, n);                                                         \
+    }                                                                                        \
+    extern "C" __global__ void sigmoid_fwd_##SUF(const T* x, T* y, i64 n) {                  \
+        sigmoid_fwd_body(x, y, n);                                                           \
+    }                                                                                        \
+    extern "C" __global__ void sigmoid_bwd_##SUF(const T* dy, const T* y, T* dx, i64 n) {    \
+        sigmoid_bwd_body(dy, y, dx, n);                                                      \
+    }                                                                                        \
+    extern "C" __global__ void dropout_host_##SUF(const T* x, const T* u, T* y, T* mask,     \
+                                                  i64 n, T rate, T scale) {                  \
+        dropout_host_body(x, u, y, mask, n, rate, scale);                                    \
+    }                                                                                        \
+    extern "C" __global__ void dropout_philox_##SUF(const T* x, T* y, T* mask, i64 n,        \
+                                                    u64 seed, u64 offset, T rate, T scale) { \
+        dropout_philox_body(x, y, mask, n, seed, offset, rate, scale);                       \
+    }                                                                                        \
+    extern "C" __global__ void mul_##SUF(const T* a, const T* b, T* y, i64 n) {              \
+        mul_body(a, b, y, n);                                                                \
+    }
+
+RG_ELEMENTWISE_KERNELS(f32, float)
+RG_ELEMENTWISE_KERNELS(f64, double)

@@ -1,0 +1,77 @@
+// rawgan CUDA kernels: dense-layer GEMMs.
+//
+//   C[m, n] = alpha * sum_k op(A)[m, k] * op(B)[k, n]  (+ beta * C[m, n])  (+ bias[n])
+//
+// row-major, lda/ldb/ldc the row strides. The three layouts a dense layer needs:
+//   gemm_nn  A (M x K),  B (K x N)    y  = x @ w (+ b)           forward
+//   gemm_nt  A (M x K),  B (N x K)    dx = dy @ w^T              backward-data
+//   gemm_tn  A (K x M),  B (K x N)    dw = x^T @ dy              backward-weights
+// Tiling, register blocking, double buffering: see tile_gemm.cuh. Names end in the tile
+// configuration (all 256 threads, BK = 8):
+//   _f32_L  128 x 128, 8x8 per thread     big problems
+//   _f32_M  128 x  64, 8x4 per thread     64-channel convolutions
+//   _f32_S   64 x  64, 4x4 per thread     small problems
+//   _f32_T  256 x   4, 4x1 per thread     thin outputs (N <= 16: a logit, 1 image channel)
+//   _f64_S, _f64_T                        double (register budget: no 8x8 double blocks) Thread mapping of the epilogue: each thread writes its own
+// TM x TN block, guarded by m < M, n < N.
+//
+// beta == 0 never READS C, so an uninitialised (NaN-poisoned) output is fine; bias may be
+// null. vecA / vecB (host-computed) say the operand's rows are 16-byte aligned, allowing
+// float4 / double2 loads; the borders fall back to guarded scalar loads.
+#include "common.cuh"
+#include "tile_gemm.cuh"
+
+template <typename T, int BM, int BN, int BK, int TM, int TN, class OA, class OB>
+__device__ __forceinline__ void gemm_body(const OA& opa, const OB& opb, int M, int N, int K,
+                                          T* C, int ldc, T alpha, T beta, const T* bias) {
+    const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+    T acc[TM][TN];
+    tile_mainloop<T, BM, BN, BK, TM, TN>(opa, opb, m0, n0, 0, K, acc);
+    const int tx = threadIdx.x % (BN / TN), ty = threadIdx.x / (BN / TN);
+#pragma unroll
+    for (int i = 0; i < TM; ++i) {
+        const int m = m0 + ty * TM + i;
+        if (m >= M) break;
+#pragma unroll
+        for (int j = 0; j < TN; ++j) {
+            const int n = n0 + tx * TN + j;
+            if (n < N) {
+                T v = alpha * acc[i][j];
+                if (beta != T(0)) v += beta * C[(i64)m * ldc + n];
+                if (bias) v += bias[n];
+                C[(i64)m * ldc + n] = v;
+            }
+        }
+    }
+}
+
+// Grid: (ceil(M / BM), ceil(N / BN)) (M on x: no 65535 limit), block: 256 threads.
+#define RG_GEMM_KERNELS(SUF, T, BM, BN, BK, TM, TN)                                        \
+    extern "C" __global__ void __launch_bounds__(256)                                        \
+    gemm_nn_##SUF(int M, int N, int K, const T* A, int lda, const T* B, int ldb, T* C,       \
+                  int ldc, T alpha, T beta, const T* bias, int vecA, int vecB) {             \
+        const OpRowK<T> a = {A, M, K, lda, vecA != 0};                                       \
+        const OpColK<T> b = {B, N, K, ldb, vecB != 0};                                       \
+        gemm_body<T, BM, BN, BK, TM, TN>(a, b, M, N, K, C, ldc, alpha, beta, bias);          \
+    }                                                                                        \
+    extern "C" __global__ void __launch_bounds__(256)                                        \
+    gemm_nt_##SUF(int M, int N, int K, const T* A, int lda, const T* B, int ldb, T* C,       \
+                  int ldc, T alpha, T beta, const T* bias, int vecA, int vecB) {             \
+        const OpRowK<T> a = {A, M, K, lda, vecA != 0};                                       \
+        const OpRowK<T> b = {B, N, K, ldb, vecB != 0};                                       \
+        gemm_body<T, BM, BN, BK, TM, TN>(a, b, M, N, K, C, ldc, alpha, beta, bias);          \
+    }                                                                                        \
+    extern "C" __global__ void __launch_bounds__(256)                                        \
+    gemm_tn_##SUF(int M, int N, int K, const T* A, int lda, const T* B, int ldb, T* C,       \
+                  int ldc, T alpha, T beta, const T* bias, int vecA, int vecB) {             \
+        const OpColK<T> a = {A, M, K, lda, vecA != 0};                                       \
+        const OpColK<T> b = {B, N, K, ldb, vecB != 0};                                       \
+        gemm_body<T, BM, BN, BK, TM, TN>(a, b, M, N, K, C, ldc, alpha, beta, bias);          \
+    }
+
+RG_GEMM_KERNELS(f32_L, float, 128, 128, 8, 8, 8)
+RG_GEMM_KERNELS(f32_M, float, 128, 64, 8, 8, 4)
+RG_GEMM_KERNELS(f32_S, float, 64, 64, 8, 4, 4)
+RG_GEMM_KERNELS(f32_T, float, 256, 4, 8, 4, 1)
+RG_GEMM_KERNELS(f64_S, double, 64, 64, 8, 4, 4)
+RG_GEMM_KERNELS(f64_T, double, 256, 4, 8, 4, 1)

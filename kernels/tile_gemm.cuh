@@ -1,0 +1,166 @@
+// rawgan CUDA kernels: the tiled GEMM main loop shared by gemm.cu (dense layers) and conv.cu
+// (implicit-GEMM convolutions).
+//
+//   acc[m, n] = sum_{k in [kbeg, kend)} A(m, k) * B(n, k)
+//
+// Both operands are read as "rows x K" matrices through an OPERAND class (A is M x K, B is
+// N x K, i.e. B^T), so one loop serves plain row-major matrices, transposed ones and
+// convolutions whose A(m, k) is computed from (output pixel m, kernel tap k) on the fly.
+// An operand class provides
+//   static constexpr bool KCONTIG   true: V consecutive k of one row are contiguous in memory
+//                                   false: V consecutive rows of one k are contiguous
+//   void load(int r, int k, T (&v)[V]) const
+//                                   the V elements from (r, k) along k (KCONTIG) or along r;
+//                                   zeros outside the matrix (the zero padding of a conv
+//                                   lives here, nothing is materialised).
+// V = 16 bytes / sizeof(T): a float4 or double2 load when the operand says it is aligned.
+//
+// Tiling (BM x BN x BK, per-thread TM x TN):
+//   * a block of NT = (BM / TM) * (BN / TN) threads computes a BM x BN tile of C;
+//     thread (ty, tx) = (tid / (BN / TN), tid % (BN / TN)) owns the TM x TN register block
+//     rows ty*TM .. ty*TM+TM-1, columns tx*TN .. tx*TN+TN-1;
+//   * the K loop walks BK-wide slabs: A's BM x BK slab and B's BN x BK slab are staged in
+//     shared memory as As[k][m], Bs[k][n] (k-major, so the inner product reads TM and TN
+//     consecutive values: vectorisable shared loads, broadcast across the warp);
+//   * double buffering with a register stage: while slab t is multiplied out of shared
+//     buffer t % 2, slab t + 1 is already loading from global memory into registers; it is
+//     stored into buffer (t + 1) % 2 after the FMAs, then ONE __syncthreads per slab;
+//   * each slab costs BK * TM * TN FMAs per thread against (TM + TN) * BK shared loads:
+//     8x8 register blocks give 64 FMAs per 16 loads.
+// Configurations (cupy_ops picks one per call; all 256 threads, BK = 8): float L 128x128
+// (8x8 per thread), M 128x64 (8x4), S 64x64 (4x4), T 256x4 (4x1, thin outputs); double S
+// and T. Shared memory: 2 buffers * BK * (BM + BN + 2 pad) * sizeof(T) <= 17 KB.
+#pragma once
+#include "common.cuh"
+
+// Register stage of one operand slab: ROWS x BK values as VECS vectors of V, PER per thread.
+template <typename T, int ROWS, int BK, int NT>
+struct SlabRegs {
+    enum { V = Vec16<T>::n, VECS = ROWS * BK / V, PER = (VECS + NT - 1) / NT };
+    T r[PER][V];
+};
+
+// Global -> registers: vector number v = tid + i*NT of the slab. KCONTIG: row v / (BK/V),
+// k offset (v % (BK/V)) * V; otherwise k v / (ROWS/V), row offset (v % (ROWS/V)) * V.
+template <typename T, int ROWS, int BK, int NT, class OP>
+__device__ __forceinline__ void slab_fetch(const OP& op, int r0, int k0,
+                                           SlabRegs<T, ROWS, BK, NT>& s) {
+    typedef SlabRegs<T, ROWS, BK, NT> R;
+#pragma unroll
+    for (int i = 0; i < R::PER; ++i) {
+        const int v = (int)threadIdx.x + i * NT;
+        if (R::VECS % NT == 0 || v < R::VECS) {
+            int r, k;
+            if (OP::KCONTIG) { r = v / (BK / R::V); k = (v % (BK / R::V)) * R::V; }
+            else { k = v / (ROWS / R::V); r = (v % (ROWS / R::V)) * R::V; }
+            op.load(r0 + r, k0 + k, s.r[i]);
+        }
+    }
+}
+
+// Registers -> shared slab S[BK][LD] (k-major).
+template <typename T, int ROWS, int BK, int NT, int LD, bool KCONTIG>
+__device__ __forceinline__ void slab_stash(T (*S)[LD], const SlabRegs<T, ROWS, BK, NT>& s) {
+    typedef SlabRegs<T, ROWS, BK, NT> R;
+#pragma unroll
+    for (int i = 0; i < R::PER; ++i) {
+        const int v = (int)threadIdx.x + i * NT;
+        if (R::VECS % NT == 0 || v < R::VECS) {
+            if (KCONTIG) {
+                const int r = v / (BK / R::V), k = (v % (BK / R::V)) * R::V;
+#pragma unroll
+                for (int j = 0; j < R::V; ++j) S[k + j][r] = s.r[i][j];
+            } else {
+                const int k = v / (ROWS / R::V), r = (v % (ROWS / R::V)) * R::V;
+#pragma unroll
+                for (int j = 0; j < R::V; ++j) S[k][r + j] = s.r[i][j];
+            }
+        }
+    }
+}
+
+// The main loop. Every thread of the block must call it (it synchronises). kbeg is a
+// multiple of BK; slabs past kend must read zeros or belong to this call (cupy_ops makes
+// split-K chunks multiples of BK, so a slab never straddles two splits).
+template <typename T, int BM, int BN, int BK, int TM, int TN, class OA, class OB>
+__device__ __forceinline__ void tile_mainloop(const OA& opa, const OB& opb, int m0, int n0,
+                                              int kbeg, int kend, T (&acc)[TM][TN]) {
+    enum { NT = (BM / TM) * (BN / TN), PAD = Vec16<T>::n };
+    // +PAD columns: the KCONTIG (transposing) stores of neighbouring threads fall in
+    // different banks; PAD = one vector keeps every row 16-byte aligned.
+    __shared__ __align__(16) T As[2][BK][BM + PAD];
+    __shared__ __align__(16) T Bs[2][BK][BN + PAD];
+    const int tid = threadIdx.x;
+    const int tx = tid % (BN / TN), ty = tid / (BN / TN);
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = T(0);
+    const int nk = (kend - kbeg + BK - 1) / BK;
+    if (nk <= 0) return;  // uniform across the block
+
+    SlabRegs<T, BM, BK, NT> ra;
+    SlabRegs<T, BN, BK, NT> rb;
+    slab_fetch<T, BM, BK, NT>(opa, m0, kbeg, ra);
+    slab_fetch<T, BN, BK, NT>(opb, n0, kbeg, rb);
+    slab_stash<T, BM, BK, NT, BM + PAD, OA::KCONTIG>(As[0], ra);
+    slab_stash<T, BN, BK, NT, BN + PAD, OB::KCONTIG>(Bs[0], rb);
+    __syncthreads();
+
+    for (int t = 0; t < nk; ++t) {
+        const int cur = t & 1;
+        const bool more = t + 1 < nk;
+        if (more) {  // issue the next slab's global loads before this slab's FMAs
+            slab_fetch<T, BM, BK, NT>(opa, m0, kbeg + (t + 1) * BK, ra);
+            slab_fetch<T, BN, BK, NT>(opb, n0, kbeg + (t + 1) * BK, rb);
+        }
+#pragma unroll
+        for (int k = 0; k < BK; ++k) {
+            T a[TM], b[TN];
+#pragma unroll
+            for (int i = 0; i < TM; ++i) a[i] = As[cur][k][ty * TM + i];
+#pragma unroll
+            for (int j = 0; j < TN; ++j) b[j] = Bs[cur][k][tx * TN + j];
+#pragma unroll
+            for (int i = 0; i < TM; ++i)
+#pragma unroll
+                for (int j = 0; j < TN; ++j) acc[i][j] = rg_fma(a[i], b[j], acc[i][j]);
+        }
+        if (more) {  // buffer cur^1 was last read in slab t-1, before the previous barrier
+            slab_stash<T, BM, BK, NT, BM + PAD, OA::KCONTIG>(As[cur ^ 1], ra);
+            slab_stash<T, BN, BK, NT, BN + PAD, OB::KCONTIG>(Bs[cur ^ 1], rb);
+        }
+        __syncthreads();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Plain matrix operands
+// ---------------------------------------------------------------------------------------
+
+// (R x K) matrix, element (r, k) at p[r * ld + k]: rows contiguous along k.
+// vec: ld % V == 0 and p 16-byte aligned (then every (r, k) with k % V == 0 is aligned).
+template <typename T>
+struct OpRowK {
+    enum { V = Vec16<T>::n };
+    static constexpr bool KCONTIG = true;
+    const T* p; int R, K, ld; bool vec;
+    __device__ __forceinline__ void load(int r, int k, T (&v)[V]) const {
+        if (r < R && vec && k + V <= K) { vload(p + (i64)r * ld + k, v); return; }
+#pragma unroll
+        for (int j = 0; j < V; ++j) v[j] = (r < R && k + j < K) ? p[(i64)r * ld + k + j] : T(0);
+    }
+};
+
+// (R x K) matrix stored transposed, element (r, k) at p[k * ld + r]: contiguous along r.
+template <typename T>
+struct OpColK {
+    enum { V = Vec16<T>::n };
+    static constexpr bool KCONTIG = false;
+    const T* p; int R, K, ld; bool vec;
+    __device__ __forceinline__ void load(int r, int k, T (&v)[V]) const {
+        if (k < K && vec && r + V <= R) { vload(p + (i64)k * ld + r, v); return; }
+#pragma unroll
+        for (int j = 0; j < V; ++j) v[j] = (k < K && r + j < R) ? p[(i64)k * ld + r + j] : T(0);
+    }
+};

@@ -1,0 +1,460 @@
+"""The CuPy backend on a real GPU, against the NumPy reference.
+
+Every op, forward and backward, on random geometries (strides 1-3, kernels 1-5, same / valid /
+int paddings, output paddings, batch sizes) and on the DCGAN's layer shapes at batch 64 and
+256; every tile configuration and the split-K path. Every output buffer an op allocates is
+NaN-poisoned first (``cupy_ops._empty`` is replaced), so an element a kernel forgets to write
+fails the test. Inputs are random, never zeros.
+
+Reference: ``numpy_ops`` run in FLOAT64 on the same values, so the figure measures the GPU
+kernels alone. Tolerance: ‖gpu - ref‖ / ‖ref‖ < 1e-5 for float32 (no TF32 anywhere: the
+kernels are FP32 FMA), < 1e-12 for float64. Dropout through host-drawn uniforms must match
+NumPy bit for bit; the device Philox path must match a Python Philox.
+
+The whole module is skipped without CuPy or without a GPU; the tests are marked ``gpu``.
+Run on a GPU machine with::
+
+    python -m pytest tests/test_cupy_ops.py -m gpu -v
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+cp = pytest.importorskip("cupy")
+
+
+def _device_count() -> int:
+    try:
+        return int(cp.cuda.runtime.getDeviceCount())
+    except Exception:
+        return 0
+
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(_device_count() == 0, reason="CuPy finds no CUDA GPU")]
+
+from rawgan import backends, gan, losses, models, optim  # noqa: E402
+from rawgan.backends import cupy_ops, numpy_ops  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DTYPES = (np.float32, np.float64)
+TOL = {np.float32: 1e-5, np.float64: 1e-12}
+
+
+@pytest.fixture
+def ops(monkeypatch):
+    """The CuPy backend with NaN-poisoned allocations and the default tile heuristics."""
+    mod = backends.get("cupy")
+    assert mod is cupy_ops
+
+    def poisoned(shape, dtype):
+        return cp.full(shape, cp.nan, dtype=dtype)
+
+    monkeypatch.setattr(cupy_ops, "_empty", poisoned)
+    monkeypatch.setattr(cupy_ops, "FORCE_TILE", None)
+    monkeypatch.setattr(cupy_ops, "DROPOUT_RNG", "host")
+    yield mod
+    cupy_ops._device_info.clear()
+
+
+def close(got, want, what: str = "") -> None:
+    """Relative error of a GPU result against a (float64) reference."""
+    got = cp.asnumpy(got) if isinstance(got, cp.ndarray) else np.asarray(got)
+    want = np.asarray(want)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    assert np.all(np.isfinite(got)), f"{what}: non-finite values (an unwritten output?)"
+    tol = TOL[got.dtype.type]
+    scale = float(np.linalg.norm(want.astype(np.float64)))
+    err = float(np.linalg.norm(got.astype(np.float64) - want.astype(np.float64)))
+    assert err <= tol * max(scale, 1e-30), f"{what}: relative error {err / scale:.3g} > {tol}"
+
+
+def rand(rng, shape, dtype):
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def f64(*arrays):
+    return [None if a is None else a.astype(np.float64) for a in arrays]
+
+
+def test_backend_selection_and_array_module():
+    mod = backends.get("cupy")
+    assert mod.xp is cp and mod.name == "cupy"
+    a = mod.asarray(np.arange(3.0))
+    assert isinstance(a, cp.ndarray)
+    np.testing.assert_array_equal(mod.to_numpy(a), np.arange(3.0))
+    mod.synchronize()
+    assert backends.get("auto") is mod
+
+
+def test_every_kernel_module_compiles_with_nvrtc():
+    for filename in cupy_ops.KERNEL_FILES:
+        cupy_ops._module(filename).get_function(
+            {"gemm.cu": "gemm_nn_f32_L", "conv.cu": "conv_dgrad_f64_T",
+             "elementwise.cu": "dropout_philox_f64", "batchnorm.cu": "bn_bwd_dx_f32",
+             "losses.cu": "gan_loss_f64", "optim.cu": "adam_mt_f32"}[filename])
+
+
+# -- dense -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tile", [None, "L", "M", "S", "T"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_matches_numpy(ops, tile, dtype):
+    cupy_ops.FORCE_TILE = tile
+    rng = np.random.default_rng(1)
+    shapes = [(3, 5, 7), (70, 36, 130), (16, 64, 8), (5, 33, 1), (1, 300, 20),
+              (int(rng.integers(1, 300)), int(rng.integers(1, 300)), int(rng.integers(1, 300))),
+              # the DCGAN's dense layers at batch 64 and 256
+              (64, 100, 12544), (256, 100, 12544), (128, 6272, 1), (512, 6272, 1)]
+    for n, k, m in shapes:
+        x, w, b, dy = (rand(rng, s, dtype) for s in ((n, k), (k, m), (m,), (n, m)))
+        X, W, B, DY = (ops.asarray(a) for a in (x, w, b, dy))
+        close(ops.dense_forward(X, W, B), numpy_ops.dense_forward(*f64(x, w, b)), "y")
+        got = ops.dense_backward(DY, X, W)
+        want = numpy_ops.dense_backward(*f64(dy, x, w))
+        for g, r, what in zip(got, want, ("dx", "dw", "db"), strict=True):
+            close(g, r, f"{what} {(n, k, m)}")
+
+
+def test_sgemm_4096_matches_numpy(ops):
+    rng = np.random.default_rng(2)
+    a, b = rand(rng, (4096, 4096), np.float32), rand(rng, (4096, 4096), np.float32)
+    y = ops.dense_forward(ops.asarray(a), ops.asarray(b), None)
+    close(y, a.astype(np.float64) @ b.astype(np.float64), "4096^3")
+
+
+# -- convolutions ----------------------------------------------------------------------
+
+DCGAN_CONVS = [
+    # (N, H, W, Cin, Cout, k, s, padding, output_padding): D's convs, G's transposed convs
+    (64, 28, 28, 1, 64, 5, 2, "same", None),
+    (64, 14, 14, 64, 128, 5, 2, "same", None),
+    (64, 7, 7, 256, 128, 5, 1, "same", None),
+    (64, 7, 7, 128, 64, 5, 2, "same", None),
+    (64, 14, 14, 64, 1, 5, 2, "same", None),
+    (256, 14, 14, 64, 128, 5, 2, "same", None),
+    (256, 7, 7, 128, 64, 5, 2, "same", None),
+]
+
+
+def random_conv_cases(seed: int, count: int):
+    rng = np.random.default_rng(seed)
+    cases = []
+    while len(cases) < count:
+        k = int(rng.integers(1, 6))
+        s = int(rng.integers(1, 4))
+        padding = [str(rng.choice(["same", "valid"])), int(rng.integers(0, k))][
+            int(rng.integers(0, 2))]
+        h, w = int(rng.integers(max(k, 2), 20)), int(rng.integers(max(k, 2), 20))
+        op = None if rng.random() < 0.5 or s == 1 else int(rng.integers(0, s))
+        cases.append((int(rng.integers(1, 9)), h, w, int(rng.choice([1, 3, 4, 8, 12, 64])),
+                      int(rng.choice([1, 2, 4, 8, 16, 20, 64, 128])), k, s, padding, op))
+    return cases
+
+
+def check_conv_case(ops, case, dtype, rng) -> None:
+    n, h, w, ci, co, k, s, padding, op = case
+    x, wt, b = rand(rng, (n, h, w, ci), dtype), rand(rng, (k, k, ci, co), dtype), \
+        rand(rng, (co,), dtype)
+    y = numpy_ops.conv2d_forward(*f64(x, wt, b), s, padding)
+    dy = rand(rng, y.shape, dtype)
+    X, WT, B, DY = (ops.asarray(a) for a in (x, wt, b, dy))
+    close(ops.conv2d_forward(X, WT, B, s, padding), y, f"conv fwd {case}")
+    got = ops.conv2d_backward(DY, X, WT, s, padding)
+    want = numpy_ops.conv2d_backward(*f64(dy, x, wt), s, padding)
+    for g, r, what in zip(got, want, ("dx", "dw", "db"), strict=True):
+        close(g, r, f"conv {what} {case}")
+    try:
+        numpy_ops.conv_transpose_geometry(h, w, k, k, (s, s), padding, op)
+    except ValueError:
+        return
+    wt_t = rand(rng, (k, k, co, ci), dtype)
+    yt = numpy_ops.conv2d_transpose_forward(*f64(x, wt_t, b), s, padding, op)
+    dyt = rand(rng, yt.shape, dtype)
+    WTT, DYT = ops.asarray(wt_t), ops.asarray(dyt)
+    close(ops.conv2d_transpose_forward(X, WTT, B, s, padding, op), yt, f"convT fwd {case}")
+    got = ops.conv2d_transpose_backward(DYT, X, WTT, s, padding, op)
+    want = numpy_ops.conv2d_transpose_backward(*f64(dyt, x, wt_t), s, padding, op)
+    for g, r, what in zip(got, want, ("dx", "dw", "db"), strict=True):
+        close(g, r, f"convT {what} {case}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv_random_geometries_match_numpy(ops, dtype):
+    rng = np.random.default_rng(3)
+    for case in random_conv_cases(seed=4, count=40):
+        check_conv_case(ops, case, dtype, rng)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", DCGAN_CONVS, ids=str)
+def test_conv_dcgan_shapes_match_numpy(ops, case, dtype):
+    check_conv_case(ops, case, dtype, np.random.default_rng(5))
+
+
+@pytest.mark.parametrize("tile", ["L", "M", "S", "T"])
+@pytest.mark.parametrize("sms", [1, 1000])
+def test_conv_every_tile_with_and_without_split_k(ops, tile, sms):
+    cupy_ops.FORCE_TILE = tile
+    cupy_ops._device_info["sms"] = sms  # 1: no split-K; 1000: many splits
+    rng = np.random.default_rng(6)
+    for case in ((2, 9, 11, 4, 8, 3, 2, "same", 1), (3, 10, 10, 3, 5, 4, 3, 1, None),
+                 (8, 14, 14, 64, 128, 5, 2, "same", None)):
+        for dtype in DTYPES:
+            check_conv_case(ops, case, dtype, rng)
+
+
+def test_non_contiguous_inputs(ops):
+    rng = np.random.default_rng(7)
+    x = rand(rng, (4, 9, 9, 6), np.float32)
+    w = rand(rng, (3, 3, 3, 5), np.float32)
+    X = ops.asarray(x)[:, :, :, ::2]  # a strided view
+    close(ops.conv2d_forward(X, ops.asarray(w), None, 2, "same"),
+          numpy_ops.conv2d_forward(*f64(x[:, :, :, ::2], w), None, 2, "same"), "strided x")
+
+
+# -- elementwise, batch norm, dropout -----------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_elementwise_matches_numpy(ops, dtype):
+    rng = np.random.default_rng(8)
+    for shape in ((3, 5), (64, 7, 7, 128), (100003,), (256, 14, 14, 64)):
+        x, dy = rand(rng, shape, dtype) * 3, rand(rng, shape, dtype)
+        X, DY = ops.asarray(x), ops.asarray(dy)
+        x64, dy64 = f64(x, dy)
+        for alpha in (0.3, 0.0, 1.5):
+            close(ops.leaky_relu_forward(X, alpha), numpy_ops.leaky_relu_forward(x64, alpha))
+            close(ops.leaky_relu_backward(DY, X, alpha),
+                  numpy_ops.leaky_relu_backward(dy64, x64, alpha))
+        close(ops.relu_forward(X), numpy_ops.relu_forward(x64))
+        close(ops.relu_backward(DY, X), numpy_ops.relu_backward(dy64, x64))
+        for fwd, bwd in (("tanh_forward", "tanh_backward"),
+                         ("sigmoid_forward", "sigmoid_backward")):
+            y = getattr(numpy_ops, fwd)(x)
+            close(getattr(ops, fwd)(X), getattr(numpy_ops, fwd)(x64), fwd)
+            close(getattr(ops, bwd)(DY, ops.asarray(y)),
+                  getattr(numpy_ops, bwd)(dy64, y.astype(np.float64)), bwd)
+        b = rand(rng, shape[-1:], dtype)
+        close(ops.bias_add_forward(X, ops.asarray(b)), numpy_ops.bias_add_forward(x64, *f64(b)))
+        close(ops.bias_add_backward(DY), numpy_ops.bias_add_backward(dy64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(6, 5), (64, 12544), (64, 7, 7, 128), (256, 14, 14, 64)])
+def test_batchnorm_matches_numpy(ops, dtype, shape):
+    rng = np.random.default_rng(9)
+    x = rand(rng, shape, dtype) * 2 + 1
+    c = shape[-1]
+    gamma, beta = rand(rng, (c,), dtype), rand(rng, (c,), dtype)
+    mm, mv = rand(rng, (c,), dtype), np.abs(rand(rng, (c,), dtype)) + 0.5
+    dy = rand(rng, shape, dtype)
+    for training in (True, False):
+        mm_ref, mv_ref = f64(mm, mv)
+        MM, MV = ops.asarray(mm), ops.asarray(mv)
+        got = ops.batchnorm_forward(ops.asarray(x), ops.asarray(gamma), ops.asarray(beta), MM,
+                                    MV, 0.99, 1e-3, training)
+        want = numpy_ops.batchnorm_forward(*f64(x, gamma, beta), mm_ref, mv_ref, 0.99, 1e-3,
+                                           training)
+        for g, r, what in zip(got, want, ("y", "mean", "inv_std"), strict=True):
+            close(g, r, f"bn {what} training={training}")
+        close(MM, mm_ref, "moving_mean")
+        close(MV, mv_ref, "moving_variance")
+        gb = ops.batchnorm_backward(ops.asarray(dy), ops.asarray(x), ops.asarray(gamma), got[1],
+                                    got[2], training)
+        wb = numpy_ops.batchnorm_backward(*f64(dy, x, gamma), want[1], want[2], training)
+        for g, r, what in zip(gb, wb, ("dx", "dgamma", "dbeta"), strict=True):
+            close(g, r, f"bn {what} training={training}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_host_path_is_numpy_exact(ops, dtype):
+    x = rand(np.random.default_rng(10), (64, 14, 14, 64), dtype)
+    y, mask = ops.dropout_forward(ops.asarray(x), 0.3, np.random.default_rng(11))
+    y_ref, mask_ref = numpy_ops.dropout_forward(x, 0.3, np.random.default_rng(11))
+    np.testing.assert_array_equal(cp.asnumpy(mask), mask_ref)
+    np.testing.assert_array_equal(cp.asnumpy(y), y_ref)
+    dy = rand(np.random.default_rng(12), x.shape, dtype)
+    np.testing.assert_array_equal(cp.asnumpy(ops.dropout_backward(ops.asarray(dy), mask)),
+                                  dy * mask_ref)
+
+
+def _philox(ctr, key):
+    mask = 0xFFFFFFFF
+    c, (k0, k1) = list(ctr), key
+    for _ in range(10):
+        p0, p1 = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
+        c = [((p1 >> 32) ^ c[1] ^ k0) & mask, p1 & mask, ((p0 >> 32) ^ c[3] ^ k1) & mask,
+             p0 & mask]
+        k0, k1 = (k0 + 0x9E3779B9) & mask, (k1 + 0xBB67AE85) & mask
+    return c
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_device_path_is_philox(ops, dtype):
+    cupy_ops.DROPOUT_RNG = "device"
+    x = rand(np.random.default_rng(13), (5, 101), dtype)
+    y, mask = ops.dropout_forward(ops.asarray(x), 0.3, np.random.default_rng(14))
+    seed = int(np.random.default_rng(14).integers(0, 2**63 - 1, dtype=np.int64))
+    e = 4 if dtype == np.float32 else 2
+    u = []
+    for g in range(-(-x.size // e)):
+        c = _philox([g & 0xFFFFFFFF, g >> 32, 0, 0], [seed & 0xFFFFFFFF, seed >> 32])
+        if dtype == np.float32:
+            u += [np.float32(v >> 8) * np.float32(2.0**-24) for v in c]
+        else:
+            u += [((c[2 * q] >> 5) * 67108864.0 + (c[2 * q + 1] >> 6)) * 2.0**-53
+                  for q in range(2)]
+    u = np.array(u[:x.size], dtype=dtype).reshape(x.shape)
+    want = np.where(u >= dtype(0.3), dtype(1 / 0.7), dtype(0))
+    np.testing.assert_array_equal(cp.asnumpy(mask), want)
+    np.testing.assert_array_equal(cp.asnumpy(y), x * want)
+    big = ops.asarray(np.ones((1 << 20,), dtype))
+    keep = float(cp.count_nonzero(ops.dropout_forward(big, 0.3, np.random.default_rng(1))[1]))
+    assert abs(keep / big.size - 0.7) < 0.005
+
+
+# -- losses and optimizers ----------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", losses.KINDS)
+def test_gan_losses_match_rawgan_losses(ops, kind, dtype):
+    rng = np.random.default_rng(15)
+    r, f = rand(rng, (300, 1), dtype) * 3, rand(rng, (2049, 1), dtype) * 3
+    r[0, 0], f[0, 0] = 40.0, -40.0
+    loss, dr, df = ops.gan_discriminator_loss(kind, ops.asarray(r), ops.asarray(f))
+    ref, ref_dr, ref_df = losses.discriminator_loss(kind, *f64(r, f))
+    assert abs(float(loss) - ref) <= 1e-5 * max(1.0, abs(ref))
+    close(dr, ref_dr, "d_real")
+    close(df, ref_df, "d_fake")
+    loss, df = ops.gan_generator_loss(kind, ops.asarray(f))
+    ref, ref_df = losses.generator_loss(kind, *f64(f))
+    assert abs(float(loss) - ref) <= 1e-5 * max(1.0, abs(ref))
+    close(df, ref_df, "g d_fake")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adam_update_matches_rawgan_optim(ops, dtype):
+    """Multi-tensor Adam on a DCGAN generator's parameters vs rawgan.optim.Adam (NumPy)."""
+    G = models.dcgan_generator(seed=0, dtype=dtype)
+    rng = np.random.default_rng(16)
+    for layer in G.layers:
+        for k in layer.grads:
+            layer.grads[k][...] = rand(rng, layer.grads[k].shape, dtype)
+    opt = optim.Adam(G, lr=1e-3)
+    names, ps, gs = zip(*((n, p.copy(), g.copy()) for n, p, g in G.parameters()), strict=True)
+    opt.step()
+    opt.step()
+    P, Gr = [ops.asarray(p) for p in ps], [ops.asarray(g) for g in gs]
+    M, V = [cp.zeros_like(p) for p in P], [cp.zeros_like(p) for p in P]
+    for t in (1, 2):
+        alpha = 1e-3 * (1 - 0.999**t) ** 0.5 / (1 - 0.9**t)
+        ops.adam_update(P, Gr, M, V, alpha, 0.9, 0.999, 1e-7)
+    for (name, p, _), Pd in zip(G.parameters(), P, strict=True):
+        close(Pd, p, name)
+
+
+# -- whole training steps ---------------------------------------------------------------
+
+def _train(ops, dtype, steps, batch, model="dcgan"):
+    G, D = models.build(model, seed=3, backend=ops, dtype=dtype)
+    opt_g, opt_d = optim.Adam(G, lr=2e-4), optim.Adam(D, lr=2e-4)
+    data = np.random.default_rng(4)
+    noise = gan.gaussian_noise(np.random.default_rng(5), 100, ops=ops, dtype=dtype)
+    out = []
+    for _ in range(steps):
+        real = ops.asarray(data.uniform(-1, 1, (batch, 28, 28, 1)).astype(dtype))
+        s = gan.train_step(G, D, opt_g, opt_d, "bce", [real], noise)
+        out.append((s.d_loss, s.g_loss, s.d_real, s.d_fake))
+    return np.array(out), {k: ops.to_numpy(v) for k, v in G.get_weights().items()}
+
+
+@pytest.mark.parametrize("dtype, steps, rtol", [(np.float64, 5, 1e-9), (np.float32, 3, 2e-3)])
+def test_dcgan_training_tracks_numpy(ops, dtype, steps, rtol):
+    """Same seeds, host-drawn dropout uniforms: the GPU run's losses track NumPy's."""
+    got, w_got = _train(ops, dtype, steps, 64)
+    want, w_want = _train(numpy_ops, dtype, steps, 64)
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=1e-6)
+    if dtype == np.float64:
+        for k in w_want:
+            close(w_got[k], w_want[k], k)
+
+
+def test_mlp_training_tracks_numpy(ops):
+    got, _ = _train(ops, np.float64, 5, 32, model="mlp")
+    want, _ = _train(numpy_ops, np.float64, 5, 32, model="mlp")
+    np.testing.assert_allclose(got, want, rtol=1e-9)
+
+
+# -- compute-sanitizer, once --------------------------------------------------------------
+
+SANITIZER_SCRIPT = r"""
+import numpy as np
+from rawgan.backends import cupy_ops as ops
+from rawgan import backends
+backends.get("cupy")
+rng = np.random.default_rng(0)
+def r(*s, dt=np.float32):
+    return ops.asarray(rng.standard_normal(s).astype(dt))
+for dt in (np.float32, np.float64):
+    for tile in (None, "L", "M", "S", "T"):
+        ops.FORCE_TILE = tile
+        x, w, b = r(5, 9, 10, 4, dt=dt), r(3, 3, 4, 6, dt=dt), r(6, dt=dt)
+        y = ops.conv2d_forward(x, w, b, 2, "same")
+        ops.conv2d_backward(y, x, w, 2, "same")
+        wt = r(5, 5, 6, 4, dt=dt)
+        yt = ops.conv2d_transpose_forward(x, wt, b, 2, "same", 1)
+        ops.conv2d_transpose_backward(yt, x, wt, 2, "same", 1)
+        a, m = r(7, 13, dt=dt), r(13, 5, dt=dt)
+        ops.dense_backward(ops.dense_forward(a, m, r(5, dt=dt)), a, m)
+    ops.FORCE_TILE = None
+    z = r(4, 6, 6, 3, dt=dt)
+    for f in ("relu", "tanh", "sigmoid"):
+        getattr(ops, f + "_backward")(z, getattr(ops, f + "_forward")(z))
+    ops.leaky_relu_backward(z, ops.leaky_relu_forward(z))
+    g, be = r(3, dt=dt), r(3, dt=dt)
+    mm, mv = r(3, dt=dt), ops.asarray(np.ones(3, dt))
+    yb, mean, inv = ops.batchnorm_forward(z, g, be, mm, mv)
+    ops.batchnorm_backward(yb, z, g, mean, inv)
+    ops.bias_add_backward(ops.bias_add_forward(z, g))
+    for mode in ("host", "device"):
+        ops.set_dropout_rng(mode)
+        yd, mask = ops.dropout_forward(z, 0.3, rng)
+        ops.dropout_backward(yd, mask)
+    for kind in ("bce", "minimax", "wgan", "hinge", "lsgan"):
+        ops.gan_discriminator_loss(kind, r(9, 1, dt=dt), r(11, 1, dt=dt))
+        ops.gan_generator_loss(kind, r(11, 1, dt=dt))
+    ps = [r(3, 4, dt=dt), r(5000, dt=dt)]
+    gs, ms, vs = ([r(*p.shape, dt=dt) for p in ps] for _ in range(3))
+    ops.adam_update(ps, gs, ms, [v * v for v in vs], 1e-3, 0.9, 0.999, 1e-7, 0.1)
+    ops.sgd_update(ps, gs, ms, 1e-2, 0.9, True)
+    ops.rmsprop_update(ps, gs, [v * v for v in vs], 1e-3)
+    ops.clip_update(ps, 0.01)
+ops.synchronize()
+print("SANITIZER SCRIPT DONE")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("compute-sanitizer") is None,
+                    reason="compute-sanitizer not on PATH")
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck", "synccheck"])
+def test_compute_sanitizer_finds_no_errors(tool):
+    """Every kernel, every tile configuration, once under compute-sanitizer: out-of-bounds
+    and misaligned accesses (memcheck), shared-memory races (racecheck), barrier misuse
+    (synccheck)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    res = subprocess.run(["compute-sanitizer", f"--tool={tool}", "--error-exitcode=99",
+                          sys.executable, "-c", SANITIZER_SCRIPT], capture_output=True,
+                         text=True, env=env, cwd=REPO, timeout=1800)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0 and "SANITIZER SCRIPT DONE" in out, out[-6000:]
+    assert "ERROR SUMMARY: 0 errors" in out or "RACECHECK SUMMARY: 0 hazards" in out, \
+        out[-6000:]

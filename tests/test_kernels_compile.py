@@ -1,0 +1,966 @@
+"""The CUDA kernels without a GPU: they compile, the CuPy backend's Python parts import, and
+the kernels compute the right numbers when run in a CPU emulation of CUDA's execution model.
+
+1. Every ``kernels/*.cu`` compiles with nvcc to PTX for sm_80 and sm_90, and through ptxas to
+   machine code for sm_90 (static shared memory, registers; printed with ``-s``). Skipped only
+   when ``nvcc`` is absent.
+2. ``rawgan.backends.cupy_ops`` imports without CuPy, and ``backends.get("cupy")`` then raises
+   ``BackendUnavailable`` with a message naming what is missing.
+3. Every public op of ``numpy_ops`` exists in ``cupy_ops`` with the same parameters.
+4. The kernels RUN on the CPU: a small C++ shim (``EMU_SHIM`` below) gives CUDA C its
+   execution model -- every CUDA thread of a block is a ucontext fiber, ``__syncthreads()``
+   yields to a scheduler that resumes the block once every live thread has arrived,
+   ``__shared__`` is block-wide static storage, blocks run one after another -- and g++ builds
+   each kernel file into a shared library. A fake ``cupy`` module (NumPy arrays in host
+   memory, ``RawModule`` backed by that library, launch arguments packed exactly as CuPy packs
+   them and size-checked against the kernel's C signature) is swapped into ``cupy_ops``, so
+   the real backend code and the real kernel sources run end to end and are compared with
+   ``numpy_ops``. Outputs come from a NaN-poisoned allocator with NaN guard zones around every
+   array; a launch that writes outside its arrays fails. What the emulator cannot show: data
+   races that only a truly parallel GPU exposes, warp-level behaviour, NVRTC-specific
+   diagnostics and performance; tests/test_cupy_ops.py checks those on a real GPU.
+   Skipped when g++ is absent.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import inspect
+import math
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rawgan import backends, losses
+from rawgan.backends import cupy_ops, numpy_ops
+
+REPO = Path(__file__).resolve().parents[1]
+KERNEL_DIR = REPO / "kernels"
+ARCHS = ("sm_80", "sm_90")
+NVCC = shutil.which("nvcc")
+GXX = shutil.which("g++")
+
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH")
+needs_gxx = pytest.mark.skipif(GXX is None, reason="g++ not found on PATH (CPU emulator)")
+
+
+# ======================================================================================
+# 1. nvcc
+# ======================================================================================
+
+def test_every_kernel_file_is_known_to_the_backend():
+    on_disk = sorted(p.name for p in KERNEL_DIR.glob("*.cu"))
+    assert on_disk == sorted(cupy_ops.KERNEL_FILES)
+    headers = sorted(p.name for p in KERNEL_DIR.glob("*.cuh"))
+    assert headers == sorted(cupy_ops.KERNEL_HEADERS)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("filename", cupy_ops.KERNEL_FILES)
+def test_kernel_compiles_to_ptx(filename, arch, tmp_path):
+    cmd = [NVCC, "-std=c++17", f"-arch={arch}", "-ptx", "-I", str(KERNEL_DIR),
+           str(KERNEL_DIR / filename), "-o", str(tmp_path / "out.ptx")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stderr}"
+    ptx = (tmp_path / "out.ptx").read_text()
+    # every kernel the backend may launch is an unmangled entry point
+    for entry in re.findall(r"\.entry\s+(\w+)", ptx):
+        assert not entry.startswith("_Z"), f"{entry}: a kernel without extern \"C\""
+
+
+@needs_nvcc
+@pytest.mark.parametrize("filename", cupy_ops.KERNEL_FILES)
+def test_kernel_assembles_for_sm90(filename, tmp_path):
+    """PTX -> SASS through ptxas: catches what PTX generation lets through (shared memory
+    over the 48 KB static limit, register limits of __launch_bounds__)."""
+    cmd = [NVCC, "-std=c++17", "-arch=sm_90", "-cubin", "--resource-usage", "-I",
+           str(KERNEL_DIR), str(KERNEL_DIR / filename), "-o", str(tmp_path / "out.cubin")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stderr}"
+    smem = [int(v) for v in re.findall(r"(\d+) bytes smem", res.stderr)]
+    assert all(v <= 48 * 1024 for v in smem)
+    print(f"\n{filename}: " + "; ".join(
+        f"{k}: {r} regs" for k, r in re.findall(
+            r"Function properties for (\w+).*?Used (\d+) registers", res.stderr, re.S)))
+
+
+def test_kernel_source_inlines_headers_once():
+    for filename in cupy_ops.KERNEL_FILES:
+        src = cupy_ops.kernel_source(filename)
+        assert not re.search(r'^\s*#\s*(include\s+"|pragma\s+once)', src, re.MULTILINE)
+        assert src.count("// ---- begin common.cuh") == 1
+        assert re.search(r'extern "C" __global__', src)
+
+
+# ======================================================================================
+# 2. importing without CuPy, and the error at selection time
+# ======================================================================================
+
+def test_cupy_ops_imports_without_cupy_and_get_raises_clearly():
+    """In a fresh interpreter where ``import cupy`` fails: rawgan and cupy_ops import, CuPy is
+    not imported by them, and get("cupy") raises BackendUnavailable naming the package."""
+    code = textwrap.dedent("""
+        import importlib.abc, sys
+        class NoCupy(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "cupy" or name.startswith("cupy."):
+                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        sys.meta_path.insert(0, NoCupy())
+        import rawgan
+        from rawgan import backends
+        from rawgan.backends import cupy_ops
+        assert "cupy" not in sys.modules
+        assert cupy_ops.name == "cupy" and callable(cupy_ops.conv2d_forward)
+        try:
+            backends.get("cupy")
+        except backends.BackendUnavailable as exc:
+            print("MESSAGE:", exc)
+        else:
+            raise SystemExit("get('cupy') did not raise")
+        try:
+            cupy_ops.xp
+        except backends.BackendUnavailable:
+            print("XP: unavailable")
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    assert res.returncode == 0, res.stderr
+    msg = res.stdout.split("MESSAGE:", 1)[1].strip()
+    assert "cupy" in msg and "pip install" in msg, msg
+    assert "XP: unavailable" in res.stdout
+
+
+def _gpu_present() -> bool:
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(_gpu_present(), reason="a GPU is present: the backend is available")
+def test_get_cupy_here_raises_backend_unavailable():
+    with pytest.raises(backends.BackendUnavailable, match=r"backend 'cupy'") as info:
+        backends.get("cupy")
+    text = str(info.value)
+    assert "needs the package 'cupy'" in text or "no CUDA GPU" in text
+    with pytest.warns(UserWarning, match="NumPy"):
+        assert backends.get("auto") is numpy_ops
+
+
+# ======================================================================================
+# 3. same ops, same signatures
+# ======================================================================================
+
+def _public_ops(module) -> dict[str, inspect.Signature]:
+    return {n: inspect.signature(f) for n, f in inspect.getmembers(module, inspect.isfunction)
+            if not n.startswith("_") and f.__module__ == module.__name__}
+
+
+def test_cupy_ops_has_every_numpy_op_with_the_same_parameters():
+    ref = _public_ops(numpy_ops)
+    assert {"dense_forward", "conv2d_transpose_backward", "dropout_forward"} <= set(ref)
+    for op, sig in ref.items():
+        assert hasattr(cupy_ops, op), f"cupy_ops lacks {op}"
+        theirs = inspect.signature(getattr(cupy_ops, op))
+        want = [(p.name, p.kind, p.default) for p in sig.parameters.values()]
+        got = [(p.name, p.kind, p.default) for p in theirs.parameters.values()]
+        assert got == want, f"{op}: {theirs} != {sig}"
+    assert cupy_ops.name == "cupy"
+    for attr in ("asarray", "to_numpy", "synchronize", "check_available"):
+        assert callable(getattr(cupy_ops, attr))
+
+
+# ======================================================================================
+# 4. the CPU emulator
+# ======================================================================================
+
+EMU_SHIM = r"""
+// CPU emulation of CUDA's execution model (tests/test_kernels_compile.py).
+#include <math.h>
+#include <stdlib.h>
+#if !(defined(__x86_64__) && defined(__linux__))
+#include <ucontext.h>
+#endif
+#include <cstddef>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+struct uint3 { unsigned int x, y, z; };
+struct dim3 { unsigned int x, y, z; };
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(16) double2 { double x, y; };
+
+static uint3 threadIdx, blockIdx;
+static dim3 blockDim, gridDim;
+
+namespace rgemu {
+// A fiber switch is the hot path (every CUDA thread switches at every __syncthreads).
+// x86-64: a 12-instruction stack switch; elsewhere glibc's ucontext (slower: it makes a
+// signal-mask system call per switch).
+#if defined(__x86_64__) && defined(__linux__)
+extern "C" void rgemu_switch(void** save_sp, void* load_sp);
+asm(R"(
+    .text
+    .globl rgemu_switch
+    .hidden rgemu_switch
+    .type rgemu_switch, @function
+rgemu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size rgemu_switch, .-rgemu_switch
+)");
+struct Ctx { void* sp; };
+static void fiber_entry();
+static void trampoline() { fiber_entry(); __builtin_trap(); }
+static void ctx_make(Ctx& c, char* stack, size_t size) {
+    unsigned long long top = ((unsigned long long)(stack + size)) & ~15ull;
+    unsigned long long* sp = (unsigned long long*)top;
+    *--sp = 0;                                      // fake return address of trampoline
+    *--sp = (unsigned long long)&trampoline;        // popped by ret
+    for (int i = 0; i < 6; ++i) *--sp = 0;          // rbp rbx r12 r13 r14 r15
+    *--sp = 0x037F00001F80ull;                      // mxcsr (low), x87 control word (high)
+    c.sp = sp;
+}
+static inline void ctx_switch(Ctx& from, Ctx& to) { rgemu_switch(&from.sp, to.sp); }
+#else
+struct Ctx { ucontext_t uc; };
+static void fiber_entry();
+static void ctx_make(Ctx& c, char* stack, size_t size) {
+    getcontext(&c.uc);
+    c.uc.uc_stack.ss_sp = stack;
+    c.uc.uc_stack.ss_size = size;
+    c.uc.uc_link = nullptr;
+    makecontext(&c.uc, fiber_entry, 0);
+}
+static inline void ctx_switch(Ctx& from, Ctx& to) { swapcontext(&from.uc, &to.uc); }
+#endif
+
+struct Fiber { Ctx ctx; int state; };  // state 0 runnable, 1 at a barrier, 2 exited
+static Ctx sched;
+static std::vector<Fiber> fibers;
+static std::vector<char*> stacks;
+static const size_t STACK = 256 * 1024;
+static int current = 0;
+static void (*body_fn)(void*) = nullptr;
+static void* body_arg = nullptr;
+
+static void fiber_entry() {
+    body_fn(body_arg);
+    fibers[current].state = 2;
+    ctx_switch(fibers[current].ctx, sched);  // never resumed
+}
+inline void syncthreads() {
+    fibers[current].state = 1;
+    ctx_switch(fibers[current].ctx, sched);
+}
+// CUDA's launch limits are enforced: a launch the GPU would reject fails here too.
+static int run_grid(dim3 g, dim3 b) {
+    if (g.x < 1 || g.y < 1 || g.z < 1 || g.y > 65535 || g.z > 65535) return -2;
+    const unsigned n = b.x * b.y * b.z;
+    if (b.x < 1 || b.y < 1 || b.z < 1 || n > 1024 || b.z > 64) return -3;
+    gridDim = g;
+    blockDim = b;
+    fibers.resize(n);
+    while (stacks.size() < n) stacks.push_back((char*)malloc(STACK));
+    for (unsigned bz = 0; bz < g.z; ++bz)
+    for (unsigned by = 0; by < g.y; ++by)
+    for (unsigned bx = 0; bx < g.x; ++bx) {
+        blockIdx = {bx, by, bz};
+        for (unsigned t = 0; t < n; ++t) {
+            ctx_make(fibers[t].ctx, stacks[t], STACK);
+            fibers[t].state = 0;
+        }
+        for (;;) {  // run every runnable thread to its next barrier (or exit), then release
+            for (unsigned t = 0; t < n; ++t) {
+                if (fibers[t].state != 0) continue;
+                current = (int)t;
+                threadIdx = {t % b.x, (t / b.x) % b.y, t / (b.x * b.y)};
+                ctx_switch(sched, fibers[t].ctx);
+            }
+            int waiting = 0;
+            for (unsigned t = 0; t < n; ++t)
+                if (fibers[t].state == 1) { fibers[t].state = 0; ++waiting; }
+            if (!waiting) break;
+        }
+    }
+    return 0;
+}
+template <typename... A>
+struct Call {
+    void (*k)(A...);
+    std::tuple<A...> args;
+    static void thunk(void* p) { Call* c = (Call*)p; std::apply(c->k, c->args); }
+};
+// args[i] points at the bytes of argument i (as cuLaunchKernel's kernelParams); sizes[i] is
+// checked against sizeof of the kernel's declared parameter type.
+template <typename... A, size_t... I>
+int launch_impl(void (*k)(A...), dim3 g, dim3 b, void** args, const int* sizes, int nargs,
+                std::index_sequence<I...>) {
+    if (nargs != (int)sizeof...(A)) return -1000 - (int)sizeof...(A);
+    const int expect[] = {0, (int)sizeof(A)...};
+    for (int i = 0; i < nargs; ++i)
+        if (sizes[i] != expect[i + 1]) return -100 - i;
+    Call<A...> c{k, std::tuple<A...>(*reinterpret_cast<A*>(args[I])...)};
+    body_fn = &Call<A...>::thunk;
+    body_arg = &c;
+    return run_grid(g, b);
+}
+template <typename... A>
+int launch(void (*k)(A...), dim3 g, dim3 b, void** args, const int* sizes, int nargs) {
+    return launch_impl(k, g, b, args, sizes, nargs, std::index_sequence_for<A...>{});
+}
+}  // namespace rgemu
+"""
+
+EMU_MACROS = r"""
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+#define __restrict__ __restrict
+#define __syncthreads() rgemu::syncthreads()
+"""
+
+_EMU_LIBS: dict[str, ctypes.CDLL] = {}
+
+
+def _emu_build(source: str, cache_dir: Path) -> tuple[ctypes.CDLL, list[str]]:
+    """Compile CUDA source with the shim into a shared library; returns it and its kernels."""
+    pre = subprocess.run([GXX, "-std=c++17", "-E", "-P", "-x", "c++", "-"],
+                         input=EMU_MACROS + source, capture_output=True, text=True, check=True)
+    names = re.findall(r'extern\s+"C"\s+void\s+(\w+)\s*\(', pre.stdout)
+    reg = "\n".join(
+        f'extern "C" __attribute__((visibility("default"))) int rgemu_launch_{n}('
+        f"unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, "
+        f"void** a, const int* s, int na) {{ return rgemu::launch(&{n}, dim3{{gx, gy, gz}}, "
+        f"dim3{{bx, by, bz}}, a, s, na); }}" for n in names)
+    full = EMU_SHIM + EMU_MACROS + source + "\n" + reg + "\n"
+    digest = hashlib.sha256(full.encode()).hexdigest()[:20]
+    so = cache_dir / f"emu-{digest}.so"
+    if digest not in _EMU_LIBS:
+        if not so.exists():
+            src = cache_dir / f"emu-{digest}.cpp"
+            src.write_text(full)
+            tmp = cache_dir / f"emu-{digest}.so.tmp"
+            # hidden visibility: each library keeps its own scheduler and thread indices
+            res = subprocess.run([GXX, "-std=c++17", "-O1", "-shared", "-fPIC",
+                                  "-fvisibility=hidden", "-w", "-o", str(tmp), str(src)],
+                                 capture_output=True, text=True)
+            assert res.returncode == 0, res.stderr[-4000:]
+            tmp.replace(so)
+            src.unlink()
+            for stale in sorted(cache_dir.glob("emu-*.so"), key=lambda p: p.stat().st_mtime)[:-24]:
+                stale.unlink(missing_ok=True)  # keep the cache small across source edits
+        _EMU_LIBS[digest] = ctypes.CDLL(str(so))
+    return _EMU_LIBS[digest], names
+
+
+class _EmuKernel:
+    def __init__(self, fake: FakeCupy, lib: ctypes.CDLL, name: str) -> None:
+        self.fake, self.name = fake, name
+        self.fn = getattr(lib, f"rgemu_launch_{name}")
+        self.fn.restype = ctypes.c_int
+
+    def __call__(self, grid, block, args, shared_mem=0, stream=None):
+        bufs, sizes, arrays = [], [], []
+        for a in args:  # packed as CuPy's _pointer() packs kernel arguments
+            if a is None:
+                bufs.append(ctypes.c_void_p(0))
+                sizes.append(8)
+                continue
+            if isinstance(a, np.ndarray):
+                assert a.flags.c_contiguous, f"{self.name}: non-contiguous array argument"
+                bufs.append(ctypes.c_void_p(a.ctypes.data))
+                sizes.append(8)
+                arrays.append(a)
+                continue
+            if isinstance(a, bool):
+                a = np.bool_(a)
+            elif isinstance(a, int):
+                a = np.int64(a)
+            elif isinstance(a, float):
+                a = np.float64(a)
+            assert isinstance(a, np.generic), f"{self.name}: unsupported argument {a!r}"
+            bufs.append(ctypes.create_string_buffer(a.tobytes(), a.itemsize))
+            sizes.append(a.itemsize)
+        argv = (ctypes.c_void_p * len(bufs))(*[ctypes.addressof(b) for b in bufs])
+        szs = (ctypes.c_int * len(bufs))(*sizes)
+        grid, block = (tuple(grid) + (1, 1))[:3], (tuple(block) + (1, 1))[:3]
+        rc = self.fn(*(ctypes.c_uint(int(v)) for v in (*grid, *block)), argv, szs, len(bufs))
+        if rc <= -1000:
+            raise TypeError(f"{self.name}: {len(bufs)} arguments given, kernel takes "
+                            f"{-rc - 1000}")
+        if rc <= -100:
+            raise TypeError(f"{self.name}: argument {-rc - 100} has the wrong size "
+                            f"({sizes[-rc - 100]} bytes)")
+        if rc:
+            raise ValueError(f"{self.name}: invalid launch configuration grid={grid} "
+                             f"block={block}")
+        self.fake.launches.append(self.name)
+        for a in arrays:
+            self.fake.check_guards(a, self.name)
+
+
+class _EmuModule:
+    def __init__(self, fake: FakeCupy, code: str, options=()) -> None:
+        assert "-std=c++17" in options
+        self.fake = fake
+        self.lib, self.names = _emu_build(code, fake.cache_dir)
+
+    def get_function(self, name: str) -> _EmuKernel:
+        if name not in self.names:
+            raise AttributeError(f"no kernel named {name!r} in the module")
+        return _EmuKernel(self.fake, self.lib, name)
+
+
+class FakeCupy(types.ModuleType):
+    """Just enough of CuPy for cupy_ops, on host memory: arrays are NumPy arrays (so the
+    emulated kernels get real host pointers), allocations are NaN-poisoned and guarded."""
+
+    GUARD = 64  # elements of canary on each side of every allocation
+
+    def __init__(self, cache_dir: Path, sms: int = 2) -> None:
+        super().__init__("cupy")
+        self.cache_dir = cache_dir
+        self.ndarray = np.ndarray
+        self.launches: list[str] = []
+        self._guarded: dict[int, tuple[np.ndarray, int]] = {}
+        device = types.SimpleNamespace(attributes={"MultiProcessorCount": sms},
+                                       synchronize=lambda: None)
+        self.cuda = types.SimpleNamespace(
+            runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
+            Device=lambda *a: device,
+            get_current_stream=lambda: types.SimpleNamespace(synchronize=lambda: None))
+
+    def __getattr__(self, attr):
+        return getattr(np, attr)
+
+    def RawModule(self, code: str, options=(), **kw):  # noqa: N802 (CuPy's name)
+        return _EmuModule(self, code, options)
+
+    def _alloc(self, shape, dtype) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        shape = tuple(shape) if isinstance(shape, (tuple, list)) else (int(shape),)
+        n = math.prod(shape)
+        buf = np.empty(n + 2 * self.GUARD, dtype=dtype)
+        self._fill_canary(buf[:self.GUARD])
+        self._fill_canary(buf[self.GUARD + n:])
+        self._guarded[id(buf)] = (buf, n)
+        view = buf[self.GUARD:self.GUARD + n].reshape(shape)
+        self._fill_canary(view)  # poisoned: NaN for floats
+        return view
+
+    @staticmethod
+    def _fill_canary(a: np.ndarray) -> None:
+        if a.dtype.kind == "f":
+            a[...] = np.nan
+        else:
+            a.view(np.uint8)[...] = 0x7F
+
+    def check_guards(self, a: np.ndarray, kernel: str) -> None:
+        base = a
+        while base is not None:
+            entry = self._guarded.get(id(base))
+            if entry is not None and entry[0] is base:
+                buf, n = entry
+                ref = np.empty(self.GUARD, dtype=buf.dtype)
+                self._fill_canary(ref)
+                for zone in (buf[:self.GUARD], buf[self.GUARD + n:]):
+                    assert zone.tobytes() == ref.tobytes(), \
+                        f"{kernel} wrote outside an array of {n} elements"
+                return
+            base = base.base
+
+    def empty(self, shape, dtype=np.float64):
+        return self._alloc(shape, dtype)
+
+    def zeros(self, shape, dtype=np.float64):
+        a = self._alloc(shape, dtype)
+        a[...] = 0
+        return a
+
+    def ones(self, shape, dtype=np.float64):
+        a = self._alloc(shape, dtype)
+        a[...] = 1
+        return a
+
+    def asarray(self, a, dtype=None):
+        src = np.asarray(a, dtype=dtype)
+        out = self._alloc(src.shape, src.dtype)
+        out[...] = src
+        return out
+
+    def ascontiguousarray(self, a):
+        return self.asarray(a)
+
+    def asnumpy(self, a):
+        return np.array(a)
+
+    def get_array_module(self, *args):
+        return np
+
+
+@pytest.fixture(scope="session")
+def emu_cache(request, tmp_path_factory) -> Path:
+    """Where the emulator's libraries are built (kept across runs in pytest's cache)."""
+    if GXX is None:
+        pytest.skip("g++ not found on PATH (CPU emulator)")
+    cache = getattr(request.config, "cache", None)
+    if cache is None:  # -p no:cacheprovider
+        return tmp_path_factory.mktemp("rawgan-cuda-emulator")
+    return Path(cache.mkdir("rawgan-cuda-emulator"))
+
+
+@pytest.fixture
+def emu(emu_cache, monkeypatch):
+    """cupy_ops running on the CPU emulator; yields the fake cupy module."""
+    fake = FakeCupy(emu_cache)
+    monkeypatch.setattr(cupy_ops, "_cp", fake)
+    monkeypatch.setattr(cupy_ops, "FORCE_TILE", None)
+    monkeypatch.setattr(cupy_ops, "DROPOUT_RNG", "host")
+    cupy_ops._reset_caches()
+    yield fake
+    cupy_ops._reset_caches()
+
+
+def set_sms(fake: FakeCupy, sms: int) -> None:
+    fake.cuda.Device().attributes["MultiProcessorCount"] = sms
+    cupy_ops._device_info.clear()
+
+
+TOL = {np.float32: 1e-5, np.float64: 1e-12}
+
+
+def close(got, want, dtype, what="") -> None:
+    """‖got - want‖ / ‖want‖ under the tolerance, no NaN (DESIGN.md's standard)."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
+    assert np.all(np.isfinite(got)), f"{what}: non-finite values"
+    scale = float(np.linalg.norm(want.astype(np.float64)))
+    err = float(np.linalg.norm((got - want).astype(np.float64)))
+    assert err <= TOL[np.dtype(dtype).type] * max(scale, 1e-30), \
+        f"{what}: relative error {err / max(scale, 1e-30):.3g}"
+
+
+def rand(rng, shape, dtype):
+    return rng.standard_normal(shape).astype(dtype)
+
+
+DTYPES = (np.float32, np.float64)
+
+
+# -- GEMM ------------------------------------------------------------------------------
+
+@needs_gxx
+@pytest.mark.parametrize("tile", [None, "L", "M", "S", "T"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulated_dense_matches_numpy(emu, tile, dtype):
+    cupy_ops.FORCE_TILE = tile
+    rng = np.random.default_rng(1)
+    # odd sizes (guarded scalar loads at the borders), aligned sizes (128-bit loads), thin
+    for n, k, m in ((3, 5, 7), (70, 36, 130), (16, 64, 8), (5, 33, 1), (1, 300, 20)):
+        x, w, b, dy = (rand(rng, s, dtype) for s in ((n, k), (k, m), (m,), (n, m)))
+        X, W, B, DY = (emu.asarray(a) for a in (x, w, b, dy))
+        close(cupy_ops.dense_forward(X, W, B), numpy_ops.dense_forward(x, w, b), dtype, "y")
+        close(cupy_ops.dense_forward(X, W, None), x @ w, dtype, "y (no bias)")
+        got = cupy_ops.dense_backward(DY, X, W)
+        want = numpy_ops.dense_backward(dy, x, w)
+        for g, r, what in zip(got, want, ("dx", "dw", "db"), strict=True):
+            close(g, r, dtype, what)
+        dx, dw, db = cupy_ops.dense_backward(DY, X, W, need_dx=False)
+        assert dx is None and dw is not None
+        dx, dw, db = cupy_ops.dense_backward(DY, X, W, need_dw=False)
+        assert dw is None and db is None and dx is not None
+
+
+@needs_gxx
+def test_emulated_gemm_vector_and_scalar_paths_agree(emu):
+    """A view offset by one element is not 16-byte aligned: the scalar path must serve it."""
+    rng = np.random.default_rng(2)
+    x, w = rand(rng, (33, 65), np.float32), rand(rng, (64, 32), np.float32)
+    X = emu.asarray(x)[:, 1:]  # not contiguous -> cupy_ops makes it so (aligned)
+    base = emu.asarray(np.concatenate([[0.0], x[:, 1:].ravel()]).astype(np.float32))
+    Xu = base[1:].reshape(33, 64)  # contiguous but misaligned by 4 bytes
+    assert cupy_ops._vec(Xu, 64) == 0
+    W = emu.asarray(w)
+    close(cupy_ops.dense_forward(Xu, W, None), x[:, 1:] @ w, np.float32, "misaligned")
+    close(cupy_ops.dense_forward(X, W, None), x[:, 1:] @ w, np.float32, "strided view")
+
+
+# -- convolutions ----------------------------------------------------------------------
+
+def conv_cases(seed: int, count: int):
+    """Random conv geometries: strides 1-3, kernels 1-5, same/valid/int padding, output
+    padding for the transposed conv, odd sizes; plus the DCGAN's layer shapes at batch 2."""
+    rng = np.random.default_rng(seed)
+    cases = [
+        # (N, H, W, Cin, Cout, k, s, padding, output_padding) -- DCGAN layers (small batch)
+        (2, 28, 28, 1, 64, 5, 2, "same", None),
+        (2, 14, 14, 64, 128, 5, 2, "same", None),
+        (2, 7, 7, 256, 128, 5, 1, "same", None),
+        (2, 7, 7, 128, 64, 5, 2, "same", None),
+        (2, 14, 14, 64, 1, 5, 2, "same", None),
+    ]
+    while len(cases) < count + 5:
+        k = int(rng.integers(1, 6))
+        s = int(rng.integers(1, 4))
+        padding = [str(rng.choice(["same", "valid"])), int(rng.integers(0, k))][
+            int(rng.integers(0, 2))]
+        h, w = int(rng.integers(max(k, 2), 12)), int(rng.integers(max(k, 2), 12))
+        op = None if rng.random() < 0.5 or s == 1 else int(rng.integers(0, s))
+        cases.append((int(rng.integers(1, 4)), h, w, int(rng.choice([1, 3, 4, 8, 12])),
+                      int(rng.choice([1, 2, 4, 8, 16, 20])), k, s, padding, op))
+    return cases
+
+
+def check_conv_case(emu, case, dtype, rng) -> None:
+    n, h, w, ci, co, k, s, padding, op = case
+    # conv2d: x (n, h, w, ci) -> (n, ho, wo, co)
+    x, wt, b = rand(rng, (n, h, w, ci), dtype), rand(rng, (k, k, ci, co), dtype), \
+        rand(rng, (co,), dtype)
+    y = numpy_ops.conv2d_forward(x, wt, b, s, padding)
+    dy = rand(rng, y.shape, dtype)
+    X, WT, B, DY = (emu.asarray(a) for a in (x, wt, b, dy))
+    close(cupy_ops.conv2d_forward(X, WT, B, s, padding), y, dtype, f"conv fwd {case}")
+    got = cupy_ops.conv2d_backward(DY, X, WT, s, padding)
+    want = numpy_ops.conv2d_backward(dy, x, wt, s, padding)
+    for g, r, what in zip(got, want, ("dx", "dw", "db"), strict=True):
+        close(g, r, dtype, f"conv {what} {case}")
+    # transposed: x (n, h, w, ci) -> (n, Ho, Wo, co), kernel (k, k, co, ci)
+    try:
+        numpy_ops.conv_transpose_geometry(h, w, k, k, (s, s), padding, op)
+    except ValueError:
+        return  # no transposed conv with this geometry
+    wt_t = rand(rng, (k, k, co, ci), dtype)
+    yt = numpy_ops.conv2d_transpose_forward(x, wt_t, b, s, padding, op)
+    dyt = rand(rng, yt.shape, dtype)
+    WTT, DYT = emu.asarray(wt_t), emu.asarray(dyt)
+    close(cupy_ops.conv2d_transpose_forward(X, WTT, B, s, padding, op), yt, dtype,
+          f"convT fwd {case}")
+    got = cupy_ops.conv2d_transpose_backward(DYT, X, WTT, s, padding, op)
+    want = numpy_ops.conv2d_transpose_backward(dyt, x, wt_t, s, padding, op)
+    for g, r, what in zip(got, want, ("dx", "dw", "db"), strict=True):
+        close(g, r, dtype, f"convT {what} {case}")
+
+
+@needs_gxx
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulated_conv_matches_numpy(emu, dtype):
+    rng = np.random.default_rng(3)
+    for case in conv_cases(seed=4, count=14):
+        check_conv_case(emu, case, dtype, rng)
+
+
+@needs_gxx
+@pytest.mark.parametrize("tile", ["L", "M", "S", "T"])
+def test_emulated_conv_every_tile_and_split_k(emu, tile):
+    """Every tile configuration, and split-K weight gradients (many SMs -> S > 1)."""
+    cupy_ops.FORCE_TILE = tile
+    set_sms(emu, 64)
+    rng = np.random.default_rng(5)
+    for case in ((2, 9, 11, 4, 8, 3, 2, "same", 1), (1, 10, 10, 3, 5, 4, 3, 1, None),
+                 (2, 14, 14, 8, 4, 5, 1, "valid", None)):
+        for dtype in DTYPES:
+            check_conv_case(emu, case, dtype, rng)
+    assert any(name.startswith("splitk_reduce") for name in emu.launches)
+
+
+@needs_gxx
+def test_emulated_conv_dgrad_writes_every_input_pixel(emu):
+    """kernel 1, stride 3: most input pixels get no tap at all; their gradient must be 0 (the
+    poisoned NaN buffer is overwritten), not left unwritten."""
+    rng = np.random.default_rng(6)
+    x, w = rand(rng, (2, 7, 8, 3), np.float64), rand(rng, (1, 1, 3, 2), np.float64)
+    dy = rand(rng, numpy_ops.conv2d_forward(x, w, None, 3, "valid").shape, np.float64)
+    dx, _, _ = cupy_ops.conv2d_backward(emu.asarray(dy), emu.asarray(x), emu.asarray(w), 3,
+                                        "valid")
+    close(dx, numpy_ops.conv2d_backward(dy, x, w, 3, "valid")[0], np.float64, "dx")
+    assert np.count_nonzero(np.asarray(dx)) < dx.size // 4
+
+
+# -- elementwise, batch norm, dropout ---------------------------------------------------
+
+@needs_gxx
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulated_elementwise_matches_numpy(emu, dtype):
+    rng = np.random.default_rng(7)
+    for shape in ((3, 5), (2, 7, 7, 13), (1000,), (4, 3, 3, 64)):
+        x, dy = rand(rng, shape, dtype) * 3, rand(rng, shape, dtype)
+        X, DY = emu.asarray(x), emu.asarray(dy)
+        for alpha in (0.3, 0.0, 1.5):
+            close(cupy_ops.leaky_relu_forward(X, alpha), numpy_ops.leaky_relu_forward(x, alpha),
+                  dtype, "leaky fwd")
+            close(cupy_ops.leaky_relu_backward(DY, X, alpha),
+                  numpy_ops.leaky_relu_backward(dy, x, alpha), dtype, "leaky bwd")
+        close(cupy_ops.relu_forward(X), numpy_ops.relu_forward(x), dtype, "relu fwd")
+        close(cupy_ops.relu_backward(DY, X), numpy_ops.relu_backward(dy, x), dtype, "relu bwd")
+        for fwd, bwd in (("tanh_forward", "tanh_backward"),
+                         ("sigmoid_forward", "sigmoid_backward")):
+            y = getattr(numpy_ops, fwd)(x)
+            close(getattr(cupy_ops, fwd)(X), y, dtype, fwd)
+            close(getattr(cupy_ops, bwd)(DY, emu.asarray(y)), getattr(numpy_ops, bwd)(dy, y),
+                  dtype, bwd)
+        b = rand(rng, shape[-1:], dtype)
+        close(cupy_ops.bias_add_forward(X, emu.asarray(b)), numpy_ops.bias_add_forward(x, b),
+              dtype, "bias fwd")
+        close(cupy_ops.bias_add_backward(DY), numpy_ops.bias_add_backward(dy), dtype,
+              "bias bwd")
+    big = rand(rng, (1000,), dtype) * 200  # sigmoid without overflow
+    close(cupy_ops.sigmoid_forward(emu.asarray(big)), numpy_ops.sigmoid_forward(big), dtype,
+          "sigmoid large |x|")
+
+
+@needs_gxx
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(6, 5), (3, 4, 5, 7), (64, 40), (2, 7, 7, 33)])
+def test_emulated_batchnorm_matches_numpy(emu, dtype, shape):
+    rng = np.random.default_rng(8)
+    set_sms(emu, 8)  # several row splits
+    x = rand(rng, shape, dtype) * 2 + 1
+    c = shape[-1]
+    gamma, beta = rand(rng, (c,), dtype), rand(rng, (c,), dtype)
+    mm, mv = rand(rng, (c,), dtype), np.abs(rand(rng, (c,), dtype)) + 0.5
+    dy = rand(rng, shape, dtype)
+    for training in (True, False):
+        mm_ref, mv_ref = mm.copy(), mv.copy()
+        MM, MV = emu.asarray(mm), emu.asarray(mv)
+        got = cupy_ops.batchnorm_forward(emu.asarray(x), emu.asarray(gamma), emu.asarray(beta),
+                                         MM, MV, 0.9, 1e-3, training)
+        want = numpy_ops.batchnorm_forward(x, gamma, beta, mm_ref, mv_ref, 0.9, 1e-3, training)
+        for g, r, what in zip(got, want, ("y", "mean", "inv_std"), strict=True):
+            close(g, r, dtype, f"bn {what} training={training}")
+        close(MM, mm_ref, dtype, "moving_mean")
+        close(MV, mv_ref, dtype, "moving_variance")
+        gb = cupy_ops.batchnorm_backward(emu.asarray(dy), emu.asarray(x), emu.asarray(gamma),
+                                         got[1], got[2], training)
+        wb = numpy_ops.batchnorm_backward(dy, x, gamma, want[1], want[2], training)
+        for g, r, what in zip(gb, wb, ("dx", "dgamma", "dbeta"), strict=True):
+            close(g, r, dtype, f"bn {what} training={training}")
+
+
+@needs_gxx
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulated_dropout_host_path_is_numpy_exact(emu, dtype):
+    rng = np.random.default_rng(9)
+    x, dy = rand(rng, (4, 7, 7, 5), dtype), rand(rng, (4, 7, 7, 5), dtype)
+    y, mask = cupy_ops.dropout_forward(emu.asarray(x), 0.3, np.random.default_rng(11))
+    y_ref, mask_ref = numpy_ops.dropout_forward(x, 0.3, np.random.default_rng(11))
+    np.testing.assert_array_equal(np.asarray(mask), mask_ref)
+    np.testing.assert_array_equal(np.asarray(y), y_ref)
+    close(cupy_ops.dropout_backward(emu.asarray(dy), mask),
+          numpy_ops.dropout_backward(dy, mask_ref), dtype, "dropout bwd")
+    X = emu.asarray(x)
+    assert cupy_ops.dropout_forward(X, 0.3, rng, training=False) == (X, None)
+    assert cupy_ops.dropout_backward(X, None) is X
+
+
+MASK32 = 0xFFFFFFFF
+
+
+def philox4x32_10(ctr, key):
+    """Reference Philox-4x32-10 (Salmon et al. 2011) in Python."""
+    c, (k0, k1) = list(ctr), key
+    for _ in range(10):
+        p0, p1 = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
+        c = [((p1 >> 32) ^ c[1] ^ k0) & MASK32, p1 & MASK32,
+             ((p0 >> 32) ^ c[3] ^ k1) & MASK32, p0 & MASK32]
+        k0, k1 = (k0 + 0x9E3779B9) & MASK32, (k1 + 0xBB67AE85) & MASK32
+    return c
+
+
+def test_philox_reference_matches_random123_known_answers():
+    assert philox4x32_10([0] * 4, [0, 0]) == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    assert philox4x32_10([MASK32] * 4, [MASK32] * 2) == [0x408F276D, 0x41C83B0E, 0xA20BC7C6,
+                                                         0x6D5451FD]
+    assert philox4x32_10([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344],
+                         [0xA4093822, 0x299F31D0]) == [0xD16CFE09, 0x94FDCCEB, 0x5001E420,
+                                                      0x24126EA1]
+
+
+@needs_gxx
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulated_dropout_device_path_is_philox(emu, dtype):
+    emu_rate = 0.3
+    cupy_ops.DROPOUT_RNG = "device"
+    x = rand(np.random.default_rng(10), (3, 37), dtype)
+    y, mask = cupy_ops.dropout_forward(emu.asarray(x), emu_rate, np.random.default_rng(12))
+    seed = int(np.random.default_rng(12).integers(0, 2**63 - 1, dtype=np.int64))
+    key = [seed & MASK32, seed >> 32]
+    e = 4 if dtype == np.float32 else 2
+    u = []
+    for g in range(-(-x.size // e)):
+        c = philox4x32_10([g & MASK32, g >> 32, 0, 0], key)
+        if dtype == np.float32:
+            u += [np.float32(v >> 8) * np.float32(2.0**-24) for v in c]
+        else:
+            u += [((c[2 * q] >> 5) * 67108864.0 + (c[2 * q + 1] >> 6)) * 2.0**-53
+                  for q in range(2)]
+    u = np.array(u[:x.size], dtype=dtype).reshape(x.shape)
+    scale = dtype(1.0 / (1.0 - emu_rate))
+    want = np.where(u >= dtype(emu_rate), scale, dtype(0))
+    np.testing.assert_array_equal(np.asarray(mask), want)
+    np.testing.assert_array_equal(np.asarray(y), x * want)
+    assert 0.5 < np.count_nonzero(want) / want.size < 0.9
+
+
+# -- losses and optimizers ----------------------------------------------------------------
+
+@needs_gxx
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", losses.KINDS)
+def test_emulated_gan_losses_match_rawgan_losses(emu, kind, dtype):
+    rng = np.random.default_rng(13)
+    r, f = rand(rng, (300, 1), dtype) * 3, rand(rng, (517, 1), dtype) * 3
+    r[0, 0], f[0, 0] = 40.0, -40.0  # saturated logits stay finite
+    loss, dr, df = cupy_ops.gan_discriminator_loss(kind, emu.asarray(r), emu.asarray(f))
+    ref, ref_dr, ref_df = losses.discriminator_loss(kind, r, f)
+    assert abs(float(loss) - ref) <= 1e-5 * max(1.0, abs(ref))
+    close(dr, ref_dr, dtype, "d_real")
+    close(df, ref_df, dtype, "d_fake")
+    loss, df = cupy_ops.gan_generator_loss(kind, emu.asarray(f))
+    ref, ref_df = losses.generator_loss(kind, f)
+    assert abs(float(loss) - ref) <= 1e-5 * max(1.0, abs(ref))
+    close(df, ref_df, dtype, "g d_fake")
+
+
+def _tensors(rng, dtype, shapes=((3, 5), (7000,), (1,), (2, 2, 3, 4))):
+    return [rand(rng, s, dtype) for s in shapes]
+
+
+@needs_gxx
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_emulated_optimizers_match_rawgan_optim_rules(emu, dtype, clip):
+    rng = np.random.default_rng(14)
+    ps, gs = _tensors(rng, dtype), _tensors(rng, dtype)
+    ms = [rand(rng, p.shape, dtype) * 0.1 for p in ps]
+    vs = [np.abs(rand(rng, p.shape, dtype)) for p in ps]
+
+    def dev(arrs):
+        return [emu.asarray(a) for a in arrs]
+
+    def clipped(p):
+        return p if clip is None else np.clip(p, -clip, clip, out=p)
+
+    # Adam (rawgan.optim.Adam._update)
+    P, G, M, V = dev(ps), dev(gs), dev(ms), dev(vs)
+    cupy_ops.adam_update(P, G, M, V, 1e-2, 0.9, 0.999, 1e-7, clip)
+    for i in range(len(ps)):
+        p, g, m, v = ps[i].copy(), gs[i], ms[i].copy(), vs[i].copy()
+        m += (1.0 - 0.9) * (g - m)
+        v += (1.0 - 0.999) * (g * g - v)
+        p -= 1e-2 * m / (np.sqrt(v) + 1e-7)
+        close(M[i], m, dtype, "adam m")
+        close(V[i], v, dtype, "adam v")
+        close(P[i], clipped(p), dtype, "adam p")
+    # SGD with and without momentum / Nesterov (rawgan.optim.SGD._update)
+    for momentum, nesterov in ((0.0, False), (0.9, False), (0.9, True)):
+        P, G, M = dev(ps), dev(gs), dev(ms)
+        cupy_ops.sgd_update(P, G, M if momentum else None, 0.1, momentum, nesterov, clip)
+        for i in range(len(ps)):
+            p, g, v = ps[i].copy(), gs[i], ms[i].copy()
+            if momentum == 0.0:
+                p -= 0.1 * g
+            else:
+                v *= momentum
+                v -= 0.1 * g
+                p += (momentum * v - 0.1 * g) if nesterov else v
+                close(M[i], v, dtype, "sgd velocity")
+            close(P[i], clipped(p), dtype, f"sgd p momentum={momentum} nesterov={nesterov}")
+    # RMSprop (rawgan.optim.RMSprop._update)
+    P, G, A = dev(ps), dev(gs), dev(vs)
+    cupy_ops.rmsprop_update(P, G, A, 1e-3, 0.9, 1e-7, clip)
+    for i in range(len(ps)):
+        p, g, a = ps[i].copy(), gs[i], vs[i].copy()
+        a *= 0.9
+        a += (1.0 - 0.9) * g * g
+        p -= 1e-3 * g / (np.sqrt(a) + 1e-7)
+        close(A[i], a, dtype, "rmsprop a")
+        close(P[i], clipped(p), dtype, "rmsprop p")
+    P = dev(ps)
+    cupy_ops.clip_update(P, 0.5)
+    for i in range(len(ps)):
+        close(P[i], np.clip(ps[i], -0.5, 0.5), dtype, "clip")
+
+
+# -- bad input -------------------------------------------------------------------------
+
+@needs_gxx
+def test_emulated_ops_reject_bad_input_clearly(emu):
+    x32 = emu.asarray(np.ones((2, 3), np.float32))
+    with pytest.raises(TypeError, match="mixed dtypes"):
+        cupy_ops.dense_forward(x32, emu.asarray(np.ones((3, 4), np.float64)), None)
+    with pytest.raises(TypeError, match="CuPy arrays"):
+        cupy_ops.relu_forward([1.0, 2.0])
+    with pytest.raises(ValueError, match="do not multiply"):
+        cupy_ops.dense_forward(x32, emu.asarray(np.ones((4, 4), np.float32)), None)
+    with pytest.raises(ValueError, match="channels"):
+        cupy_ops.conv2d_forward(emu.asarray(np.ones((1, 5, 5, 2), np.float32)),
+                                emu.asarray(np.ones((3, 3, 3, 4), np.float32)), None)
+    with pytest.raises(ValueError, match="unknown loss kind"):
+        cupy_ops.gan_generator_loss("nope", emu.asarray(np.ones((2, 1), np.float32)))
+    with pytest.raises(TypeError, match="int32|float"):
+        cupy_ops.relu_forward(emu.asarray(np.ones(3, np.int32)))
+
+
+# -- a whole DCGAN training step ------------------------------------------------------------
+
+@needs_gxx
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulated_dcgan_training_steps_track_numpy(emu, dtype):
+    """Two full DCGAN steps (G and D forward/backward, BN, dropout through the host-uniform
+    path, BCE, Adam) on the emulated kernels vs the NumPy backend, same seeds."""
+    from rawgan import gan, models, optim
+
+    def run(ops):
+        G, D = models.build("dcgan", seed=3, backend=ops, dtype=dtype)
+        opt_g, opt_d = optim.Adam(G, lr=1e-4), optim.Adam(D, lr=1e-4)
+        data = np.random.default_rng(4)
+        noise = gan.gaussian_noise(np.random.default_rng(5), 100, ops=ops, dtype=dtype)
+        out = []
+        for _ in range(2):
+            real = ops.asarray(data.uniform(-1, 1, (2, 28, 28, 1)).astype(dtype))
+            s = gan.train_step(G, D, opt_g, opt_d, "bce", [real], noise)
+            out.append((s.d_loss, s.g_loss, s.d_real, s.d_fake))
+        w = {k: ops.to_numpy(v) for k, v in G.get_weights().items()}
+        return np.array(out), w
+
+    got, w_got = run(cupy_ops)
+    want, w_want = run(numpy_ops)
+    np.testing.assert_allclose(got, want, rtol=1e-4 if dtype == np.float32 else 1e-10)
+    for k in w_want:
+        close(w_got[k], w_want[k], dtype, k)
