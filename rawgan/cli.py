@@ -1,4 +1,4 @@
-"""The ``rawgan`` command: ``rawgan train``, ``rawgan sample``, ``rawgan gradcheck``.
+"""The ``rawgan`` command: ``rawgan train``, ``sample``, ``eval``, ``inspect``, ``gradcheck``.
 
 ``main(argv) -> int`` is the console-script entry point (``rawgan = "rawgan.cli:main"``).
 Exit status: 0 success, 1 a run-time error (message on stderr, no traceback), 2 a usage
@@ -57,6 +57,11 @@ _HELP: dict[str, tuple[str, str | None]] = {
     "save_every": ("save a checkpoint every N epochs (and always at the end)", "N"),
     "sample_every": ("write a sample grid every N epochs", "N"),
     "grid_size": ("images in each sample grid (fixed noise batch)", "N"),
+    "eval_every": ("score the generator every N epochs (FLD, KID and classifier score on "
+                   "rawgan's MNIST classifier; mode coverage for toy data) into "
+                   "metrics.jsonl and summary.json; 0: off", "N"),
+    "eval_samples": ("generated samples per evaluation (images: at most half of the first "
+                     "10,000 training images)", "N"),
     "seed": ("seeds weights, data order, noise and dropout: same seed + config = same "
              "losses step for step on the numpy backend", "N"),
     "backend": ("compute backend; auto tries the GPU, else numpy (with a warning)", None),
@@ -73,6 +78,7 @@ _DEFAULT_TEXT = {
     "lr_d": "1e-4; 5e-5 for --loss wgan",
     "clip_value": "0; 0.01 for --loss wgan",
     "ema": "off",
+    "eval_samples": "2000; toy data: 2500",
     "max_steps": "no limit",
     "out": "runs/MODEL-DATA",
 }
@@ -136,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  rawgan train --epochs 50                     # DCGAN on MNIST (downloads)\n"
                "  rawgan train --data-dir ~/mnist --split test --epochs 1 --out runs/t\n"
                "  rawgan train --model mlp --data ring --epochs 20\n"
+               "  rawgan train --epochs 20 --eval-every 5      # FLD, KID, score\n"
                "  rawgan train --config run.toml --lr-g 2e-4   # flags override the file\n"
                "  rawgan train --out runs/t --epochs 100 --resume",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -168,6 +175,52 @@ def build_parser() -> argparse.ArgumentParser:
                    help="enlarge each image S times (default: 1)")
     s.set_defaults(func=_cmd_sample, sub_parser=s)
 
+    e = sub.add_parser("eval", add_help=False,
+                       help="score a generator: FLD, KID, classifier score (MNIST) or mode "
+                            "coverage (toy data), with reference rows (rawgan eval --help)")
+    e.set_defaults(func=None)
+
+    i = sub.add_parser(
+        "inspect", help="train a few steps with every layer's activations and gradients "
+                        "recorded; HDF5 + plots; --compare-losses minimax,bce",
+        description="Train N steps (options as rawgan train, or --from a checkpoint) with\n"
+                    "rawgan.inspect.Recorder on: per layer and step, statistics of the\n"
+                    "activations, input gradients, parameter gradients and updates.\n"
+                    "Writes to --out (default: runs/inspect-MODEL-DATA): inspect.h5 (layout\n"
+                    "in docs/inspect.md), grad_norms.png, d_outputs.png and\n"
+                    "activations_step_NNNN.png. With --compare-losses it runs each generator\n"
+                    "loss from the same start and prints the generator's gradient norms\n"
+                    "per layer, writing inspect_LOSS.h5 and compare_losses.png.",
+        epilog="examples:\n"
+               "  rawgan inspect --model mlp --data-dir ~/mnist --split test --steps 50\n"
+               "  rawgan inspect --from runs/dcgan-mnist/checkpoint.h5 --steps 20\n"
+               "  rawgan inspect --model mlp --compare-losses minimax,bce --d-warmup 100",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    i.add_argument("--steps", type=int, default=100, metavar="N",
+                   help="training steps to record (default: 100)")
+    i.add_argument("--from", dest="from_checkpoint", type=Path, default=None,
+                   metavar="CHECKPOINT",
+                   help="continue a training checkpoint (checkpoint.h5 of a run): its "
+                        "config, weights, optimizer state and random streams; flags given "
+                        "here override its config (default: a fresh run)")
+    i.add_argument("--hist-steps", default="0,last", metavar="LIST",
+                   help="steps whose whole tensors are kept and whose activation "
+                        "histograms are drawn: comma-separated, 'last' or negative counts "
+                        "from the end (default: 0,last)")
+    i.add_argument("--compare-losses", default=None, metavar="A,B",
+                   help="run these generator losses (e.g. minimax,bce) from the same "
+                        "start and print the generator's gradient norms per layer "
+                        "(default: off)")
+    i.add_argument("--d-warmup", type=int, default=0, metavar="K",
+                   help="with --compare-losses: train the discriminator alone for K "
+                        "steps first, so it rejects the fakes as early in training "
+                        "(default: 0)")
+    i.add_argument("--config", metavar="FILE.toml", type=Path,
+                   help="TOML file with training options, as for rawgan train "
+                        "(default: none)")
+    _add_train_options(i)
+    i.set_defaults(func=_cmd_inspect, sub_parser=i)
+
     g = sub.add_parser("gradcheck", add_help=False,
                        help="finite-difference gradient checks (rawgan gradcheck --help)")
     g.set_defaults(func=None)
@@ -183,10 +236,12 @@ def _err(command: str, message: str) -> None:
     print(f"{PROG} {command}: error: {message}", file=sys.stderr)
 
 
-def _train_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
+def _train_config(args: argparse.Namespace, parser: argparse.ArgumentParser,
+                  base: dict[str, Any] | None = None, skip: frozenset[str] = frozenset()):
+    """TrainConfig from ``base`` (a checkpoint's config), then --config, then the flags."""
     from .train import TrainConfig
 
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = dict(base or {})
     if args.config is not None:
         try:
             with open(args.config, "rb") as fh:
@@ -195,16 +250,16 @@ def _train_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
             parser.error(f"--config: cannot read {args.config}: {exc.strerror or exc}")
         except tomllib.TOMLDecodeError as exc:
             parser.error(f"--config: {args.config} is not valid TOML: {exc}")
-        values = {k.replace("-", "_"): v for k, v in values.items()}
+        values = {**dict(base or {}), **{k.replace("-", "_"): v for k, v in values.items()}}
         nested = [k for k, v in values.items() if isinstance(v, dict)]
         if nested:
             parser.error(f"--config: {args.config}: tables are not supported ([{nested[0]}]); "
                          "put the options at the top level")
-    skip = {"config", "resume", "print_config", "func", "command", "sub_parser"}
+    skip = {"config", "resume", "print_config", "func", "command", "sub_parser", *skip}
     values.update({k: v for k, v in vars(args).items() if k not in skip})
     try:
         return TrainConfig.from_dict(values, source=f"--config {args.config}"
-                                     if args.config else "rawgan train")
+                                     if args.config else f"{PROG} {args.command}")
     except (ValueError, TypeError) as exc:
         parser.error(str(exc))
 
@@ -239,6 +294,12 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     if "modes_covered" in summary:
         line += (f"; modes covered {summary['modes_covered']}/{summary['n_modes']} "
                  f"(high quality {summary['high_quality']:.1%})")
+    ev = summary.get("eval")
+    if ev is not None:
+        line += ("; last eval: " + (f"FLD {ev['fld']:.3g}, KID {ev['kid']:.3g}, score "
+                                    f"{ev['score']:.3g} ({ev['n']} samples)" if "fld" in ev
+                                    else f"{ev['modes_covered']}/{ev['n_modes']} modes, "
+                                         f"{ev['high_quality']:.1%} high quality"))
     print(line)
     print(f"run folder: {summary['out']} (generator: {summary['generator']})")
     return 0
@@ -271,6 +332,90 @@ def _cmd_sample(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     return 0
 
 
+_INSPECT_ONLY = frozenset({"steps", "from_checkpoint", "hist_steps", "compare_losses",
+                           "d_warmup"})
+
+
+def _hist_steps(text: str, parser) -> list[int]:
+    out = []
+    for part in filter(None, (t.strip() for t in text.split(","))):
+        if part == "last":
+            out.append(-1)
+            continue
+        try:
+            out.append(int(part))
+        except ValueError:
+            parser.error(f"--hist-steps: {part!r} is not a step number or 'last'")
+    return out
+
+
+def _cmd_inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from . import backends, checkpoint, data, losses
+    from .inspect import compare_run, format_comparison, inspect_run
+
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+    if args.d_warmup < 0:
+        parser.error(f"--d-warmup must be >= 0, got {args.d_warmup}")
+    kinds = None
+    if args.compare_losses is not None:
+        kinds = [k.strip().lower() for k in args.compare_losses.split(",") if k.strip()]
+        bad = [k for k in kinds if k not in losses.KINDS]
+        if len(kinds) < 2 or bad or len(set(kinds)) != len(kinds):
+            parser.error(f"--compare-losses: give two or more different losses of "
+                         f"{', '.join(losses.KINDS)}, comma-separated (got "
+                         f"{args.compare_losses!r})")
+    hist = _hist_steps(args.hist_steps, parser)
+    ck = None
+    base = None
+    try:
+        if args.from_checkpoint is not None:
+            ck = checkpoint.load_checkpoint(args.from_checkpoint, kind="training")
+            base = {k: v for k, v in ck.config.items() if k != "out"}  # not the run folder
+    except (checkpoint.CheckpointError, FileNotFoundError, OSError) as exc:
+        _err("inspect", str(exc))
+        return 1
+    cfg = _train_config(args, parser, base=base, skip=_INSPECT_ONLY)
+    out = Path(cfg.out) if cfg.out else Path("runs") / f"inspect-{cfg.model}-{cfg.data}"
+    try:
+        if kinds is not None:
+            results, files = compare_run(cfg, kinds, args.steps, out, ck=ck,
+                                         d_warmup=args.d_warmup)
+            print(format_comparison(results))
+            print(f"\nwrote {', '.join(files.values())}")
+            return 0
+        summary = inspect_run(cfg, args.steps, out, ck=ck, hist_steps=hist)
+    except KeyboardInterrupt:
+        print(f"{PROG} inspect: interrupted", file=sys.stderr)
+        return 130
+    except (checkpoint.CheckpointError, backends.BackendUnavailable, data.ChecksumError,
+            data.DownloadError, FileNotFoundError, ImportError) as exc:
+        _err("inspect", str(exc))
+        return 1
+    except (ValueError, OSError) as exc:
+        _err("inspect", f"{type(exc).__name__}: {exc}")
+        return 1
+    print(f"recorded {summary['steps']} steps of {cfg.model}/{cfg.data}/{cfg.loss}: "
+          f"D(x) {summary['d_real']:.3f}, D(G(z)) {summary['d_fake']:.3f} at the last step")
+    for m in ("generator", "discriminator"):
+        norms = summary[f"{m}_grad_norms"]
+        print(f"{m} |dL/dW| per layer at the last step: " + ", ".join(
+            f"{k} {v:.3g}" for k, v in norms.items()))
+    files = summary["files"]
+    print(f"wrote {files['hdf5']}, {files['grad_norms']}, {files['d_outputs']}"
+          + "".join(f", {h}" for h in files["histograms"]))
+    return 0
+
+
+def _cmd_eval(argv: list[str]) -> int:
+    from . import metrics
+
+    try:
+        return int(metrics.main(argv) or 0)
+    except SystemExit as exc:  # --help, or a usage error (exit 2)
+        return int(exc.code or 0)
+
+
 def _cmd_gradcheck(argv: list[str]) -> int:
     try:
         from . import gradcheck
@@ -287,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     if argv and argv[0] == "gradcheck":  # its own parser handles the rest, --help included
         return _cmd_gradcheck(argv[1:])
+    if argv and argv[0] == "eval":  # rawgan.metrics.main parses the rest
+        return _cmd_eval(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

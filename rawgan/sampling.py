@@ -1,5 +1,5 @@
 """Pictures of a run: image grids (Pillow), 2-D scatter plots and loss curves (matplotlib),
-and a simple mode-coverage count for the toy mixtures.
+and the mode-coverage count of the toy mixtures (:func:`rawgan.metrics.mode_metrics`).
 
 Pillow and matplotlib are optional dependencies (``pip install 'rawgan[train]'``); they are
 imported only when a picture is written, and a missing one raises an ImportError saying so.
@@ -197,29 +197,23 @@ def save_loss_curve(path: str | os.PathLike[str], records: Iterable[Mapping],
 
 
 def mode_coverage(points: np.ndarray, centers: np.ndarray, std: float, *,
-                  n_sigma: float = 3.0, min_count: int | None = None) -> dict:
-    """How many mixture modes generated 2-D ``points`` cover.
+                  n_sigma: float = 3.0, min_count: int = 1) -> dict:
+    """How many mixture modes generated ``points`` (n, D) cover: a thin wrapper over
+    :func:`rawgan.metrics.mode_metrics`, so the sample plots and training logs of
+    ``rawgan train`` and the numbers of ``rawgan eval`` follow ONE rule.
 
-    Each point is assigned to its nearest centre; it is "high quality" when that distance is
-    under ``n_sigma * std`` (VEEGAN's rule). A mode is covered when at least ``min_count``
-    high-quality points fall on it (default: 20 per 2,500 points, PacGAN's rule, scaled
-    with the number of points, at least 1).
+    The rule (VEEGAN / PacGAN): each point goes to its nearest centre and is **high
+    quality** when that distance is under ``n_sigma * std`` (3 standard deviations); a mode
+    is **covered** when at least ``min_count`` high-quality points fall on it. The default
+    ``min_count = 1`` is the rule of the published VEEGAN and PacGAN evaluation code (with
+    2,500 samples); pass a larger one for a stricter count.
 
-    Returns ``{"modes_covered", "n_modes", "high_quality", "per_mode"}``: the covered count,
-    the number of modes, the fraction of high-quality points and the per-mode counts.
+    Returns :func:`rawgan.metrics.mode_metrics`' dict: ``modes_covered``, ``n_modes``,
+    ``high_quality`` (fraction of all points), ``reverse_kl``, ``per_mode`` (high-quality
+    count per mode), ``n_samples``, ``min_count``, ``n_sigma``.
     """
-    pts = np.asarray(points, dtype=np.float64).reshape(len(points), -1)
-    c = np.asarray(centers, dtype=np.float64)
-    if pts.shape[1] != c.shape[1]:
-        raise ValueError(f"mode_coverage: points are {pts.shape[1]}-D, centres "
-                         f"{c.shape[1]}-D")
-    if min_count is None:
-        min_count = max(1, round(20 * len(pts) / 2500))
-    d = np.linalg.norm(pts[:, None, :] - c[None, :, :], axis=-1)
-    nearest = d.argmin(axis=1)
-    good = d[np.arange(len(pts)), nearest] < n_sigma * std
-    per_mode = np.bincount(nearest[good], minlength=len(c))
-    return {"modes_covered": int((per_mode >= min_count).sum()), "n_modes": int(len(c)),
-            "high_quality": float(good.mean()) if len(pts) else 0.0,
-            "per_mode": [int(v) for v in per_mode]}
+    from .metrics import mode_metrics
 
+    pts = np.asarray(points, dtype=np.float64)
+    return mode_metrics(pts.reshape(len(pts), -1), centers, std, n_sigma=n_sigma,
+                        min_count=min_count)

@@ -13,6 +13,7 @@ The loop, per epoch::
         G_ema <- G_ema + (1 - ema) * (G - G_ema)        (if ema is set)
         append {step, epoch, d_loss, g_loss, d_real, d_fake, images_per_s} to metrics.jsonl
     write samples/epoch_NNNN.png from a fixed noise batch (every sample_every epochs)
+    append {step, epoch, eval: scores} to metrics.jsonl (every eval_every epochs, if set)
     save checkpoint.h5 (every save_every epochs)
     at the end: checkpoint.h5, generator.h5 (export), losses.png, summary.json
 
@@ -24,6 +25,14 @@ stream as it was at the start of the current epoch plus the number of steps take
 the noise stream, every layer's generator, both optimizers and the weights, so a run
 resumed from any checkpoint (end of epoch, ``max_steps``, Ctrl-C) takes exactly the steps
 an uninterrupted run takes: the same losses, bit for bit, on the NumPy backend.
+
+Evaluation (``eval_every = N``, off by default) scores the generator every N epochs with
+:func:`evaluate_run`: FLD, KID and the classifier score of :mod:`rawgan.metrics` for images,
+mode coverage (:func:`rawgan.metrics.mode_metrics`) for the toy mixtures. It samples in
+inference mode from its own noise (``seed``), so it touches no training stream and a run
+with evaluation takes the same steps as one without; the scores go to metrics.jsonl as
+``{"step", "epoch", "eval": {...}, "eval_seconds"}`` records and the last one, with the
+history, to summary.json (``eval``, ``eval_history``).
 
 Faults. A NaN / inf loss stops the run with :class:`TrainingDiverged` naming the step; the
 state is not saved, the last good checkpoint is left as it was. The first Ctrl-C finishes the
@@ -45,6 +54,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -53,6 +63,7 @@ from typing import Any
 import numpy as np
 
 from . import backends, checkpoint, data, gan, losses, models, optim
+from .metrics import SampleSizeWarning
 from .sampling import (
     mode_coverage,
     require_extras,
@@ -63,10 +74,14 @@ from .sampling import (
 
 __all__ = [
     "CHOICES",
+    "Run",
     "RunDirError",
     "TrainConfig",
     "TrainingDiverged",
+    "evaluate_run",
+    "generator_sampler",
     "read_metrics",
+    "setup_run",
     "train",
 ]
 
@@ -88,7 +103,8 @@ TOY_EVAL_POINTS = 2500  # generated points for the toy scatter plot and mode cov
 #: Config keys that may change between a run and its resumption: they set how long it runs,
 #: where and how it reports, not what it computes.
 RUN_KEYS = frozenset({"epochs", "max_steps", "save_every", "sample_every", "grid_size",
-                      "out", "progress", "backend", "data_dir", "download"})
+                      "eval_every", "eval_samples", "out", "progress", "backend", "data_dir",
+                      "download"})
 
 CHECKPOINT = "checkpoint.h5"
 GENERATOR = "generator.h5"
@@ -154,6 +170,8 @@ class TrainConfig:
     save_every: int = 10
     sample_every: int = 1
     grid_size: int = 64
+    eval_every: int = 0
+    eval_samples: int | None = None
     seed: int = 0
     backend: str = "numpy"
     out: str | None = None
@@ -182,6 +200,14 @@ class TrainConfig:
         for name in ("num_examples", "max_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (or unset), got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0 (0: off), got {self.eval_every}")
+        if self.eval_samples is not None and self.eval_samples < 2:
+            raise ValueError(f"eval_samples must be >= 2 (or unset), got {self.eval_samples}")
+        if self.eval_every and self.data == "fashion":
+            raise ValueError("eval_every: the scores use rawgan's pinned MNIST classifier, "
+                             "which means nothing for Fashion-MNIST; train on mnist (or the "
+                             "toy data) or leave eval_every at 0")
         for name in ("lr_g", "lr_d"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be a positive number, got {getattr(self, name)}")
@@ -270,6 +296,18 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict]:
             if line.strip():
                 out.append(json.loads(line))
     return out
+
+
+def _finite(obj):
+    """NaN / inf floats -> None, so a record stays strict JSON (a toy run whose samples miss
+    every mode has an undefined reverse KL)."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -402,6 +440,133 @@ def _check_out_dir(out: Path, cfg: TrainConfig, resume: bool) -> checkpoint.Chec
 
 
 # --------------------------------------------------------------------------------------
+# Building a run, and evaluating one
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """The live objects of a run, as :func:`setup_run` builds them from a config: the
+    backend ``ops``, the training data ``x``, the networks and optimizers, the data-order
+    and noise generators, the fixed noise of the sample grids, and the step geometry."""
+
+    cfg: TrainConfig
+    ops: Any
+    x: np.ndarray
+    G: Any
+    D: Any
+    ema_G: Any
+    opt_g: Any
+    opt_d: Any
+    data_rng: np.random.Generator
+    noise_rng: np.random.Generator
+    fixed_noise: np.ndarray
+    per_step: int
+    steps_per_epoch: int
+
+    @property
+    def nets(self) -> dict[str, Any]:
+        return {"generator": self.G, "discriminator": self.D,
+                **({"ema_generator": self.ema_G} if self.ema_G is not None else {})}
+
+    @property
+    def opts(self) -> dict[str, Any]:
+        return {"generator": self.opt_g, "discriminator": self.opt_d}
+
+    @property
+    def rngs(self) -> dict[str, np.random.Generator]:
+        return {"data": self.data_rng, "noise": self.noise_rng}
+
+
+def setup_run(cfg: TrainConfig) -> Run:
+    """Load the data and build the models, optimizers and random streams of ``cfg``, exactly
+    as :func:`train` starts a run (``rawgan inspect`` starts its runs with it too).
+
+    Everything is seeded by ``cfg.seed`` (see the module docstring); nothing is written.
+    """
+    ops = backends.get(cfg.backend)
+    data_ss, noise_ss, fixed_ss, toy_ss = np.random.SeedSequence(cfg.seed).spawn(4)
+    data_rng, noise_rng = np.random.default_rng(data_ss), np.random.default_rng(noise_ss)
+    x = _load_data(cfg, np.random.default_rng(toy_ss))
+    per_step = cfg.batch_size * cfg.d_steps
+    steps_per_epoch = len(x) // per_step
+    if steps_per_epoch < 1:
+        raise ValueError(f"batch_size * d_steps = {per_step} exceeds the {len(x)} training "
+                         "examples: no full step fits in an epoch")
+    n_fixed = TOY_EVAL_POINTS if cfg.data in TOY_DATA else cfg.grid_size
+    fixed_noise = np.random.default_rng(fixed_ss).standard_normal(
+        (n_fixed, cfg.noise_dim), dtype=np.float32)
+
+    G, D = models.build(cfg.model, seed=cfg.seed, backend=ops, noise_dim=cfg.noise_dim,
+                        image_shape=cfg.image_shape)
+    opt_g = _optimizer(cfg, G, cfg.lr_g, None)
+    opt_d = _optimizer(cfg, D, cfg.lr_d, cfg.clip_value or None)
+    ema_G = None
+    if cfg.ema is not None:
+        ema_G = checkpoint.build_generator(_arch(cfg), backend=ops)
+        # copies: on the NumPy backend get_weights() returns G's live arrays
+        ema_G.set_weights({k: v.copy() for k, v in G.get_weights().items()})
+    return Run(cfg=cfg, ops=ops, x=x, G=G, D=D, ema_G=ema_G, opt_g=opt_g, opt_d=opt_d,
+               data_rng=data_rng, noise_rng=noise_rng, fixed_noise=fixed_noise,
+               per_step=per_step, steps_per_epoch=steps_per_epoch)
+
+
+#: Periodic evaluation of image runs scores against at most this many training images (the
+#: first ones), which :func:`rawgan.metrics.evaluate_generator` halves: the reference half
+#: then has 5,000 images, as ``rawgan eval`` has on the 10,000 MNIST test images.
+EVAL_REAL_IMAGES = 10_000
+EVAL_IMAGES = 2000  # default generated images per periodic evaluation
+
+
+def generator_sampler(G, ops, noise_dim: int, scale: float = 1.0, batch_size: int = 500):
+    """``sample(n, seed) -> (n, *output)`` NumPy samples of ``G`` in inference mode.
+
+    The noise comes from ``numpy.random.default_rng(seed)`` (the same noise
+    :meth:`rawgan.checkpoint.GeneratorSampler.sample` draws), never from a training stream,
+    and inference mode draws no dropout mask and leaves BatchNorm's statistics alone, so
+    sampling during training changes nothing the next training step computes.
+    """
+
+    def sample(n: int, seed: int) -> np.ndarray:
+        z = np.random.default_rng(seed).standard_normal((int(n), noise_dim), dtype=np.float32)
+        out = np.concatenate([ops.to_numpy(G.forward(ops.asarray(z[i:i + batch_size]),
+                                                     training=False))
+                              for i in range(0, len(z), batch_size)])
+        return out * np.float32(scale) if scale != 1.0 else out
+
+    return sample
+
+
+def evaluate_run(cfg: TrainConfig, G, ops, x: np.ndarray) -> dict[str, Any]:
+    """The scores ``rawgan train --eval-every`` logs, of generator ``G`` (the EMA generator
+    when the run keeps one).
+
+    Toy data: :func:`rawgan.metrics.mode_metrics` of ``cfg.eval_samples`` (default 2,500,
+    the published protocol) points, in the data's own (unscaled) coordinates, with the
+    default ``min_count`` (the rule ``rawgan eval`` and the sample plots use).
+    Images: :func:`rawgan.metrics.evaluate_generator` of ``cfg.eval_samples`` (default
+    2,000; at most half the reference images) samples against the first
+    :data:`EVAL_REAL_IMAGES` training images, without the reference rows: FLD, KID (with
+    its std over subsets) and the classifier score. Both draw their noise from
+    ``seed = cfg.seed`` alone, so every evaluation of a run uses the same noise.
+    """
+    from . import metrics
+
+    if cfg.data in TOY_DATA:
+        n = cfg.eval_samples or TOY_EVAL_POINTS
+        sample = generator_sampler(G, ops, cfg.noise_dim, TOY_SCALE[cfg.data])
+        centers, std = data.toy_modes(cfg.data)
+        return metrics.mode_metrics(sample(n, cfg.seed), centers, std)
+    real = x[:EVAL_REAL_IMAGES]
+    n = min(cfg.eval_samples or EVAL_IMAGES, len(real) // 2)
+    if n < 2:
+        raise ValueError(f"eval_every: {len(real)} training images are too few to evaluate")
+    res = metrics.evaluate_generator(generator_sampler(G, ops, cfg.noise_dim), real, n=n,
+                                     seed=cfg.seed, references=False)
+    return {**res["generator"], "n_reference": res["n_reference"]}
+
+
+# --------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------
 
@@ -428,32 +593,12 @@ def train(config: TrainConfig | Mapping[str, Any] | None = None, *, resume: bool
     out = cfg.out_dir
     ck = _check_out_dir(out, cfg, resume)
 
-    ops = backends.get(cfg.backend)
-    data_ss, noise_ss, fixed_ss, toy_ss = np.random.SeedSequence(cfg.seed).spawn(4)
-    data_rng, noise_rng = np.random.default_rng(data_ss), np.random.default_rng(noise_ss)
-    x = _load_data(cfg, np.random.default_rng(toy_ss))
-    per_step = cfg.batch_size * cfg.d_steps
-    steps_per_epoch = len(x) // per_step
-    if steps_per_epoch < 1:
-        raise ValueError(f"batch_size * d_steps = {per_step} exceeds the {len(x)} training "
-                         "examples: no full step fits in an epoch")
+    run = setup_run(cfg)
+    ops, x, per_step, steps_per_epoch = run.ops, run.x, run.per_step, run.steps_per_epoch
+    G, D, ema_G, opt_g, opt_d = run.G, run.D, run.ema_G, run.opt_g, run.opt_d
+    data_rng, noise_rng, fixed_noise = run.data_rng, run.noise_rng, run.fixed_noise
+    nets, opts, rngs = run.nets, run.opts, run.rngs
     toy = cfg.data in TOY_DATA
-    n_fixed = TOY_EVAL_POINTS if toy else cfg.grid_size
-    fixed_noise = np.random.default_rng(fixed_ss).standard_normal(
-        (n_fixed, cfg.noise_dim), dtype=np.float32)
-
-    G, D = models.build(cfg.model, seed=cfg.seed, backend=ops, noise_dim=cfg.noise_dim,
-                        image_shape=cfg.image_shape)
-    opt_g = _optimizer(cfg, G, cfg.lr_g, None)
-    opt_d = _optimizer(cfg, D, cfg.lr_d, cfg.clip_value or None)
-    ema_G = None
-    if cfg.ema is not None:
-        ema_G = checkpoint.build_generator(_arch(cfg), backend=ops)
-        # copies: on the NumPy backend get_weights() returns G's live arrays
-        ema_G.set_weights({k: v.copy() for k, v in G.get_weights().items()})
-    nets = {"generator": G, "discriminator": D, **({"ema_generator": ema_G} if ema_G else {})}
-    opts = {"generator": opt_g, "discriminator": opt_d}
-    rngs = {"data": data_rng, "noise": noise_rng}
 
     step, epoch, batch_in_epoch, epoch_start_state = 0, 0, 0, None
     train_seconds = 0.0
@@ -507,7 +652,9 @@ def train(config: TrainConfig | Mapping[str, Any] | None = None, *, resume: bool
         fake = generate_fixed()
         if toy:
             centers, std = data.toy_modes(cfg.data)
-            coverage = mode_coverage(fake, centers, std)
+            with warnings.catch_warnings():  # 2,500 points: the only possible warning is
+                warnings.simplefilter("ignore", SampleSizeWarning)  # "no sample on a mode"
+                coverage = mode_coverage(fake, centers, std)
             mode_history.append({"epoch": epoch, "step": step,
                                  "modes_covered": coverage["modes_covered"],
                                  "high_quality": round(coverage["high_quality"], 4)})
@@ -518,6 +665,17 @@ def train(config: TrainConfig | Mapping[str, Any] | None = None, *, resume: bool
         else:
             save_image_grid(path, fake)
         samples.append(str(path))
+
+    def evaluate(log) -> None:
+        t0 = time.perf_counter()
+        scores = evaluate_run(cfg, sample_G, ops, x)
+        rec = {"step": step, "epoch": epoch, "eval": scores,
+               "eval_seconds": round(time.perf_counter() - t0, 3)}
+        log.write(json.dumps(_finite(rec)) + "\n")
+        log.flush()
+        _say(cfg, f"epoch {epoch}: eval " + ", ".join(
+            f"{k} {v:.4g}" for k, v in scores.items()
+            if k in ("fld", "kid", "score", "modes_covered", "high_quality", "reverse_kl")))
 
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
@@ -576,6 +734,8 @@ def train(config: TrainConfig | Mapping[str, Any] | None = None, *, resume: bool
                     batch_in_epoch = 0
                     if epoch % cfg.sample_every == 0 or epoch == cfg.epochs:
                         write_samples(f"epoch_{epoch:04d}.png")
+                    if cfg.eval_every and epoch % cfg.eval_every == 0:
+                        evaluate(log)
                     if epoch % cfg.save_every == 0:
                         save()
                     if last is not None:
@@ -600,6 +760,7 @@ def train(config: TrainConfig | Mapping[str, Any] | None = None, *, resume: bool
             bar.close()
 
     records = read_metrics(out / METRICS)
+    evals = [r for r in records if "eval" in r]
     if sampled_at["step"] != step:  # the final generator, when it was not just sampled
         write_samples(f"step_{step:08d}.png")
     loss_curve = (str(save_loss_curve(out / LOSS_CURVE, records,
@@ -619,5 +780,7 @@ def train(config: TrainConfig | Mapping[str, Any] | None = None, *, resume: bool
         summary.update(modes_covered=coverage["modes_covered"], n_modes=coverage["n_modes"],
                        high_quality=coverage["high_quality"], per_mode=coverage["per_mode"],
                        mode_history=mode_history)
+    if evals:
+        summary.update(eval=evals[-1]["eval"], eval_history=evals)
     _write_text_atomic(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
     return summary

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +58,9 @@ def test_train_help_lists_every_option_with_its_default(capsys):
 
 def test_top_level_help_and_version(capsys):
     code, out, _ = run(capsys, "--help")
-    assert code == 0 and "train" in out and "sample" in out and "gradcheck" in out
+    assert code == 0
+    for command in ("train", "sample", "eval", "inspect", "gradcheck"):
+        assert f"    {command}" in out, command
     code, out, _ = run(capsys, "--version")
     assert code == 0 and rawgan.__version__ in out
 
@@ -90,6 +93,10 @@ def test_config_file_and_flag_override(capsys, tmp_path):
     assert resolved["optimizer"] == "rmsprop" and resolved["lr_d"] == 5e-5  # wgan defaults
     code, out, _ = run(capsys, "train", "--print-config", "--max-steps", "none")
     assert code == 0 and json.loads(out)["max_steps"] is None
+    code, out, _ = run(capsys, "train", "--print-config", "--eval-every", "2",
+                       "--eval-samples", "500")
+    resolved = json.loads(out)
+    assert code == 0 and resolved["eval_every"] == 2 and resolved["eval_samples"] == 500
 
 
 @pytest.mark.parametrize("text, message", [
@@ -180,6 +187,48 @@ def test_train_runtime_error_exit_1(capsys, tmp_path):
 # --------------------------------------------------------------------------------------
 # gradcheck hand-off and the console script
 # --------------------------------------------------------------------------------------
+
+
+def test_eval_end_to_end(capsys, mnist_dir, tmp_path):
+    """`rawgan eval` hands its arguments to rawgan.metrics.main; on a tiny run trained with
+    --eval-every it prints the generator row (and the reference rows)."""
+    out = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # SampleSizeWarning: tiny sample counts
+        code, stdout, err = run(capsys, *small_args(mnist_dir, out), "--eval-every", "1",
+                                "--eval-samples", "64")
+        assert code == 0, err
+        assert "last eval: FLD" in stdout and "(64 samples)" in stdout
+        rec = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["eval"]["n"] for r in rec if "eval" in r] == [64]
+        code, stdout, err = run(capsys, "eval", str(out / "generator.h5"), "--n", "200",
+                                "--data-dir", str(mnist_dir), "--kid-subsets", "3",
+                                "--kid-subset-size", "100", "--splits", "2", "--json",
+                                str(tmp_path / "eval.json"))
+    assert code == 0, err
+    for row in ("generator", "real_vs_real", "real_vs_noise", "FLD"):
+        assert row in stdout
+    assert json.loads((tmp_path / "eval.json").read_text())["generator"]["n"] == 200
+    code, stdout, _ = run(capsys, "eval", "--help")
+    assert code == 0 and "rawgan eval" in stdout and "--kid-subsets" in stdout
+    code, _, err = run(capsys, "eval", str(out / "generator.h5"), "--n", "1")
+    assert code == 2 and "--n must be >= 2" in err
+    code, _, err = run(capsys, "eval", str(tmp_path / "missing.h5"))
+    assert code == 1 and "rawgan eval: error" in err
+
+
+def test_eval_forwards_argv(monkeypatch):
+    from rawgan import metrics
+
+    seen = {}
+
+    def fake_main(argv):
+        seen["argv"] = argv
+        return 4
+
+    monkeypatch.setattr(metrics, "main", fake_main)
+    assert main(["eval", "run/generator.h5", "--n", "10"]) == 4
+    assert seen["argv"] == ["run/generator.h5", "--n", "10"]
 
 
 def test_gradcheck_forwards_argv(monkeypatch):

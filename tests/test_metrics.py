@@ -1,5 +1,6 @@
 """Metrics: Frechet distance, KID, classifier score, toy-mode coverage, evaluation rows."""
 
+import json
 import math
 import warnings
 
@@ -262,6 +263,28 @@ def test_mode_metrics_warnings_and_errors():
         M.mode_metrics(np.zeros((300, 3)), centers, std)
     with pytest.raises(ValueError, match="NaN"):
         M.mode_metrics(np.full((300, 2), np.nan), centers, std)
+
+
+def test_sampling_mode_coverage_is_mode_metrics():
+    """One rule for the training logs (sampling.mode_coverage) and `rawgan eval`
+    (metrics.mode_metrics): the same numbers for the same points."""
+    from rawgan.sampling import mode_coverage
+
+    rng = np.random.default_rng(0)
+    for name in ("ring", "grid"):
+        centers, std = toy_modes(name)
+        pts = np.concatenate([sample_mixture(2000, rng, centers[:5], std),
+                              rng.uniform(-5, 5, (500, 2))])
+        a, b = mode_coverage(pts, centers, std), M.mode_metrics(pts, centers, std)
+        assert json.dumps(a) == json.dumps(b)  # every key, every value
+        assert mode_coverage(pts[:, None, :], centers, std)["per_mode"] == b["per_mode"]
+    # the default rule: one high-quality sample covers a mode (VEEGAN / PacGAN code), so 5
+    # of 2,500 count; a stricter min_count is an argument of both
+    centers, std = toy_modes("ring")
+    pts = np.concatenate([np.tile(centers[0], (2495, 1)), np.tile(centers[1], (5, 1))])
+    assert mode_coverage(pts, centers, std)["modes_covered"] == 2
+    assert mode_coverage(pts, centers, std, min_count=20)["modes_covered"] == 1
+    assert M.mode_metrics(pts, centers, std, min_count=20)["modes_covered"] == 1
 
 
 def test_evaluate_toy_on_the_true_mixture():
