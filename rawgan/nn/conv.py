@@ -109,8 +109,12 @@ class Conv2DTranspose(_ConvBase):
                  output_padding=None, use_bias: bool = True, **kw) -> None:
         super().__init__(filters, kernel_size, strides, padding, use_bias, **kw)
         if output_padding is not None:
-            op = pair(output_padding, "Conv2DTranspose: output_padding") \
-                if output_padding != 0 and output_padding != (0, 0) else (0, 0)
+            op = (output_padding, output_padding) if isinstance(output_padding, int) \
+                else tuple(output_padding)
+            if len(op) != 2 or not all(isinstance(p, int) and not isinstance(p, bool) and p >= 0
+                                       for p in op):
+                raise ValueError(f"Conv2DTranspose: output_padding must be a non-negative int "
+                                 f"or a pair of them, got {output_padding!r}")
             if op[0] >= self.strides[0] or op[1] >= self.strides[1]:
                 raise ValueError(f"Conv2DTranspose: output_padding {output_padding!r} must be "
                                  f"smaller than strides {self.strides}")
