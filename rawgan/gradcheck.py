@@ -329,6 +329,17 @@ def main(argv: list[str] | None = None) -> int:
                 good = err < TOLERANCE
                 ok &= good
                 print(f"{kind:<10} {name:<8} {err:9.2e}  {'pass' if good else 'FAIL'}")
+    if wanted is None or "losses" in wanted:
+        from .classifier import softmax_cross_entropy
+
+        logits = rng.standard_normal((int(rng.integers(1, 9)), 10))
+        labels = rng.integers(0, 10, size=logits.shape[0])
+        _, grad = softmax_cross_entropy(logits, labels)
+        err = relative_error(grad, numerical_gradient(
+            lambda: softmax_cross_entropy(logits, labels)[0], logits))
+        good = err < TOLERANCE
+        ok &= good
+        print(f"{'softmax_ce':<10} {'logits':<8} {err:9.2e}  {'pass' if good else 'FAIL'}")
     if not cases and wanted and "losses" not in wanted:
         p.error(f"no layer named {sorted(wanted)}")
     print("\nall gradients agree" if ok else "\nSOME GRADIENTS DISAGREE", file=sys.stderr)
