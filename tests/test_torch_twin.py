@@ -205,12 +205,13 @@ def test_conv2d(cfg):
     dx = layer.backward(dy)
 
     xt, wt, bt = leaf(x), leaf(layer.params["kernel"]), leaf(layer.params["bias"])
+    w_oihw = wt.permute(3, 2, 0, 1).contiguous()  # HWIO -> OIHW
     if isinstance(padding, str):  # TF padding: explicit (possibly asymmetric) F.pad
         xin = F.pad(nhwc_to_nchw(xt), (pl, pr, pt, pb))
-        yt = F.conv2d(xin, wt.permute(3, 2, 0, 1).contiguous(), bt, stride=(sh, sw))
+        yt = F.conv2d(xin, w_oihw, bt, stride=(sh, sw))
     else:  # integer padding: torch's own symmetric padding argument
         pads = padding if isinstance(padding, tuple) else (padding, padding)
-        yt = F.conv2d(nhwc_to_nchw(xt).contiguous(), wt.permute(3, 2, 0, 1).contiguous(), bt, stride=(sh, sw),
+        yt = F.conv2d(nhwc_to_nchw(xt).contiguous(), w_oihw, bt, stride=(sh, sw),
                       padding=pads)
     yt = nchw_to_nhwc(yt)
     gx, gw, gb = torch_grads(yt, dy, xt, wt, bt)
@@ -228,9 +229,39 @@ def test_conv2d_kernel_larger_than_valid_input_is_refused():
 # --------------------------------------------------------------------------- conv2d transpose
 
 
+def _tconv_param(n, h, w, ci, co, k, s, padding, op):
+    """A pytest.param for one transposed-conv config, or None where it is not valid."""
+    (kh, kw), (sh, sw) = k, s
+    ho = keras_deconv_length(h, kh, sh, padding, op, 0)
+    wo = keras_deconv_length(w, kw, sw, padding, op, 1)
+    if ho < 1 or wo < 1:
+        return None
+    # the adjoint conv (same padding mode) must map (ho, wo) back to (h, w)
+    ph, pw = axis_pads(ho, kh, sh, padding, 0), axis_pads(wo, kw, sw, padding, 1)
+    if ho + sum(ph) < kh or wo + sum(pw) < kw:
+        return None
+    if ((ho + sum(ph) - kh) // sh + 1, (wo + sum(pw) - kw) // sw + 1) != (h, w):
+        return None
+    cfg = dict(n=n, h=h, w=w, ci=ci, co=co, k=k, s=s, padding=padding, op=op, ho=ho, wo=wo,
+               pt=ph[0], pl=pw[0])
+    name = f"n{n}-{h}x{w}-c{ci}>{co}-k{kh}x{kw}-s{sh}x{sw}-{padding}-op{op}"
+    return pytest.param(cfg, id=name.replace(" ", ""))
+
+
 def _tconv_configs(count: int, seed: int):
+    out = [  # hand-picked: the seeds' layers, and output_padding past the "full" output
+        _tconv_param(2, 7, 7, 3, 2, (5, 5), (1, 1), "same", None),
+        _tconv_param(2, 7, 7, 3, 2, (5, 5), (2, 2), "same", None),
+        _tconv_param(2, 7, 6, 2, 3, (5, 5), (2, 2), "same", (1, 1)),
+        _tconv_param(1, 4, 5, 2, 2, (3, 3), (2, 2), 0, (1, 1)),
+        _tconv_param(2, 3, 4, 2, 1, (2, 2), (3, 3), 0, (2, 2)),
+        _tconv_param(2, 5, 4, 1, 2, (4, 3), (3, 2), "valid", (2, 1)),
+        _tconv_param(1, 4, 4, 2, 2, (4, 4), (2, 2), 1, (1, 1)),
+        _tconv_param(1, 3, 5, 2, 3, (4, 2), (2, 2), "same", None),
+        _tconv_param(2, 4, 3, 2, 2, (3, 3), (2, 2), "valid", (1, 0)),  # a 0 in the pair
+    ]
+    assert all(p is not None for p in out)
     rng = np.random.default_rng(seed)
-    out = []
     while len(out) < count:
         n = int(rng.integers(1, 4))
         h, w = (int(v) for v in rng.integers(1, 8, size=2))
@@ -243,26 +274,9 @@ def _tconv_configs(count: int, seed: int):
         op = None
         if rng.random() < 0.4:
             op = (int(rng.integers(0, sh)), int(rng.integers(0, sw)))
-        ho = keras_deconv_length(h, kh, sh, padding, op, 0)
-        wo = keras_deconv_length(w, kw, sw, padding, op, 1)
-        if ho < 1 or wo < 1:
-            continue
-        # the adjoint conv (same padding mode) must map (ho, wo) back to (h, w)
-        ph, pw = axis_pads(ho, kh, sh, padding, 0), axis_pads(wo, kw, sw, padding, 1)
-        if ho + sum(ph) < kh or wo + sum(pw) < kw:
-            continue
-        if ((ho + sum(ph) - kh) // sh + 1, (wo + sum(pw) - kw) // sw + 1) != (h, w):
-            continue
-        cfg = dict(n=n, h=h, w=w, ci=ci, co=co, k=(kh, kw), s=(sh, sw), padding=padding,
-                   op=op, ho=ho, wo=wo, pt=ph[0], pl=pw[0])
-        name = f"n{n}-{h}x{w}-c{ci}>{co}-k{kh}x{kw}-s{sh}x{sw}-{padding}-op{op}"
-        marks = []
-        if op is not None and 0 in op and op != (0, 0):
-            marks = [pytest.mark.xfail(
-                raises=ValueError, strict=False,
-                reason="rawgan bug: Conv2DTranspose rejects output_padding pairs holding a 0, "
-                       "e.g. (1, 0): pair() demands positive entries")]
-        out.append(pytest.param(cfg, id=name.replace(" ", ""), marks=marks))
+        param = _tconv_param(n, h, w, ci, co, (kh, kw), (sh, sw), padding, op)
+        if param is not None:
+            out.append(param)
     return out
 
 
@@ -288,7 +302,8 @@ def test_conv2d_transpose(cfg):
     # torch: the "full" transposed conv ((H - 1) * s + k rows), zero-extended where the
     # output runs past it (output_padding), cropped to rows [pt, pt + Ho), cols [pl, pl + Wo)
     xt, wt, bt = leaf(x), leaf(layer.params["kernel"]), leaf(layer.params["bias"])
-    full = F.conv_transpose2d(nhwc_to_nchw(xt), wt.permute(3, 2, 0, 1).contiguous(), None, stride=(sh, sw))
+    w_iohw = wt.permute(3, 2, 0, 1).contiguous()  # (kh, kw, c_out, c_in) -> (c_in, c_out, kh, kw)
+    full = F.conv_transpose2d(nhwc_to_nchw(xt), w_iohw, None, stride=(sh, sw))
     hf, wf = full.shape[2], full.shape[3]
     assert (hf, wf) == ((cfg["h"] - 1) * sh + kh, (cfg["w"] - 1) * sw + kw)
     full = F.pad(full, (0, max(pl + wo - wf, 0), 0, max(pt + ho - hf, 0)))
@@ -302,7 +317,7 @@ def test_conv2d_transpose(cfg):
     # integer paddings are PyTorch's own convention: its padding/output_padding agree too
     if not isinstance(padding, str):
         pads = padding if isinstance(padding, tuple) else (padding, padding)
-        yt2 = F.conv_transpose2d(nhwc_to_nchw(xt), wt.permute(3, 2, 0, 1).contiguous(), bt, stride=(sh, sw),
+        yt2 = F.conv_transpose2d(nhwc_to_nchw(xt), w_iohw, bt, stride=(sh, sw),
                                  padding=pads, output_padding=op or 0)
         close(y, nchw_to_nhwc(yt2), what="y vs torch padding/output_padding")
 
