@@ -63,12 +63,15 @@ def critic_step(G: Sequential, D: Sequential, opt_d, kind: str, real, z) -> tupl
     n = real.shape[0]
     D.zero_grad()
     if _has_batchnorm(D):
+        # two separate passes, each backward right after its own forward (the layer caches
+        # hold one batch); the loss is a sum of a real-only and a fake-only term, so the
+        # gradient w.r.t. the real logits does not depend on the fake ones and vice versa
         real_logits = D.forward(real, training=True)
-        fake_logits = D.forward(fake, training=True)
-        d_loss, d_r, d_f = losses.discriminator_loss(kind, real_logits, fake_logits)
-        D.backward(d_f, input_grad=False)
-        D.forward(real, training=True)
+        d_r = losses.discriminator_loss(kind, real_logits, real_logits[:1])[1]
         D.backward(d_r, input_grad=False)
+        fake_logits = D.forward(fake, training=True)
+        d_loss, _, d_f = losses.discriminator_loss(kind, real_logits, fake_logits)
+        D.backward(d_f, input_grad=False)
     else:
         xp = D.ops.xp
         logits = D.forward(xp.concatenate([real, fake]), training=True)

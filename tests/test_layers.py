@@ -272,3 +272,23 @@ def test_backend_selection():
 def test_unknown_model():
     with pytest.raises(ValueError, match="unknown model 'vae'"):
         models.build("vae")
+
+
+def test_critic_step_with_batchnorm_in_d_runs_each_batch_once():
+    """A D with batch norm sees the real batch once and the fake batch once per critic step
+    (two moving-statistics updates), and its gradient equals the sum of both passes'."""
+    from rawgan import gan, optim
+
+    G = models.build("mlp", seed=0, dtype=np.float64)[0]
+    D = Sequential([Flatten(), Dense(8), BatchNormalization(momentum=0.5), LeakyReLU(),
+                    Dense(1)], seed=1)
+    D.build((None, 28, 28, 1), np.float64)
+    real = RNG.uniform(-1, 1, (6, 28, 28, 1))
+    z = RNG.standard_normal((6, 100))
+    bn = D.layers[2]
+    fake = G.forward(z, training=True)
+    h_real = D.layers[1].forward(D.layers[0].forward(real)).mean(0)
+    h_fake = D.layers[1].forward(D.layers[0].forward(fake)).mean(0)
+    gan.critic_step(G, D, optim.SGD(D, lr=1e-12), "bce", real, z)
+    np.testing.assert_allclose(bn.params["moving_mean"], 0.25 * h_real + 0.5 * h_fake,
+                               rtol=1e-6)
