@@ -224,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("gradcheck", add_help=False,
                        help="finite-difference gradient checks (rawgan gradcheck --help)")
     g.set_defaults(func=None)
+    b = sub.add_parser("bench", add_help=False,
+                       help="benchmark the ops and the training step against PyTorch and the "
+                            "measured ceilings (rawgan bench --help)")
+    b.set_defaults(func=None)
     return parser
 
 
@@ -434,6 +438,10 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_gradcheck(argv[1:])
     if argv and argv[0] == "eval":  # rawgan.metrics.main parses the rest
         return _cmd_eval(argv[1:])
+    if argv and argv[0] == "bench":  # rawgan.bench.main parses the rest, --help included
+        from . import bench
+
+        return int(bench.main(argv[1:]) or 0)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
