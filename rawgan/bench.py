@@ -922,15 +922,11 @@ def _jsonable(o):
 
 
 def write_json(result: dict, path: Path) -> None:
-    """Write atomically (a temporary file renamed over the target)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    """Write atomically (``checkpoint.atomic_write``: a temporary file renamed over the target)."""
+    from .checkpoint import atomic_write
+
+    with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(result, indent=1, default=_jsonable) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def load_result(path: Path) -> dict:

@@ -40,10 +40,9 @@ class StepStats:
     d_fake: float
 
 
-def _mean_output(kind: str, logits) -> float:
+def _mean_output(kind: str, logits, ops) -> float:
     if kind in ("bce", "minimax"):
-        e = np.exp(-np.abs(logits))
-        return float(np.where(logits >= 0, 1 / (1 + e), e / (1 + e)).mean())
+        return float(ops.sigmoid_forward(logits).mean())  # D(x) as a probability
     return float(logits.mean())
 
 
@@ -109,8 +108,8 @@ def train_step(G: Sequential, D: Sequential, opt_g, opt_d, kind: str, reals: Seq
         d_loss, real_logits, fake_logits, fake = critic_step(
             G, D, opt_d, kind, real, noise(real.shape[0]))
     g_loss, _ = generator_step(G, D, opt_g, kind, fake)
-    return StepStats(d_loss=d_loss, g_loss=g_loss, d_real=_mean_output(kind, real_logits),
-                     d_fake=_mean_output(kind, fake_logits))
+    return StepStats(d_loss=d_loss, g_loss=g_loss, d_real=_mean_output(kind, real_logits, D.ops),
+                     d_fake=_mean_output(kind, fake_logits, D.ops))
 
 
 def gaussian_noise(rng: np.random.Generator, noise_dim: int, ops=None, dtype=np.float32
