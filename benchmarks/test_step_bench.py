@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 from rawgan import backends, bench
-from rawgan.backends import numpy_ops
 
 bs = bench.load_script("bench_step")
 
@@ -70,26 +69,19 @@ def test_matmul_ceiling(benchmark, backend, size):
     _rate(benchmark, flop / 1e9, "gflops")
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_copy_bandwidth(benchmark, backend, threads):
+def test_copy_bandwidth(benchmark, backend):
     ops = backends.get(backend)
-    if threads == 2 and ops is not numpy_ops:
-        pytest.skip("the two-thread copy is numpy_ops.in_halves (CPU only)")
     src = ops.asarray(np.ones((256, 1 << 17), dtype=np.float32))  # 128 MiB
     dst = ops.xp.empty_like(src)
 
     def fn():
-        if threads == 2:
-            numpy_ops.in_halves(lambda lo, hi: np.copyto(dst[lo:hi], src[lo:hi]),
-                                src.shape[0], src.size)
-        else:
-            ops.xp.copyto(dst, src)
+        ops.xp.copyto(dst, src)
         ops.synchronize()
 
     fn()
     moved = 2 * src.nbytes
     benchmark.group = "ceiling: copy bandwidth"
-    benchmark.extra_info.update({"backend": backend, "threads": threads, "bytes": moved,
+    benchmark.extra_info.update({"backend": backend, "bytes": moved,
                                  "formula": "2 x array bytes (read + write)"})
     benchmark(fn)
     _rate(benchmark, moved / 1e9, "gbps")

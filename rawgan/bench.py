@@ -48,8 +48,8 @@ FLOP and byte counts (2 FLOP per multiply-accumulate, float32 = 4 bytes):
 
 Ceilings, measured in the same run: the float32 matmul throughput of the backend's array
 module (``xp.matmul`` on square matrices; NumPy/BLAS on the CPU, cuBLAS on a GPU) and the copy
-bandwidth (``copyto`` of an array far larger than the cache; on the CPU also split over the
-two threads numpy_ops uses; bytes = 2 x size, read + write), both from the fastest call. Each
+bandwidth (``copyto`` of an array far larger than the cache; bytes = 2 x size, read + write),
+both from the fastest call. Each
 row shows its GFLOP/s as a % of the matmul ceiling, or its GB/s as a % of the copy bandwidth.
 
 Reference: PyTorch (when installed) on the same device, the same op and shapes, timed in the
@@ -229,7 +229,7 @@ def _openblas():
 
 
 def set_threads(n: int) -> tuple[object, list[str]]:
-    """Run BLAS (OpenBLAS), PyTorch and numpy_ops' batch halves on ``n`` threads; returns
+    """Run BLAS (OpenBLAS) and PyTorch on ``n`` threads; returns
     ``(undo, notes)``: ``undo()`` restores the previous settings."""
     undos, notes = [], []
     blas = _openblas()
@@ -240,9 +240,6 @@ def set_threads(n: int) -> tuple[object, list[str]]:
         before = getter()
         setter(n)
         undos.append(lambda: setter(before))
-    halves_before = numpy_ops.in_halves.threads
-    numpy_ops.in_halves.threads = max(1, min(2, n))
-    undos.append(lambda: setattr(numpy_ops.in_halves, "threads", halves_before))
     torch = _torch()
     if torch is not None:
         torch_before = torch.get_num_threads()
@@ -682,9 +679,6 @@ def measure_ceilings(ops, sync, budget: Budget, h, quick: bool, torch_device) ->
     src = ops.asarray(rng.standard_normal((256, elems // 256), dtype=np.float32))
     dst = xp.empty_like(src)
     copies = {"copyto": lambda: xp.copyto(dst, src)}
-    if ops is numpy_ops:
-        copies["copyto, 2 threads (numpy_ops.in_halves)"] = lambda: numpy_ops.in_halves(
-            lambda lo, hi: np.copyto(dst[lo:hi], src[lo:hi]), src.shape[0], src.size)
     for name, fn in copies.items():
         t = measure(fn, sync, b, h)
         moved = 2 * src.size * ITEMSIZE
@@ -1289,7 +1283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-time", type=float, default=0.25, metavar="SECONDS",
                    help="time each row for at least this long (default 0.25)")
     p.add_argument("--threads", type=int, default=None, metavar="T",
-                   help="threads for OpenBLAS, PyTorch and numpy_ops' batch halves, both sides "
+                   help="threads for OpenBLAS and PyTorch, both sides "
                         "alike (default: as the environment sets them, else every core)")
     p.add_argument("--torch-layout", choices=("best", "nchw", "channels_last"), default="best",
                    help="PyTorch CPU reference layout; best: time both, use the faster")

@@ -17,7 +17,6 @@ Notation in the docstrings: ``N`` batch, ``H, W`` spatial size, ``C`` channels,
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -75,38 +74,6 @@ class _Workspace:
 
 
 workspace = _Workspace()
-
-
-class _Halves:
-    """Run ``fn(lo, hi)`` on the two halves of a batch in two threads.
-
-    BLAS already uses every core for the GEMMs; the rest of a conv (im2col copies, the
-    scatter-adds of backward-data) and the elementwise ops are NumPy loops on ONE core.
-    NumPy releases the GIL inside those loops, so splitting the batch in two and running
-    the halves in threads keeps both cores busy. Small arrays run inline (no thread cost).
-    """
-
-    MIN_ELEMENTS = 1 << 17
-
-    def __init__(self) -> None:
-        self._pool = None
-        self.threads = max(1, min(2, os.cpu_count() or 1))
-
-    def __call__(self, fn, n: int, size: int) -> None:
-        if self.threads < 2 or n < 2 or size < self.MIN_ELEMENTS:
-            fn(0, n)
-            return
-        if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._pool = ThreadPoolExecutor(2, thread_name_prefix="rawgan")
-        half = n // 2
-        future = self._pool.submit(fn, half, n)
-        fn(0, half)
-        future.result()
-
-
-in_halves = _Halves()
 
 
 # --------------------------------------------------------------------------------------
@@ -274,7 +241,7 @@ def _group_cols(x: np.ndarray, g, stride, pads: Pads, tag: str = "cols") -> np.n
     view = as_strided(base, shape=shape, strides=(s0, s1 * sh, s2 * sw, s1, s2, s3),
                       writeable=False)
     cols = workspace.get(tag, shape, x.dtype)
-    in_halves(lambda lo, hi: np.copyto(cols[lo:hi], view[lo:hi]), n, cols.size)
+    np.copyto(cols, view)
     return cols.reshape(n * shape[1] * shape[2], -1)
 
 
@@ -362,16 +329,12 @@ def _conv_scatter(dy: np.ndarray, w: np.ndarray, x_shape, stride, pads: Pads) ->
         np.matmul(_block(dy, g), w[a0:a1, b0:b1].reshape(-1, co).T, out=dcols)
         d6 = dcols.reshape(n, ni, nj, a1 - a0, b1 - b0, ci)
 
-        def scatter(lo, hi, g=g, d6=d6, ni=ni, nj=nj):
-            i0, i1, a0, a1, j0, j1, b0, b1 = g
-            for a in range(a0, a1):
-                r = i0 * sh - pt + a
-                for b in range(b0, b1):
-                    c = j0 * sw - pl + b
-                    dx[lo:hi, r:r + sh * (ni - 1) + 1:sh, c:c + sw * (nj - 1) + 1:sw, :] += \
-                        d6[lo:hi, :, :, a - a0, b - b0, :]
-
-        in_halves(scatter, n, d6.size)
+        for a in range(a0, a1):
+            r = i0 * sh - pt + a
+            for b in range(b0, b1):
+                c = j0 * sw - pl + b
+                dx[:, r:r + sh * (ni - 1) + 1:sh, c:c + sw * (nj - 1) + 1:sw, :] += \
+                    d6[:, :, :, a - a0, b - b0, :]
     return dx
 
 
@@ -526,14 +489,8 @@ def leaky_relu_forward(x: np.ndarray, alpha: float = 0.3) -> np.ndarray:
     alpha = float(alpha)
     if not 0.0 <= alpha <= 1.0:
         return np.where(x > 0, x, alpha * x)
-    y = np.empty_like(x)
-
-    def run(lo, hi):  # max(x, alpha x): one pass, no mask
-        np.multiply(x[lo:hi], alpha, out=y[lo:hi])
-        np.maximum(x[lo:hi], y[lo:hi], out=y[lo:hi])
-
-    in_halves(run, x.shape[0], x.size)
-    return y
+    y = np.multiply(x, alpha)
+    return np.maximum(x, y, out=y)  # max(x, alpha x): no mask
 
 
 def leaky_relu_backward(dy: np.ndarray, x: np.ndarray, alpha: float = 0.3) -> np.ndarray:
@@ -543,17 +500,12 @@ def leaky_relu_backward(dy: np.ndarray, x: np.ndarray, alpha: float = 0.3) -> np
     4x faster than ``np.where(x > 0, dy, alpha * dy)``.
     """
     alpha = float(alpha)
-    dx = np.empty_like(dy)
-
-    def run(lo, hi):
-        slope = dx[lo:hi]
-        np.greater(x[lo:hi], 0, out=slope, casting="unsafe")  # 1.0 / 0.0
-        slope *= 1.0 - alpha
-        slope += alpha
-        slope *= dy[lo:hi]
-
-    in_halves(run, dy.shape[0], dy.size)
-    return dx
+    slope = np.empty_like(dy)
+    np.greater(x, 0, out=slope, casting="unsafe")  # 1.0 / 0.0
+    slope *= 1.0 - alpha
+    slope += alpha
+    slope *= dy
+    return slope
 
 
 def relu_forward(x: np.ndarray) -> np.ndarray:
@@ -665,25 +617,12 @@ def dropout_forward(x: np.ndarray, rate: float, rng: np.random.Generator,
     """
     if not training or rate == 0.0:
         return x, None
-    mask = rng.random(x.shape, dtype=x.dtype)  # drawn in one thread: reproducible
-    y = np.empty_like(x)
-    scale = 1.0 / (1.0 - rate)
-
-    def run(lo, hi):
-        m = mask[lo:hi]
-        np.greater_equal(m, rate, out=m, casting="unsafe")  # u >= rate -> 1.0, else 0.0
-        m *= scale
-        np.multiply(x[lo:hi], m, out=y[lo:hi])
-
-    in_halves(run, x.shape[0], x.size)
-    return y, mask
+    mask = rng.random(x.shape, dtype=x.dtype)
+    np.greater_equal(mask, rate, out=mask, casting="unsafe")  # u >= rate -> 1.0, else 0.0
+    mask *= 1.0 / (1.0 - rate)
+    return x * mask, mask
 
 
 def dropout_backward(dy: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     """dL/dx = dy * mask (the same mask, scale included, as the forward)."""
-    if mask is None:
-        return dy
-    dx = np.empty_like(dy)
-    in_halves(lambda lo, hi: np.multiply(dy[lo:hi], mask[lo:hi], out=dx[lo:hi]),
-              dy.shape[0], dy.size)
-    return dx
+    return dy if mask is None else dy * mask
