@@ -504,8 +504,7 @@ def setup_run(cfg: TrainConfig) -> Run:
     ema_G = None
     if cfg.ema is not None:
         ema_G = checkpoint.build_generator(_arch(cfg), backend=ops)
-        # copies: on the NumPy backend get_weights() returns G's live arrays
-        ema_G.set_weights({k: v.copy() for k, v in G.get_weights().items()})
+        ema_G.set_weights(G.get_weights())  # get_weights/set_weights copy: no aliasing
     return Run(cfg=cfg, ops=ops, x=x, G=G, D=D, ema_G=ema_G, opt_g=opt_g, opt_d=opt_d,
                data_rng=data_rng, noise_rng=noise_rng, fixed_noise=fixed_noise,
                per_step=per_step, steps_per_epoch=steps_per_epoch)

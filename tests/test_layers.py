@@ -292,3 +292,14 @@ def test_critic_step_with_batchnorm_in_d_runs_each_batch_once():
     gan.critic_step(G, D, optim.SGD(D, lr=1e-12), "bce", real, z)
     np.testing.assert_allclose(bn.params["moving_mean"], 0.25 * h_real + 0.5 * h_fake,
                                rtol=1e-6)
+
+
+def test_get_and_set_weights_copy_never_alias():
+    m = Sequential([Dense(2)], seed=0, input_shape=(3,))
+    w = m.get_weights()
+    w["dense/kernel"][...] = 7.0  # editing the returned dict leaves the model alone
+    assert not (m.layers[0].params["kernel"] == 7.0).any()
+    src = {k: v.copy() for k, v in m.get_weights().items()}
+    m.set_weights(src)
+    src["dense/kernel"][...] = 9.0  # and the model does not hold the caller's arrays
+    assert not (m.layers[0].params["kernel"] == 9.0).any()
