@@ -65,8 +65,20 @@ _HELP: dict[str, tuple[str, str | None]] = {
     "seed": ("seeds weights, data order, noise and dropout: same seed + config = same "
              "losses step for step on the numpy backend", "N"),
     "backend": ("compute backend; auto tries the GPU, else numpy (with a warning)", None),
+    "dtype": ("floating-point type of the weights, data and noise (float64: for exact "
+              "comparisons; the numpy backend runs both)", None),
     "out": ("run folder for checkpoints, samples, metrics.jsonl, losses.png", "RUN_DIR"),
     "progress": ("show a progress bar and per-epoch lines (the bar only on a terminal)", None),
+    "distributed": ("data-parallel training on the ranks of an MPI job: mpiexec -n N rawgan "
+                    "train --distributed ... (needs mpi4py and an MPI: pip install mpi4py "
+                    "mpich); each rank computes on batch-size / N rows of every batch, "
+                    "gradients are averaged, rank 0 writes; NCCL for --backend cupy", None),
+    "sync_batchnorm": ("with --distributed: batch norm uses the whole global batch's "
+                       "statistics (two all-reduces per layer and step); off: each rank's "
+                       "own rows", None),
+    "collective_timeout": ("with --distributed: seconds a rank waits in one all-reduce or "
+                           "broadcast before it reports the step and ends the job (a rank "
+                           "died or hangs)", "S"),
 }
 
 _DEFAULT_TEXT = {
@@ -144,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  rawgan train --model mlp --data ring --epochs 20\n"
                "  rawgan train --epochs 20 --eval-every 5      # FLD, KID, score\n"
                "  rawgan train --config run.toml --lr-g 2e-4   # flags override the file\n"
-               "  rawgan train --out runs/t --epochs 100 --resume",
+               "  rawgan train --out runs/t --epochs 100 --resume\n"
+               "  mpiexec -n 2 rawgan train --distributed --epochs 5   # data-parallel",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--config", metavar="FILE.toml", type=Path,
                    help="TOML file with any of the options below as top-level keys "
@@ -270,6 +283,7 @@ def _train_config(args: argparse.Namespace, parser: argparse.ArgumentParser,
 
 def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from . import backends, checkpoint, data
+    from .distributed import PeerError
     from .train import RunDirError, TrainingDiverged, train
 
     cfg = _train_config(args, parser)
@@ -278,17 +292,22 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         return 0
     try:
         summary = train(cfg, resume=args.resume)
-    except KeyboardInterrupt:
-        print(f"{PROG} train: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        if getattr(exc, "rawgan_rank", 0) == 0:
+            print(f"{PROG} train: interrupted", file=sys.stderr)
         return 130
     except (RunDirError, TrainingDiverged, checkpoint.CheckpointError,
             backends.BackendUnavailable, data.ChecksumError, data.DownloadError,
-            FileNotFoundError, ImportError) as exc:
-        _err("train", str(exc))
+            FileNotFoundError, ImportError, PeerError) as exc:
+        if getattr(exc, "rawgan_rank", 0) == 0:  # the other ranks raised the same error
+            _err("train", str(exc))
         return 1
-    except (ValueError, OSError) as exc:
-        _err("train", f"{type(exc).__name__}: {exc}")
+    except (ValueError, OSError, RuntimeError) as exc:
+        if getattr(exc, "rawgan_rank", 0) == 0:
+            _err("train", f"{type(exc).__name__}: {exc}")
         return 1
+    if summary.get("rank", 0) != 0:  # a distributed run's other ranks: rank 0 reports
+        return 0
     line = (f"{summary['stopped']}: {summary['steps']} steps, {summary['epochs_completed']} "
             f"epochs in {summary['seconds']:.1f} s")
     if summary.get("images_per_s"):
@@ -299,6 +318,9 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         line += (f"; modes covered {summary['modes_covered']}/{summary['n_modes']} "
                  f"(high quality {summary['high_quality']:.1%})")
     ev = summary.get("eval")
+    if summary.get("ranks"):
+        line += (f"; {summary['ranks']} ranks, {summary['allreduce_seconds']:.2f} s in "
+                 f"{summary['allreduce_calls']} all-reduces")
     if ev is not None:
         line += ("; last eval: " + (f"FLD {ev['fld']:.3g}, KID {ev['kid']:.3g}, score "
                                     f"{ev['score']:.3g} ({ev['n']} samples)" if "fld" in ev
@@ -380,6 +402,10 @@ def _cmd_inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         _err("inspect", str(exc))
         return 1
     cfg = _train_config(args, parser, base=base, skip=_INSPECT_ONLY)
+    if getattr(args, "distributed", False) or cfg.dtype != "float32":
+        parser.error("rawgan inspect runs one float32 process: --distributed and --dtype "
+                     "float64 are for rawgan train")
+    cfg = dataclasses.replace(cfg, distributed=False)  # a distributed run's checkpoint too
     out = Path(cfg.out) if cfg.out else Path("runs") / f"inspect-{cfg.model}-{cfg.data}"
     try:
         if kinds is not None:

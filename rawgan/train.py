@@ -34,6 +34,15 @@ with evaluation takes the same steps as one without; the scores go to metrics.js
 ``{"step", "epoch", "eval": {...}, "eval_seconds"}`` records and the last one, with the
 history, to summary.json (``eval``, ``eval_history``).
 
+Data parallelism (``distributed``, ``rawgan train --distributed`` under ``mpiexec -n S``;
+:mod:`rawgan.distributed`). Every rank draws the same global batches and noise from the
+same streams and computes on its B/S rows; one all-reduce per model and step averages the
+gradients, so every rank applies the same update and the weights stay identical (checked
+at every checkpoint). The losses logged are the global batch's. Only rank 0 writes files
+and reports. The checkpoint holds global state only, so a run resumes on any number of
+ranks that divides the batch size; it continues exactly when the model has no batch norm
+or ``sync_batchnorm`` is on (per-rank batch statistics depend on the number of ranks).
+
 Faults. A NaN / inf loss stops the run with :class:`TrainingDiverged` naming the step; the
 state is not saved, the last good checkpoint is left as it was. The first Ctrl-C finishes the
 current step, saves a checkpoint, and raises KeyboardInterrupt; a second one aborts at once
@@ -62,7 +71,7 @@ from typing import Any
 
 import numpy as np
 
-from . import backends, checkpoint, data, gan, losses, models, optim
+from . import backends, checkpoint, data, distributed, gan, losses, models, optim
 from .metrics import SampleSizeWarning
 from .sampling import (
     mode_coverage,
@@ -92,6 +101,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss": losses.KINDS,
     "optimizer": ("adam", "rmsprop", "sgd"),
     "backend": ("numpy", "cupy", "numba", "auto"),
+    "dtype": ("float32", "float64"),
 }
 TOY_DATA = ("ring", "grid")
 #: Toy points are divided by this for training (the seed MLP generator ends in tanh, whose
@@ -104,7 +114,11 @@ TOY_EVAL_POINTS = 2500  # generated points for the toy scatter plot and mode cov
 #: where and how it reports, not what it computes.
 RUN_KEYS = frozenset({"epochs", "max_steps", "save_every", "sample_every", "grid_size",
                       "eval_every", "eval_samples", "out", "progress", "backend", "data_dir",
-                      "download"})
+                      "download", "distributed", "collective_timeout"})
+#: Fields added after runs were first saved: a saved config without them had these values.
+_ADDED_KEYS = {"dtype": "float32", "distributed": False, "sync_batchnorm": False,
+               "collective_timeout": distributed.DEFAULT_TIMEOUT}
+_COLLECTIVE_TIMEOUT = distributed.DEFAULT_TIMEOUT  # (the field `distributed` hides the module)
 
 CHECKPOINT = "checkpoint.h5"
 GENERATOR = "generator.h5"
@@ -174,8 +188,12 @@ class TrainConfig:
     eval_samples: int | None = None
     seed: int = 0
     backend: str = "numpy"
+    dtype: str = "float32"
     out: str | None = None
     progress: bool = True
+    distributed: bool = False
+    sync_batchnorm: bool = False
+    collective_timeout: float = _COLLECTIVE_TIMEOUT
 
     def __post_init__(self) -> None:
         for name, choices in CHOICES.items():
@@ -221,6 +239,9 @@ class TrainConfig:
                              f"{self.ema}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if not (math.isfinite(self.collective_timeout) and self.collective_timeout > 0):
+            raise ValueError(f"collective_timeout must be a positive number of seconds, got "
+                             f"{self.collective_timeout}")
 
     def _check_types(self) -> None:
         kinds = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
@@ -340,7 +361,7 @@ def _optimizer(cfg: TrainConfig, model, lr: float, clip: float | None):
 
 def _arch(cfg: TrainConfig) -> dict:
     return {"model": cfg.model, "noise_dim": cfg.noise_dim, "image_shape": list(cfg.image_shape),
-            "output_scale": TOY_SCALE.get(cfg.data, 1.0), "dtype": "float32"}
+            "output_scale": TOY_SCALE.get(cfg.data, 1.0), "dtype": cfg.dtype}
 
 
 def _ema_update(ema_G, G, decay: float) -> None:
@@ -424,6 +445,7 @@ def _check_out_dir(out: Path, cfg: TrainConfig, resume: bool) -> checkpoint.Chec
                               "choose another output folder") from None
     else:
         previous = {}
+    previous = {**_ADDED_KEYS, **previous}
     diffs = config_differences(previous, cfg.to_dict())
     if diffs:
         raise RunDirError(
@@ -487,7 +509,8 @@ def setup_run(cfg: TrainConfig) -> Run:
     ops = backends.get(cfg.backend)
     data_ss, noise_ss, fixed_ss, toy_ss = np.random.SeedSequence(cfg.seed).spawn(4)
     data_rng, noise_rng = np.random.default_rng(data_ss), np.random.default_rng(noise_ss)
-    x = _load_data(cfg, np.random.default_rng(toy_ss))
+    dtype = np.dtype(cfg.dtype)
+    x = _load_data(cfg, np.random.default_rng(toy_ss)).astype(dtype, copy=False)
     per_step = cfg.batch_size * cfg.d_steps
     steps_per_epoch = len(x) // per_step
     if steps_per_epoch < 1:
@@ -495,10 +518,10 @@ def setup_run(cfg: TrainConfig) -> Run:
                          "examples: no full step fits in an epoch")
     n_fixed = TOY_EVAL_POINTS if cfg.data in TOY_DATA else cfg.grid_size
     fixed_noise = np.random.default_rng(fixed_ss).standard_normal(
-        (n_fixed, cfg.noise_dim), dtype=np.float32)
+        (n_fixed, cfg.noise_dim), dtype=np.float32).astype(dtype, copy=False)
 
     G, D = models.build(cfg.model, seed=cfg.seed, backend=ops, noise_dim=cfg.noise_dim,
-                        image_shape=cfg.image_shape)
+                        image_shape=cfg.image_shape, dtype=dtype)
     opt_g = _optimizer(cfg, G, cfg.lr_g, None)
     opt_d = _optimizer(cfg, D, cfg.lr_d, cfg.clip_value or None)
     ema_G = None
@@ -528,6 +551,7 @@ def generator_sampler(G, ops, noise_dim: int, scale: float = 1.0, batch_size: in
 
     def sample(n: int, seed: int) -> np.ndarray:
         z = np.random.default_rng(seed).standard_normal((int(n), noise_dim), dtype=np.float32)
+        z = z.astype(G.dtype or np.float32, copy=False)
         out = np.concatenate([ops.to_numpy(G.forward(ops.asarray(z[i:i + batch_size]),
                                                      training=False))
                               for i in range(0, len(z), batch_size)])
@@ -571,16 +595,26 @@ def evaluate_run(cfg: TrainConfig, G, ops, x: np.ndarray) -> dict[str, Any]:
 
 
 def train(config: TrainConfig | Mapping[str, Any] | None = None, *, resume: bool = False,
-          **overrides: Any) -> dict[str, Any]:
+          comm: distributed.Communicator | None = None, **overrides: Any) -> dict[str, Any]:
     """Train a GAN as ``config`` says and return a summary dict (also in summary.json).
 
     ``config`` is a :class:`TrainConfig`, a dict of its fields, or None (all defaults);
     ``overrides`` replace fields. ``resume=True`` continues the run in ``config.out`` from
     its checkpoint (the config must match, except :data:`RUN_KEYS` such as ``epochs``).
 
+    ``config.distributed`` (``rawgan train --distributed`` under ``mpiexec -n S``) trains
+    data-parallel on S ranks (:mod:`rawgan.distributed`): each rank computes on B/S rows
+    of every global batch, the gradients are averaged, only rank 0 writes. ``comm`` passes
+    a communicator of one's own instead (default: MPI, or NCCL for a GPU backend, when
+    ``distributed``; one process otherwise). On ranks other than 0 the returned summary
+    holds only ``rank``, ``ranks``, ``steps``, ``stopped`` and ``out``.
+
     Raises :class:`RunDirError`, :class:`TrainingDiverged`, :class:`rawgan.checkpoint.
     CheckpointError`, data errors from :mod:`rawgan.data`, and KeyboardInterrupt after
-    saving a checkpoint on Ctrl-C.
+    saving a checkpoint on Ctrl-C. In a job of several ranks an error that is not the same
+    on every rank (an I/O error on rank 0, say) prints its rank and ends the whole job
+    (``MPI_Abort``); those that are (config, output folder, divergence, Ctrl-C) end it
+    cleanly, printed by rank 0 only.
     """
     if config is None:
         cfg = TrainConfig(**overrides)
@@ -589,15 +623,70 @@ def train(config: TrainConfig | Mapping[str, Any] | None = None, *, resume: bool
     else:
         cfg = TrainConfig.from_dict({**dict(config), **overrides})
     require_extras("PIL", "matplotlib", *(("tqdm",) if cfg.progress else ()))
-    out = cfg.out_dir
-    ck = _check_out_dir(out, cfg, resume)
+    if comm is None:
+        comm = _communicator(cfg)
+    try:
+        return _train(cfg, resume, comm)
+    except BaseException as exc:
+        exc.rawgan_rank = comm.rank  # type: ignore[attr-defined]
+        if comm.size > 1 and not getattr(exc, "rawgan_agreed", False):
+            print(f"rawgan train: rank {comm.rank} of {comm.size}: {type(exc).__name__}: "
+                  f"{exc}; ending the job", file=sys.stderr, flush=True)
+            comm.abort(1)
+        raise
 
-    run = setup_run(cfg)
+
+def _communicator(cfg: TrainConfig) -> distributed.Communicator:
+    """One process unless ``cfg.distributed``; then MPI for host arrays, NCCL for a GPU
+    backend (CuPy arrays)."""
+    if not cfg.distributed:
+        return distributed.SingleProcess(cfg.collective_timeout)
+    ops = backends.get(cfg.backend)
+    kind = "mpi" if ops.xp is np else "nccl"
+    return distributed.get(kind, cfg.collective_timeout)
+
+
+class _NoLog:
+    """What ranks other than 0 write metrics to: nothing."""
+
+    def write(self, text: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _train(cfg: TrainConfig, resume: bool, comm: distributed.Communicator) -> dict[str, Any]:
+    root, ranks = comm.is_root, comm.size
+    if not root:
+        cfg = dataclasses.replace(cfg, progress=False)  # rank 0 alone reports
+    if cfg.batch_size % ranks:
+        raise distributed.mark_agreed(ValueError(
+            f"batch_size {cfg.batch_size} does not split over {ranks} ranks: each rank "
+            f"computes on batch_size / ranks rows of every global batch, so the batch size "
+            f"must be a multiple of {ranks}"))
+    out = cfg.out_dir
+    ck = comm.root_result(lambda: _check_out_dir(out, cfg, resume),
+                          what="checking the run folder")
+
+    run = comm.root_first(lambda: setup_run(cfg), what="loading the data")
     ops, x, per_step, steps_per_epoch = run.ops, run.x, run.per_step, run.steps_per_epoch
     G, D, ema_G, opt_g, opt_d = run.G, run.D, run.ema_G, run.opt_g, run.opt_d
     data_rng, noise_rng, fixed_noise = run.data_rng, run.noise_rng, run.fixed_noise
     nets, opts, rngs = run.nets, run.opts, run.rngs
     toy = cfg.data in TOY_DATA
+    dtype = np.dtype(cfg.dtype)
+
+    # data parallelism: shard the batches, average the gradients (the checkpoint keeps the
+    # wrapped optimizers, whose state is global)
+    step_opt_g, step_opt_d = opt_g, opt_d
+    if ranks > 1:
+        distributed.prepare_models([G, D], comm, cfg.batch_size // ranks, cfg.sync_batchnorm)
+        step_opt_g = distributed.DistributedOptimizer(opt_g, comm, "generator")
+        step_opt_d = distributed.DistributedOptimizer(opt_d, comm, "discriminator")
 
     step, epoch, batch_in_epoch, epoch_start_state = 0, 0, 0, None
     train_seconds = 0.0
@@ -607,27 +696,56 @@ def train(config: TrainConfig | Mapping[str, Any] | None = None, *, resume: bool
         batch_in_epoch = int(ck.meta["batch_in_epoch"])
         epoch_start_state = ck.meta.get("epoch_start_data_rng")
         train_seconds = float(ck.meta.get("train_seconds", 0.0))
-        records = [r for r in read_metrics(out / METRICS) if r.get("step", 0) <= step]
-        _write_text_atomic(out / METRICS, "".join(json.dumps(r) + "\n" for r in records))
-        _say(cfg, f"rawgan train: resuming {out} at step {step} (epoch {epoch + 1})")
-    else:
+        if root:
+            records = [r for r in read_metrics(out / METRICS) if r.get("step", 0) <= step]
+            _write_text_atomic(out / METRICS, "".join(json.dumps(r) + "\n" for r in records))
+        was = int(ck.meta.get("world_size", 1))
+        _say(cfg, f"rawgan train: resuming {out} at step {step} (epoch {epoch + 1})"
+                  + (f" on {ranks} ranks (saved by {was})" if ranks > 1 or was > 1 else ""))
+    elif root:
         out.mkdir(parents=True, exist_ok=True)
         (out / METRICS).unlink(missing_ok=True)
-    _write_text_atomic(out / CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n")
+    if root:
+        _write_text_atomic(out / CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n")
+    if ranks > 1:
+        _say(cfg, f"rawgan train: {ranks} ranks ({comm.kind}), {cfg.batch_size // ranks} of "
+                  f"every {cfg.batch_size} rows each, batch norm "
+                  f"{'synchronised' if cfg.sync_batchnorm else 'per rank'}")
     resumed_from = step
 
     sample_G = ema_G if ema_G is not None else G
     last_saved = {"step": step if ck is not None else None}
 
-    def save() -> Path:
+    def consistent() -> None:
+        """Average the moving statistics over the ranks (per-rank batch norm) and check that
+        every rank holds the same weights, optimizer state and layer generators."""
+        if ranks == 1:
+            return
+        distributed.sync_buffers(list(nets.values()), comm)
+        groups: dict[str, list] = {}
+        for name, net in nets.items():
+            groups[f"{name} weights"] = list(net.weights().values())
+            groups[f"{name} dropout generators"] = [
+                np.frombuffer(json.dumps(checkpoint.rng_state(layer.rng), sort_keys=True)
+                              .encode(), dtype=np.uint8) for layer in net.layers
+                if layer.rng is not None]
+        for name, opt in opts.items():
+            groups[f"{name} optimizer state"] = [
+                np.asarray(ops.to_numpy(a)) for _, per in sorted(opt.state.items())
+                for _, a in sorted(per.items())]
+        distributed.check_identical(groups, comm)
+
+    def save() -> Path | None:
+        consistent()
+        last_saved["step"] = step
+        if not root:
+            return None
         meta = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                 "epoch_start_data_rng": epoch_start_state, "train_seconds": train_seconds,
-                "steps_per_epoch": steps_per_epoch}
-        path = checkpoint.save_checkpoint(out / CHECKPOINT, models=nets, optimizers=opts,
+                "steps_per_epoch": steps_per_epoch, "world_size": ranks}
+        return checkpoint.save_checkpoint(out / CHECKPOINT, models=nets, optimizers=opts,
                                           rngs=rngs, config=cfg.to_dict(), meta=meta,
                                           arch=_arch(cfg))
-        last_saved["step"] = step
-        return path
 
     def export() -> Path:
         return checkpoint.export_generator(
@@ -637,7 +755,7 @@ def train(config: TrainConfig | Mapping[str, Any] | None = None, *, resume: bool
 
     def generate_fixed() -> np.ndarray:
         y = ops.to_numpy(sample_G.forward(ops.asarray(fixed_noise), training=False))
-        return y * np.float32(TOY_SCALE[cfg.data]) if toy else y
+        return y * y.dtype.type(TOY_SCALE[cfg.data]) if toy else y
 
     coverage: dict | None = None
     samples: list[str] = []
@@ -657,7 +775,7 @@ def train(config: TrainConfig | Mapping[str, Any] | None = None, *, resume: bool
             mode_history.append({"epoch": epoch, "step": step,
                                  "modes_covered": coverage["modes_covered"],
                                  "high_quality": round(coverage["high_quality"], 4)})
-            real = x[:TOY_EVAL_POINTS] * np.float32(TOY_SCALE[cfg.data])
+            real = x[:TOY_EVAL_POINTS] * x.dtype.type(TOY_SCALE[cfg.data])
             save_scatter(path, fake, modes=centers, real=real,
                          title=f"{cfg.data}, epoch {epoch}, step {step}: "
                                f"{coverage['modes_covered']}/{coverage['n_modes']} modes")
@@ -679,12 +797,16 @@ def train(config: TrainConfig | Mapping[str, Any] | None = None, *, resume: bool
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
-    noise = gan.gaussian_noise(noise_rng, cfg.noise_dim, ops=ops)
+    if ranks > 1:  # every rank draws the global noise batch and keeps its rows
+        noise = distributed.shard_noise(noise_rng, cfg.noise_dim, comm, ops=ops, dtype=dtype)
+    else:
+        noise = gan.gaussian_noise(noise_rng, cfg.noise_dim, ops=ops, dtype=dtype)
     stopped = "completed"
     session_images, session_seconds = 0, 0.0
     last: gan.StepStats | None = None
+    interrupt = False
     bar = _progress_bar(cfg, total_steps, min(step, total_steps))
-    log = open(out / METRICS, "a")  # closed in the finally below
+    log = open(out / METRICS, "a") if root else _NoLog()  # closed in the finally below
     try:
         with _SigintGuard() as sigint:
             while epoch < cfg.epochs and step < total_steps:
@@ -696,19 +818,31 @@ def train(config: TrainConfig | Mapping[str, Any] | None = None, *, resume: bool
                 if batch_in_epoch:
                     next(itertools.islice(batches, batch_in_epoch * cfg.d_steps - 1, None))
                 while batch_in_epoch < steps_per_epoch and step < total_steps:
+                    comm.step = step + 1
                     t0 = time.perf_counter()
-                    reals = [ops.asarray(next(batches)) for _ in range(cfg.d_steps)]
-                    stats = gan.train_step(G, D, opt_g, opt_d, cfg.loss, reals, noise)
+                    if ranks > 1:  # the global batch, this rank's rows of it
+                        reals = [ops.asarray(distributed.shard_rows(next(batches), comm))
+                                 for _ in range(cfg.d_steps)]
+                    else:
+                        reals = [ops.asarray(next(batches)) for _ in range(cfg.d_steps)]
+                    stats = gan.train_step(G, D, step_opt_g, step_opt_d, cfg.loss, reals, noise)
+                    interrupt = sigint.requested
+                    if ranks > 1:  # the global batch's means, and a Ctrl-C seen by any rank
+                        buf = np.array([stats.d_loss, stats.g_loss, stats.d_real,
+                                        stats.d_fake, float(interrupt)])
+                        comm.allreduce_sum(buf, what="training-statistics all-reduce")
+                        stats = gan.StepStats(*(float(v) / ranks for v in buf[:4]))
+                        interrupt = bool(buf[4] > 0)
                     dt = time.perf_counter() - t0
                     if not (math.isfinite(stats.d_loss) and math.isfinite(stats.g_loss)):
                         good = (f"the last good checkpoint, {out / CHECKPOINT} (step "
                                 f"{last_saved['step']}), is kept" if last_saved["step"]
                                 is not None else "no checkpoint had been saved yet")
-                        raise TrainingDiverged(
+                        raise distributed.mark_agreed(TrainingDiverged(
                             f"training diverged at step {step + 1} (epoch {epoch + 1}): "
                             f"d_loss={stats.d_loss}, g_loss={stats.g_loss}; stopped without "
                             f"saving, {good}. Try a lower learning rate or another --loss.",
-                            step + 1)
+                            step + 1))
                     if ema_G is not None:
                         _ema_update(ema_G, G, cfg.ema)
                     step += 1
@@ -726,14 +860,18 @@ def train(config: TrainConfig | Mapping[str, Any] | None = None, *, resume: bool
                         bar.set_postfix(d_loss=f"{stats.d_loss:.4f}", g_loss=f"{stats.g_loss:.4f}",
                                         img_s=f"{per_step / dt:.0f}", refresh=False)
                         bar.update(1)
-                    if sigint.requested:
+                    if interrupt:
                         break
                 if batch_in_epoch == steps_per_epoch:
                     epoch += 1
                     batch_in_epoch = 0
-                    if epoch % cfg.sample_every == 0 or epoch == cfg.epochs:
+                    sample_now = epoch % cfg.sample_every == 0 or epoch == cfg.epochs
+                    eval_now = bool(cfg.eval_every) and epoch % cfg.eval_every == 0
+                    if sample_now or eval_now:  # per-rank moving statistics -> their mean
+                        distributed.sync_buffers([G, ema_G], comm)
+                    if sample_now and root:
                         write_samples(f"epoch_{epoch:04d}.png")
-                    if cfg.eval_every and epoch % cfg.eval_every == 0:
+                    if eval_now and root:
                         evaluate(log)
                     if epoch % cfg.save_every == 0:
                         save()
@@ -741,23 +879,32 @@ def train(config: TrainConfig | Mapping[str, Any] | None = None, *, resume: bool
                         _say(cfg, f"epoch {epoch}: step {step}, d_loss {last.d_loss:.4f}, "
                                   f"g_loss {last.g_loss:.4f}, D(x) {last.d_real:.3f}, "
                                   f"D(G(z)) {last.d_fake:.3f}")
-                if sigint.requested:
+                if ranks == 1:  # one process: a Ctrl-C during the epoch's end counts too
+                    interrupt = interrupt or sigint.requested
+                if interrupt:
                     stopped = "interrupted"
                     break
+            comm.step = None
             if stopped != "interrupted" and step >= total_steps and epoch < cfg.epochs:
                 stopped = "max_steps"
-            if last_saved["step"] != step or not (out / CHECKPOINT).exists():
+            # rank 0 decides (only it sees the folder); every rank takes part in a save
+            if comm.bcast_object(last_saved["step"] != step or not (out / CHECKPOINT).exists(),
+                                 what="final checkpoint decision"):
                 save()
-            export()
+            if root:
+                export()
             if stopped == "interrupted":
                 _say(cfg, f"rawgan train: interrupted; saved {out / CHECKPOINT} at step "
                           f"{step}; continue with --resume")
-                raise KeyboardInterrupt
+                raise distributed.mark_agreed(KeyboardInterrupt())
     finally:
         log.close()
         if bar is not None:
             bar.close()
 
+    if not root:
+        return {"rank": comm.rank, "ranks": ranks, "steps": step, "stopped": stopped,
+                "out": str(out)}
     records = read_metrics(out / METRICS)
     evals = [r for r in records if "eval" in r]
     if sampled_at["step"] != step:  # the final generator, when it was not just sampled
@@ -775,6 +922,11 @@ def train(config: TrainConfig | Mapping[str, Any] | None = None, *, resume: bool
         "checkpoint": str(out / CHECKPOINT), "generator": str(out / GENERATOR),
         "samples": samples, "loss_curve": loss_curve, "metrics": str(out / METRICS),
     }
+    if ranks > 1:
+        summary.update(ranks=ranks, communicator=comm.kind, allreduce_calls=comm.calls,
+                       allreduce_seconds=round(comm.seconds, 3),
+                       gradient_allreduce_seconds=round(step_opt_g.seconds
+                                                        + step_opt_d.seconds, 3))
     if coverage is not None:
         summary.update(modes_covered=coverage["modes_covered"], n_modes=coverage["n_modes"],
                        high_quality=coverage["high_quality"], per_mode=coverage["per_mode"],
