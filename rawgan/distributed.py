@@ -281,6 +281,7 @@ class MPICommunicator(Communicator):
     def abort(self, code: int = 1) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
+        time.sleep(0.5)  # let mpiexec forward this rank's last output before it kills the job
         self.comm.Abort(code)
 
     # -- collectives -------------------------------------------------------------------

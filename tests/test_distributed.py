@@ -1,0 +1,566 @@
+"""Tests for rawgan.distributed: data-parallel training equals one process.
+
+Unit tests run S "ranks" as threads of this process behind a small in-memory communicator
+(no MPI needed): the flat-buffer gradient average, synchronised batch norm, sharded dropout,
+the consistency check. The MPI tests launch ``mpiexec -n 2`` (mpi4py + an MPI library, as
+.ci/run installs them; skipped where either is missing) on tiny float64 runs and compare
+with one process: weights and optimizer state to 1e-10, ranks bit-identical, a 2-rank
+checkpoint resumed by 1 rank, the collective timeout, a batch that does not split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rawgan import checkpoint, distributed, optim
+from rawgan.nn import BatchNormalization, Dense, Dropout, Sequential
+from rawgan.train import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "_dist_worker.py"
+TOL = 1e-10
+
+
+# --------------------------------------------------------------------------------------
+# An in-process group of ranks (threads) for unit tests
+# --------------------------------------------------------------------------------------
+
+
+class _Group:
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.slots: list = [None] * size
+        self.barrier = threading.Barrier(size, timeout=30)
+
+
+class ThreadComm(distributed.Communicator):
+    """Rank ``rank`` of a :class:`_Group`: reductions in rank order (the same result on
+    every rank), as an MPI library gives them."""
+
+    kind = "threads"
+
+    def __init__(self, group: _Group, rank: int) -> None:
+        super().__init__()
+        self.group, self.rank, self.size = group, rank, group.size
+
+    def _reduce(self, buf, fn):
+        g = self.group
+        g.slots[self.rank] = np.array(buf, copy=True)
+        g.barrier.wait()
+        out = g.slots[0].copy()
+        for r in range(1, self.size):
+            out = fn(out, g.slots[r])
+        g.barrier.wait()
+        buf[...] = out
+        self.calls += 1
+        self.bytes += buf.nbytes
+        return buf
+
+    def allreduce_sum(self, buf, what="all-reduce"):
+        return self._reduce(buf, np.add)
+
+    def allreduce_max(self, buf, what="all-reduce"):
+        return self._reduce(buf, np.maximum)
+
+    def bcast_object(self, obj, root=0, what="broadcast"):
+        g = self.group
+        if self.rank == root:
+            g.slots[root] = obj
+        g.barrier.wait()
+        out = g.slots[root]
+        g.barrier.wait()
+        return out
+
+
+def run_ranks(size: int, fn):
+    """``[fn(comm_0), ..., fn(comm_{S-1})]``, each in its own thread; re-raises."""
+    group = _Group(size)
+    results: list = [None] * size
+    errors: list = []
+
+    def target(r):
+        try:
+            results[r] = fn(ThreadComm(group, r))
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            errors.append(exc)
+            group.barrier.abort()
+
+    threads = [threading.Thread(target=target, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+# --------------------------------------------------------------------------------------
+# Unit tests
+# --------------------------------------------------------------------------------------
+
+
+def test_single_process_communicator_is_the_identity():
+    c = distributed.SingleProcess()
+    buf = np.arange(5.0)
+    assert c.allreduce_mean(buf) is buf and np.array_equal(buf, np.arange(5.0))
+    assert c.allreduce_sum(buf) is buf and c.allreduce_max(buf) is buf
+    assert c.bcast(buf) is buf and c.bcast_object({"a": 1}) == {"a": 1}
+    c.barrier()
+    assert (c.rank, c.size, c.is_root) == (0, 1, True)
+    assert c.root_first(lambda: 3) == 3 and c.root_result(lambda: 4) == 4
+    with pytest.raises(ValueError, match="timeout must be > 0"):
+        distributed.SingleProcess(timeout=0)
+    with pytest.raises(ValueError, match="unknown communicator"):
+        distributed.get("carrier-pigeon")
+
+
+def test_missing_mpi4py_names_the_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # import mpi4py -> ImportError
+    with pytest.raises(ImportError, match="pip install mpi4py mpich"):
+        distributed.get("mpi")
+
+
+def _mlp(seed=0):
+    return Sequential([Dense(5), Dense(3)], seed=seed)._built((None, 4), np.float64)
+
+
+def _grads(model, x):
+    model.zero_grad()
+    y = model.forward(x)
+    model.backward(np.ones_like(y) / len(x))  # L = mean over rows of sum(y)
+
+
+def test_distributed_optimizer_in_one_process_is_the_plain_update():
+    a, b = _mlp(), _mlp()
+    oa, ob = optim.Adam(a, lr=1e-2), distributed.DistributedOptimizer(
+        optim.Adam(b, lr=1e-2), distributed.SingleProcess(), "m")
+    x = np.random.default_rng(0).standard_normal((6, 4))
+    for _ in range(3):
+        _grads(a, x)
+        oa.step()
+        _grads(b, x)
+        ob.step()
+    for (_, p, _), (_, q, _) in zip(a.parameters(), b.parameters(), strict=True):
+        assert p.tobytes() == q.tobytes()
+    assert ob.iterations == 3 and ob.state_dict()["iterations"] == 3  # the wrapped one's
+    assert ob.calls == 0  # one process: nothing to all-reduce
+
+
+def test_gradient_average_is_one_allreduce_and_equals_the_global_batch():
+    """Two ranks on halves of a batch of 8 == one process on the whole batch (float64),
+    with exactly one all-reduce per optimizer step over all parameters."""
+    x = np.random.default_rng(1).standard_normal((8, 4))
+    ref = _mlp()
+    ref_opt = optim.SGD(ref, lr=0.1, momentum=0.5)
+    for _ in range(3):
+        _grads(ref, x)
+        ref_opt.step()
+
+    def rank(comm):
+        m = _mlp()
+        opt = distributed.DistributedOptimizer(optim.SGD(m, lr=0.1, momentum=0.5), comm, "m")
+        for _ in range(3):
+            _grads(m, distributed.shard_rows(x, comm))
+            opt.step()
+        return m.get_weights(), comm.calls, opt.calls
+
+    out = run_ranks(2, rank)
+    for w, calls, opt_calls in out:
+        assert calls == 3 and opt_calls == 3
+        for k, v in ref.get_weights().items():
+            assert np.abs(w[k] - v).max() < 1e-14, k
+    assert all(out[0][0][k].tobytes() == out[1][0][k].tobytes() for k in out[0][0])
+
+
+def test_shard_rows_and_noise_partition_the_global_batch():
+    x = np.arange(24.0).reshape(12, 2)
+    parts = run_ranks(3, lambda c: distributed.shard_rows(x, c))
+    assert np.array_equal(np.concatenate(parts), x)
+    with pytest.raises(ValueError, match="does not split evenly over 3 ranks"):
+        run_ranks(3, lambda c: distributed.shard_rows(x[:10], c))
+    ref = np.random.default_rng(5).standard_normal((12, 3))
+
+    def noise(comm):
+        draw = distributed.shard_noise(np.random.default_rng(5), 3, comm, dtype=np.float64)
+        return draw(4)
+
+    assert np.array_equal(np.concatenate(run_ranks(3, noise)), ref)
+
+
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_sharded_dropout_draws_the_global_mask(blocks):
+    """blocks=2 is the critic's [real; fake]: a rank's rows are its block of each half."""
+    n, size = 3, 2
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((blocks * size * n, 4, 5))
+    dy = rng.standard_normal(x.shape)
+    ref = Sequential([Dropout(0.4)], seed=9)._built((None, 4, 5), np.float64)
+    y_ref = ref.forward(x)
+    dx_ref = ref.backward(dy)
+
+    def rows(r):
+        return np.concatenate([np.arange(b * size * n + r * n, b * size * n + (r + 1) * n)
+                               for b in range(blocks)])
+
+    def rank(comm):
+        m = Sequential([Dropout(0.4)], seed=9)._built((None, 4, 5), np.float64)
+        distributed.prepare_models([m], comm, rows=n)
+        assert isinstance(m.layers[0], distributed.ShardedDropout)
+        assert m.layers[0].kind == "Dropout" and m.layers[0].name == "dropout"
+        idx = rows(comm.rank)
+        y = m.forward(x[idx])
+        dx = m.backward(dy[idx])
+        return idx, y, dx, checkpoint.rng_state(m.layers[0].rng)
+
+    for idx, y, dx, state in run_ranks(size, rank):
+        assert np.array_equal(y, y_ref[idx]) and np.array_equal(dx, dx_ref[idx])
+        assert state == checkpoint.rng_state(ref.layers[0].rng)  # the generator advanced alike
+
+
+@pytest.mark.parametrize("shape", [(8, 5), (4, 3, 3, 2)])
+def test_sync_batchnorm_equals_batchnorm_on_the_global_batch(shape):
+    size = 2
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(shape) * 2.0 + 0.7
+    dy = rng.standard_normal(shape)
+    c = shape[-1]
+
+    def layer():
+        bn = BatchNormalization(momentum=0.9)
+        bn.build(shape, np.float64)
+        bn.params["gamma"][:] = np.linspace(0.5, 1.5, c)
+        bn.params["beta"][:] = np.linspace(-1, 1, c)
+        bn.params["moving_mean"][:] = 0.3
+        return bn
+
+    ref = layer()
+    y_ref = ref.forward(x)
+    dx_ref = ref.backward(dy)
+
+    def rank(comm):
+        m = Sequential([layer()])
+        m.build(shape, np.float64)
+        distributed.prepare_models([m], comm, rows=shape[0] // size, sync_batchnorm=True)
+        bn = m.layers[0]
+        assert isinstance(bn, distributed.SyncBatchNorm) and bn.kind == "BatchNormalization"
+        xs, dys = distributed.shard_rows(x, comm), distributed.shard_rows(dy, comm)
+        y = bn.forward(xs)
+        dx = bn.backward(dys)
+        return y, dx, {k: v.copy() for k, v in bn.grads.items()}, dict(bn.params), comm.calls
+
+    out = run_ranks(size, rank)
+    n = shape[0] // size
+    for r, (y, dx, _grads, params, calls) in enumerate(out):
+        assert calls == 2  # one all-reduce in the forward, one in the backward
+        assert np.abs(y - y_ref[r * n:(r + 1) * n]).max() < 1e-12
+        assert np.abs(dx - dx_ref[r * n:(r + 1) * n]).max() < 1e-12
+        for k in ("moving_mean", "moving_variance"):
+            assert np.abs(params[k] - ref.params[k]).max() < 1e-14, k
+    for k in ("gamma", "beta"):  # local sums; their sum over ranks is the global gradient
+        assert np.abs(out[0][2][k] + out[1][2][k] - ref.grads[k]).max() < 1e-12, k
+
+
+def test_sync_buffers_and_the_consistency_check():
+    def rank(comm):
+        m = Sequential([Dense(3), BatchNormalization()], seed=0)._built((None, 2), np.float64)
+        bn = m.layers[1]
+        bn.params["moving_mean"][:] = comm.rank  # ranks 0, 1 -> their mean 0.5
+        distributed.sync_buffers([m, None], comm)
+        same = bn.params["moving_mean"].copy()
+        distributed.check_identical({"weights": list(m.weights().values())}, comm)
+        bn.params["gamma"][0] += comm.rank  # rank 1 drifts
+        try:
+            distributed.check_identical({"weights": list(m.weights().values()),
+                                         "other": [np.zeros(2)]}, comm)
+        except RuntimeError as exc:
+            return same, str(exc), getattr(exc, "rawgan_agreed", False)
+        return same, None, False
+
+    for same, msg, agreed in run_ranks(2, rank):
+        assert np.array_equal(same, np.full(3, 0.5))
+        assert msg is not None and "hold different weights" in msg and "other" not in msg
+        assert agreed  # every rank raises it: the job ends cleanly
+
+
+def test_root_first_reports_rank0_failure_to_the_others():
+    def rank(comm):
+        def setup():
+            if comm.rank == 0:
+                raise FileNotFoundError("no data here")
+            return "loaded"
+
+        try:
+            comm.root_first(setup, what="loading the data")
+        except (FileNotFoundError, distributed.PeerError) as exc:
+            return type(exc).__name__, str(exc), getattr(exc, "rawgan_agreed", False)
+
+    out = run_ranks(2, rank)
+    assert out[0] == ("FileNotFoundError", "no data here", True)
+    assert out[1][0] == "PeerError" and "rank 0 failed during loading the data" in out[1][1]
+
+
+def test_config_options_and_validation():
+    cfg = TrainConfig(distributed=True, sync_batchnorm=True, collective_timeout=5,
+                      dtype="FLOAT64")
+    assert cfg.dtype == "float64" and cfg.collective_timeout == 5.0
+    with pytest.raises(ValueError, match="collective_timeout must be a positive"):
+        TrainConfig(collective_timeout=0)
+    with pytest.raises(ValueError, match="dtype"):
+        TrainConfig(dtype="float16")
+
+
+def test_a_run_saved_before_these_options_existed_resumes(tmp_path):
+    """A checkpoint whose config lacks dtype / distributed / ... (saved by an older
+    rawgan) is the same run as one with their defaults."""
+    pytest.importorskip("PIL.Image")
+    pytest.importorskip("matplotlib")
+    from rawgan.train import train
+
+    kw = {"model": "mlp", "data": "ring", "num_examples": 256, "batch_size": 64,
+          "noise_dim": 2, "progress": False, "out": str(tmp_path / "old")}
+    train(TrainConfig(**kw, max_steps=2))
+    import h5py
+
+    with h5py.File(tmp_path / "old" / "checkpoint.h5", "r+") as f:
+        config = json.loads(f.attrs["config"])
+        for key in ("dtype", "distributed", "sync_batchnorm", "collective_timeout"):
+            del config[key]
+        f.attrs["config"] = json.dumps(config)
+    assert train(TrainConfig(**kw, max_steps=3), resume=True)["steps"] == 3
+
+
+# --------------------------------------------------------------------------------------
+# MPI: mpiexec -n 2 against one process
+# --------------------------------------------------------------------------------------
+
+MPIEXEC = shutil.which("mpiexec")
+
+
+def _mpi_available() -> bool:
+    try:
+        import importlib.util
+
+        return MPIEXEC is not None and importlib.util.find_spec("mpi4py") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+needs_mpi = pytest.mark.skipif(not _mpi_available(),
+                               reason="needs mpi4py and mpiexec (pip install mpi4py mpich)")
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
+    return env
+
+
+def _run(argv: list[str], ranks: int | None, timeout: float = 180
+         ) -> subprocess.CompletedProcess:
+    cmd = ([MPIEXEC, "-n", str(ranks)] if ranks else []) + [sys.executable, *argv]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT)
+
+
+def _train(out: Path, ranks: int | None, *args: str) -> subprocess.CompletedProcess:
+    argv = ["-m", "rawgan.cli", "train", "--quiet", "--out", str(out), *args]
+    if ranks:
+        argv.append("--distributed")
+    res = _run(argv, ranks)
+    assert res.returncode == 0, res.stderr
+    return res
+
+
+RING = ["--model", "mlp", "--data", "ring", "--num-examples", "512", "--batch-size", "64",
+        "--noise-dim", "2", "--dtype", "float64", "--lr-g", "1e-3", "--lr-d", "1e-3"]
+
+
+def _max_diff(a: checkpoint.Checkpoint, b: checkpoint.Checkpoint) -> float:
+    assert a.weights.keys() == b.weights.keys()
+    d = 0.0
+    for n in a.weights:
+        assert a.weights[n].keys() == b.weights[n].keys()
+        for k in a.weights[n]:
+            d = max(d, float(np.abs(a.weights[n][k] - b.weights[n][k]).max()))
+    for n in a.optimizers:
+        sa, sb = a.optimizers[n]["slots"], b.optimizers[n]["slots"]
+        assert sa.keys() == sb.keys() and a.optimizers[n]["iterations"] == b.optimizers[n][
+            "iterations"]
+        for k in sa:
+            d = max(d, float(np.abs(sa[k] - sb[k]).max()))
+    assert a.rngs == b.rngs and a.layer_rngs == b.layer_rngs
+    return d
+
+
+def _losses(out: Path) -> np.ndarray:
+    from rawgan.train import read_metrics
+
+    return np.array([[r["d_loss"], r["g_loss"], r["d_real"], r["d_fake"]]
+                     for r in read_metrics(out / "metrics.jsonl") if "d_loss" in r])
+
+
+@needs_mpi
+def test_two_ranks_equal_one_process_and_only_rank0_writes(tmp_path):
+    """MLP GAN on the ring, float64, EMA on, 2 critic steps per step, 6 steps across an
+    epoch boundary with a checkpoint per epoch: weights, Adam slots, EMA and every random
+    stream equal the one-process run's (to 1e-10), the logged losses are the global batch's,
+    and rank 0 alone wrote (the same files as one process)."""
+    args = [*RING, "--max-steps", "6", "--d-steps", "2", "--ema", "0.9", "--save-every", "1"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _train(one, None, *args)
+    res = _train(two, 2, *args)
+    assert res.stdout.count("run folder:") == 1  # rank 0 reports, rank 1 is silent
+    a, b = (checkpoint.load_checkpoint(p / "checkpoint.h5") for p in (one, two))
+    assert _max_diff(a, b) < TOL
+    assert b.meta["world_size"] == 2 and b.meta["step"] == 6
+    assert np.abs(_losses(one) - _losses(two)).max() < TOL
+    files = sorted(str(p.relative_to(two)) for p in two.rglob("*"))
+    assert files == sorted(str(p.relative_to(one)) for p in one.rglob("*"))
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["ranks"] == 2 and summary["allreduce_calls"] >= 6 * 3
+
+
+@needs_mpi
+def test_two_rank_checkpoint_resumes_on_one_rank_and_on_two(tmp_path):
+    """4 steps on 2 ranks, then 4 more on 1 (and, separately, on 2): the same weights as 8
+    steps in one process."""
+    full, mixed, same = tmp_path / "full", tmp_path / "mixed", tmp_path / "same"
+    _train(full, None, *RING, "--max-steps", "8")
+    _train(mixed, 2, *RING, "--max-steps", "4")
+    shutil.copytree(mixed, same)
+    _train(mixed, None, *RING, "--max-steps", "8", "--resume")
+    _train(same, 2, *RING, "--max-steps", "8", "--resume")
+    ref = checkpoint.load_checkpoint(full / "checkpoint.h5")
+    for run in (mixed, same):
+        ck = checkpoint.load_checkpoint(run / "checkpoint.h5")
+        assert ck.meta["step"] == 8 and _max_diff(ref, ck) < TOL, run
+        assert np.abs(_losses(full) - _losses(run)).max() < TOL
+
+
+def _worker(out: Path, ranks: int | None, *args: str) -> list[dict[str, np.ndarray]]:
+    res = _run([str(WORKER), "--out", str(out), *args], ranks)
+    assert res.returncode == 0, res.stderr
+    files = sorted(out.glob("rank_*.npz"))
+    assert len(files) == (ranks or 1)
+    return [dict(np.load(f)) for f in files]
+
+
+def _params(d: dict) -> dict:
+    return {k: v for k, v in d.items() if k.startswith(("w/", "slot/"))}
+
+
+@needs_mpi
+@pytest.mark.parametrize("flags, exact", [
+    (["--sync-batchnorm"], True),                    # G: batch norm; D: dropout on [real; fake]
+    (["--sync-batchnorm", "--d-batchnorm"], True),   # D with batch norm: two passes
+    ([], False),                                     # per-rank batch norm
+], ids=["sync-bn", "sync-bn-critic-bn", "per-rank-bn"])
+def test_conv_gan_with_batchnorm_and_dropout(tmp_path, flags, exact):
+    """A DCGAN-like float64 model (transposed convolutions + batch norm in G, convolutions
+    + dropout in D), 4 steps of 2 critic updates: with synchronised batch norm 2 ranks equal
+    1 process to 1e-10 (dropout masks included); with per-rank batch norm they do not (each
+    rank normalises with its own 4 rows), but the ranks stay bit-identical either way."""
+    args = ["--steps", "4", "--d-steps", "2", *flags]
+    ref = _worker(tmp_path / "one", None, *args)[0]
+    r0, r1 = _worker(tmp_path / "two", 2, *args)
+    assert _params(r0).keys() == _params(ref).keys()
+    for k in _params(r0):
+        assert r0[k].tobytes() == r1[k].tobytes(), k  # ranks hold identical parameters
+    assert r0["rngs"] == r1["rngs"] == ref["rngs"]  # dropout generators as one process's
+    diff = max(float(np.abs(r0[k] - ref[k]).max()) for k in _params(r0))
+    if exact:
+        assert diff < TOL
+    else:
+        assert diff > 1e-6  # per-rank statistics are not the global batch's (documented)
+
+
+@needs_mpi
+@pytest.mark.parametrize("fault", ["hang", "exit"])
+def test_a_dead_rank_ends_the_job_with_a_message(tmp_path, fault):
+    """Rank 1 hangs (or leaves) at step 2: rank 0's all-reduce times out after 2 s, it
+    names itself and the step, and the job ends instead of hanging."""
+    t0 = time.perf_counter()
+    res = _run([str(WORKER), "--out", str(tmp_path), "--steps", "4", "--hang-rank", "1",
+                "--at-step", "2", "--fault", fault, "--timeout", "2"], 2, timeout=90)
+    elapsed = time.perf_counter() - t0
+    assert res.returncode != 0
+    assert ("rank 0 of 2: discriminator gradient all-reduce at step 2 did not complete "
+            "within 2 s") in res.stderr
+    assert "another rank has died or hangs" in res.stderr
+    assert elapsed < 60
+    assert not list(tmp_path.glob("rank_*.npz"))
+
+
+@needs_mpi
+def test_batch_that_does_not_split_is_a_clear_error(tmp_path):
+    res = _run(["-m", "rawgan.cli", "train", "--quiet", "--distributed", "--out",
+                str(tmp_path / "bad"), *RING, "--batch-size", "63", "--max-steps", "1"], 2)
+    assert res.returncode != 0
+    msg = "batch_size 63 does not split over 2 ranks"
+    assert res.stderr.count(msg) == 1, res.stderr  # printed by rank 0 only
+    assert "multiple of 2" in res.stderr
+    assert not (tmp_path / "bad").exists()  # nothing written
+
+
+@needs_mpi
+def test_distributed_without_mpiexec_is_one_rank(tmp_path):
+    """--distributed under plain python: MPI starts as a singleton, size 1, same result."""
+    _train(tmp_path / "plain", None, *RING, "--max-steps", "2")
+    argv = ["-m", "rawgan.cli", "train", "--quiet", "--distributed", "--out",
+            str(tmp_path / "single"), *RING, "--max-steps", "2"]
+    res = _run(argv, None)
+    assert res.returncode == 0, res.stderr
+    a, b = (checkpoint.load_checkpoint(tmp_path / p / "checkpoint.h5")
+            for p in ("plain", "single"))
+    assert _max_diff(a, b) == 0.0 and b.meta["world_size"] == 1
+
+
+@needs_mpi
+def test_dcgan_seed_model_on_mnist_two_ranks_sync_bn(tmp_path, mnist_dir):
+    """The seeds' DCGAN (batch norm in G, dropout in D) on real MNIST, float64, batch 8,
+    3 steps, synchronised batch norm: 2 ranks equal 1 process to 1e-10."""
+    args = ["--model", "dcgan", "--data-dir", str(mnist_dir), "--split", "test",
+            "--no-download", "--num-examples", "64", "--batch-size", "8", "--dtype",
+            "float64", "--max-steps", "3", "--sync-batchnorm", "--grid-size", "4"]
+    _train(tmp_path / "one", None, *args)
+    _train(tmp_path / "two", 2, *args)
+    a, b = (checkpoint.load_checkpoint(tmp_path / p / "checkpoint.h5") for p in ("one", "two"))
+    assert _max_diff(a, b) < TOL
+
+
+@pytest.mark.gpu
+def test_nccl_allreduce_on_two_gpus(tmp_path):
+    """NCCL all-reduce of a CuPy buffer over 2 ranks, one GPU each (needs 2 GPUs)."""
+    cupy = pytest.importorskip("cupy")
+    if not _mpi_available():
+        pytest.skip("needs mpi4py and mpiexec")
+    try:
+        n_dev = cupy.cuda.runtime.getDeviceCount()
+    except Exception:  # noqa: BLE001 - no driver
+        n_dev = 0
+    if n_dev < 2:
+        pytest.skip("needs 2 CUDA GPUs (one per rank)")
+    script = tmp_path / "nccl.py"
+    script.write_text(
+        "import cupy, numpy as np\n"
+        "from rawgan import distributed\n"
+        "c = distributed.get('nccl', timeout=60)\n"
+        "x = cupy.full(1000, c.rank + 1.0)\n"
+        "c.allreduce_mean(x, what='test')\n"
+        "assert float(x[0]) == 1.5 and c.calls == 1, x[:3]\n"
+        "print('ok', c.rank, c.device.id)\n")
+    res = _run([str(script)], 2, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("ok") == 2
