@@ -344,7 +344,13 @@ def test_a_run_saved_before_these_options_existed_resumes(tmp_path):
 # MPI: mpiexec -n 2 against one process
 # --------------------------------------------------------------------------------------
 
-MPIEXEC = shutil.which("mpiexec")
+def _find_mpiexec() -> str | None:
+    """The mpiexec beside this Python (the PyPI mpich wheel puts it there), else on PATH."""
+    here = Path(sys.executable).parent / "mpiexec"
+    return str(here) if here.is_file() else shutil.which("mpiexec")
+
+
+MPIEXEC = _find_mpiexec()
 
 
 def _mpi_available() -> bool:
