@@ -520,6 +520,94 @@ def _swap(layer, cls, **attrs):
     return new
 
 
+def _skip_uniforms(bg, m: int, dtype) -> None:
+    """Advance PCG64 ``bg`` past ``m`` uniforms of ``dtype`` exactly as ``Generator.random``
+    drawing them would leave it, its 32-bit buffer (``has_uint32``, ``uinteger``) included:
+    a float64 takes one 64-bit output and leaves the buffer alone; a float32 takes 32 bits,
+    the buffered high half of the last output first, else the low half of a new output
+    (whose high half is then buffered)."""
+    if m <= 0:
+        return
+    st = bg.state
+    has, held = st["has_uint32"], st["uinteger"]
+    if np.dtype(dtype) == np.float64:
+        bg.advance(m)  # (advance clears the buffer: put it back)
+        st = bg.state
+        st["has_uint32"], st["uinteger"] = has, held
+        bg.state = st
+        return
+    if has:  # the buffered half is the next float32 (its value stays behind, stale)
+        m -= 1
+        st["has_uint32"] = 0
+        bg.state = st
+    pairs, odd = divmod(m, 2)
+    if pairs:
+        bg.advance(pairs - 1)
+        v = int(bg.random_raw())  # the last pair: low half, then the buffered high half
+        st = bg.state
+        st["has_uint32"], st["uinteger"] = 0, v >> 32
+        bg.state = st
+    if odd:
+        v = int(bg.random_raw())
+        st = bg.state
+        st["has_uint32"], st["uinteger"] = 1, v >> 32
+        bg.state = st
+
+
+def _row_uniforms(rng: np.random.Generator, starts: Sequence[int], rows: int, total: int,
+                  row_shape: tuple[int, ...], dtype) -> np.ndarray:
+    """The uniforms ``rng.random((total, *row_shape), dtype)[rows r0 .. r0 + rows - 1 for
+    each r0 in starts]`` would give, drawing only those (the rest is skipped with
+    PCG64.advance); ``rng`` ends where the full draw leaves it."""
+    per = int(np.prod(row_shape, dtype=np.int64))
+    pos, parts = 0, []
+    for r0 in starts:
+        _skip_uniforms(rng.bit_generator, r0 * per - pos, dtype)
+        parts.append(rng.random((rows, *row_shape), dtype=dtype))
+        pos = (r0 + rows) * per
+    _skip_uniforms(rng.bit_generator, total * per - pos, dtype)
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+_FAST_MASKS: dict[tuple, bool] = {}
+
+
+def _fast_masks_ok(ops, dtype, rate: float) -> bool:
+    """Whether drawing only a rank's uniforms reproduces ``ops.dropout_forward``'s global
+    mask rows and final generator state exactly (checked once per backend, dtype and rate
+    on a small case, from a buffered and an unbuffered PCG64 state); else the full mask is
+    drawn."""
+    key = (getattr(ops, "__name__", id(ops)), np.dtype(dtype).str, float(rate))
+    if key not in _FAST_MASKS:
+        ok = getattr(ops, "xp", None) is np
+        for pre in (0, 1):
+            if not ok:
+                break
+            shape = (2 * 3 * 2, 5, 3)  # 2 blocks, 3 ranks, 2 rows each
+            ref = np.random.Generator(np.random.PCG64(12345))
+            ref.random(pre, dtype=dtype)
+            mine = np.random.Generator(np.random.PCG64(12345))
+            mine.random(pre, dtype=dtype)
+            state = mine.bit_generator.state
+            _, full = ops.dropout_forward(np.ones(shape, dtype=dtype), rate, ref, True)
+            for r in range(3):
+                mine.bit_generator.state = state
+                u = _row_uniforms(mine, [r * 2, 6 + r * 2], 2, 12, shape[1:], dtype)
+                got = _mask_from_uniforms(u, rate)
+                want = np.concatenate([full[r * 2:r * 2 + 2], full[6 + r * 2:8 + r * 2]])
+                ok = ok and got.dtype == want.dtype and np.array_equal(got, want) and (
+                    mine.bit_generator.state == ref.bit_generator.state)
+        _FAST_MASKS[key] = bool(ok)
+    return _FAST_MASKS[key]
+
+
+def _mask_from_uniforms(u: np.ndarray, rate: float) -> np.ndarray:
+    """numpy_ops.dropout_forward's mask from its uniforms: (u >= rate) / (1 - rate)."""
+    np.greater_equal(u, rate, out=u, casting="unsafe")
+    u *= 1.0 / (1.0 - rate)
+    return u
+
+
 class ShardedDropout(Dropout):
     """Dropout whose mask is rank r's rows of the mask one process draws for the global
     batch.
@@ -530,6 +618,11 @@ class ShardedDropout(Dropout):
     generator (the same state on every rank); rank r keeps rows
     ``[b*S*rows + r*rows, b*S*rows + (r+1)*rows)`` of each block b, and ``y = x * mask``,
     ``dL/dx = dy * mask`` as in :class:`Dropout`.
+
+    On the NumPy backend with a PCG64 generator a rank draws only its own uniforms and
+    skips the others' (``PCG64.advance``), so the draw costs 1/S of the full one; that
+    this gives the same bits as the full draw is checked once per dtype and rate
+    (:func:`_fast_masks_ok`), else (and on other backends) the full mask is drawn.
     """
 
     comm: Communicator
@@ -550,6 +643,12 @@ class ShardedDropout(Dropout):
             raise ValueError(f"{self._where()}: input of {x.shape[0]} rows is not a whole "
                              f"number of blocks of this rank's {n} rows")
         k, s, r = x.shape[0] // n, self.comm.size, self.comm.rank
+        if isinstance(self.rng.bit_generator, np.random.PCG64) and _fast_masks_ok(
+                self.ops, x.dtype, self.rate):
+            u = _row_uniforms(self.rng, [(b * s + r) * n for b in range(k)], n, k * s * n,
+                              tuple(x.shape[1:]), x.dtype)
+            mask = _mask_from_uniforms(u, self.rate)
+            return x * mask, {"mask": mask, "y_shape": tuple(x.shape)}
         xp = self.ops.xp
         ones = xp.broadcast_to(xp.ones(1, dtype=x.dtype), (k * s * n, *x.shape[1:]))
         _, mask = self.ops.dropout_forward(ones, self.rate, self.rng, True)

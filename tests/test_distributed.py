@@ -199,13 +199,27 @@ def test_shard_rows_and_noise_partition_the_global_batch():
 
 
 @pytest.mark.parametrize("blocks", [1, 2])
-def test_sharded_dropout_draws_the_global_mask(blocks):
-    """blocks=2 is the critic's [real; fake]: a rank's rows are its block of each half."""
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bitgen", ["pcg64", "pcg64-buffered", "philox"])
+def test_sharded_dropout_draws_the_global_mask(blocks, dtype, bitgen):
+    """blocks=2 is the critic's [real; fake]: a rank's rows are its block of each half.
+    PCG64 (what models use): a rank draws only its own uniforms and skips the others';
+    "buffered": a float32 half is waiting in the generator; Philox: the full mask is drawn
+    and sliced. Either way: the same mask bits and generator state as one process."""
     n, size = 3, 2
     rng = np.random.default_rng(2)
-    x = rng.standard_normal((blocks * size * n, 4, 5))
-    dy = rng.standard_normal(x.shape)
-    ref = Sequential([Dropout(0.4)], seed=9)._built((None, 4, 5), np.float64)
+    x = rng.standard_normal((blocks * size * n, 4, 5)).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+
+    def model():
+        m = Sequential([Dropout(0.4)], seed=9)._built((None, 4, 5), dtype)
+        if bitgen == "philox":
+            m.layers[0].rng = np.random.Generator(np.random.Philox(9))
+        if bitgen == "pcg64-buffered":
+            m.layers[0].rng.random(3, dtype=np.float32)
+        return m
+
+    ref = model()
     y_ref = ref.forward(x)
     dx_ref = ref.backward(dy)
 
@@ -214,7 +228,7 @@ def test_sharded_dropout_draws_the_global_mask(blocks):
                                for b in range(blocks)])
 
     def rank(comm):
-        m = Sequential([Dropout(0.4)], seed=9)._built((None, 4, 5), np.float64)
+        m = model()
         distributed.prepare_models([m], comm, rows=n)
         assert isinstance(m.layers[0], distributed.ShardedDropout)
         assert m.layers[0].kind == "Dropout" and m.layers[0].name == "dropout"
@@ -224,6 +238,7 @@ def test_sharded_dropout_draws_the_global_mask(blocks):
         return idx, y, dx, checkpoint.rng_state(m.layers[0].rng)
 
     for idx, y, dx, state in run_ranks(size, rank):
+        assert y.dtype == dtype
         assert np.array_equal(y, y_ref[idx]) and np.array_equal(dx, dx_ref[idx])
         assert state == checkpoint.rng_state(ref.layers[0].rng)  # the generator advanced alike
 
