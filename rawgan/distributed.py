@@ -432,7 +432,7 @@ class DistributedOptimizer:
 
     Everything else (``lr``, ``iterations``, ``state_dict``, ...) is the wrapped
     optimizer's, which is what checkpoints store. ``seconds`` / ``calls`` count its
-    all-reduces; ``pack_seconds`` the copies in and out.
+    all-reduces (time inside the collective); ``pack_seconds`` the copies in and out.
     """
 
     def __init__(self, optimizer, comm: Communicator, name: str = "model") -> None:
@@ -468,7 +468,7 @@ class DistributedOptimizer:
                 for g in grads:
                     flat[o:o + g.size] = g.reshape(-1)
                     o += g.size
-                t1 = time.perf_counter()
+                t1, c1 = time.perf_counter(), self.comm.seconds
                 self.comm.allreduce_mean(flat, what=f"{self.name} gradient all-reduce")
                 t2 = time.perf_counter()
                 o = 0
@@ -476,7 +476,7 @@ class DistributedOptimizer:
                     g[...] = flat[o:o + g.size].reshape(g.shape)
                     o += g.size
                 self.calls += 1
-                self.seconds += t2 - t1
+                self.seconds += self.comm.seconds - c1  # inside the collective
                 self.pack_seconds += (t1 - t0) + (time.perf_counter() - t2)
         self.optimizer.step()
 

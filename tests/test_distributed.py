@@ -561,6 +561,24 @@ def test_dcgan_seed_model_on_mnist_two_ranks_sync_bn(tmp_path, mnist_dir):
     assert _max_diff(a, b) < TOL
 
 
+@needs_mpi
+def test_dcgan_per_rank_batchnorm_with_ema_keeps_ranks_identical(tmp_path, mnist_dir):
+    """Per-rank batch norm, float32, EMA, a checkpoint and a sample grid every epoch: the
+    moving statistics are averaged before each (else the consistency check at every
+    checkpoint stops the run), and the run resumes on one rank."""
+    args = ["--model", "dcgan", "--data-dir", str(mnist_dir), "--split", "test",
+            "--no-download", "--num-examples", "32", "--batch-size", "8", "--ema", "0.9",
+            "--save-every", "1", "--grid-size", "4"]
+    run = tmp_path / "run"
+    _train(run, 2, *args, "--epochs", "2")
+    ck = checkpoint.load_checkpoint(run / "checkpoint.h5")
+    assert ck.meta["world_size"] == 2 and ck.meta["step"] == 8
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["epoch_0001.png",
+                                                                  "epoch_0002.png"]
+    _train(run, None, *args, "--epochs", "3", "--resume")
+    assert checkpoint.load_checkpoint(run / "checkpoint.h5").meta["step"] == 12
+
+
 @pytest.mark.gpu
 def test_nccl_allreduce_on_two_gpus(tmp_path):
     """NCCL all-reduce of a CuPy buffer over 2 ranks, one GPU each (needs 2 GPUs)."""
