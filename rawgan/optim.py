@@ -39,16 +39,29 @@ class Optimizer:
             per[slot] = like * 0  # zeros on the parameter's backend and dtype
         return per[slot]
 
+    #: The backend op that applies this rule to every tensor in one call (numpy_ops and
+    #: cupy_ops have them); a backend without it gets the per-tensor ``_update`` below.
+    FUSED: str = ""
+
     def step(self) -> None:
         """Apply one update to every trainable parameter, in place."""
         self.iterations += 1
-        for name, p, g in self._params():
+        triples = list(self._params())
+        fused = getattr(self.model.ops, self.FUSED, None) if self.FUSED else None
+        if fused is not None and triples:
+            self._fused_step(fused, [n for n, _, _ in triples], [p for _, p, _ in triples],
+                             [g for _, _, g in triples])
+            return
+        for name, p, g in triples:
             self._update(name, p, g)
             if self.clip_value is not None:
                 # WGAN weight clipping (Arjovsky et al. 2017): p <- clip(p, -c, c)
                 np.clip(p, -self.clip_value, self.clip_value, out=p)
 
     def _update(self, name: str, p, g) -> None:
+        raise NotImplementedError
+
+    def _fused_step(self, fused, names: list[str], params: list, grads: list) -> None:
         raise NotImplementedError
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -92,6 +105,13 @@ class SGD(Optimizer):
         self.momentum = float(momentum)
         self.nesterov = bool(nesterov)
 
+    FUSED = "sgd_update"
+
+    def _fused_step(self, fused, names, params, grads):
+        vel = None if self.momentum == 0.0 else [
+            self._slot(n, "momentum", p) for n, p in zip(names, params, strict=True)]
+        fused(params, grads, vel, self.lr, self.momentum, self.nesterov, self.clip_value)
+
     def _update(self, name, p, g):
         if self.momentum == 0.0:
             p -= self.lr * g
@@ -119,6 +139,12 @@ class RMSprop(Optimizer):
             raise ValueError(f"RMSprop: rho must be in [0, 1), got {rho!r}")
         self.rho = float(rho)
         self.epsilon = float(epsilon)
+
+    FUSED = "rmsprop_update"
+
+    def _fused_step(self, fused, names, params, grads):
+        acc = [self._slot(n, "velocity", p) for n, p in zip(names, params, strict=True)]
+        fused(params, grads, acc, self.lr, self.rho, self.epsilon, self.clip_value)
 
     def _update(self, name, p, g):
         a = self._slot(name, "velocity", p)
@@ -150,6 +176,14 @@ class Adam(Optimizer):
         t = self.iterations + 1
         self._alpha = self.lr * (1.0 - self.beta_2 ** t) ** 0.5 / (1.0 - self.beta_1 ** t)
         super().step()
+
+    FUSED = "adam_update"
+
+    def _fused_step(self, fused, names, params, grads):
+        ms = [self._slot(n, "m", p) for n, p in zip(names, params, strict=True)]
+        vs = [self._slot(n, "v", p) for n, p in zip(names, params, strict=True)]
+        fused(params, grads, ms, vs, self._alpha, self.beta_1, self.beta_2, self.epsilon,
+              self.clip_value)
 
     def _update(self, name, p, g):
         m = self._slot(name, "m", p)

@@ -1,0 +1,257 @@
+"""The CPU backend's threads and chunks (rawgan.backends.cpu_threads, numpy_ops' chunked
+convolutions): the parallel paths give the serial results, pass the float64
+finite-difference checks, and behave (errors, nesting, thread counts).
+
+The test shapes are small, so by default every op would run serially in one chunk. The
+``forced`` fixture makes every op take its parallel path (MIN_PARALLEL = 1), with three
+workers on uneven row ranges, and cuts every convolution into chunks of one or two images.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from rawgan import optim
+from rawgan.backends import cpu_threads
+from rawgan.backends import numpy_ops as ops
+from rawgan.gradcheck import TOLERANCE, check_layer, random_cases
+from rawgan.nn import Dense, Sequential
+
+
+@pytest.fixture
+def forced(monkeypatch):
+    """Every op parallel (3 workers), every conv in tiny chunks; restored afterwards."""
+    before = cpu_threads.num_threads()
+    monkeypatch.setattr(cpu_threads, "MIN_PARALLEL", 1)
+    monkeypatch.setattr(ops, "CHUNK_BYTES", 1)  # one image per chunk
+    cpu_threads.set_num_threads(3)
+    yield
+    cpu_threads.set_num_threads(before)
+
+
+def serial(fn, *args, **kw):
+    """``fn`` run with one thread and whole-batch chunks (the plain NumPy path)."""
+    before, chunk = cpu_threads.num_threads(), ops.CHUNK_BYTES
+    cpu_threads.set_num_threads(1)
+    ops.CHUNK_BYTES = 1 << 40
+    try:
+        return fn(*args, **kw)
+    finally:
+        cpu_threads.set_num_threads(before)
+        ops.CHUNK_BYTES = chunk
+
+
+def naive_conv(x, w, stride, pads):
+    """Direct definition: y[n,i,j,o] = sum_{a,b,c} xpad[n, i*sh+a, j*sw+b, c] w[a,b,c,o]."""
+    (pt, pb), (pl, pr) = pads
+    xp = np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    kh, kw = w.shape[:2]
+    sh, sw = stride
+    ho, wo = (xp.shape[1] - kh) // sh + 1, (xp.shape[2] - kw) // sw + 1
+    y = np.zeros((x.shape[0], ho, wo, w.shape[3]))
+    for a in range(kh):
+        for b in range(kw):
+            win = xp[:, a:a + sh * (ho - 1) + 1:sh, b:b + sw * (wo - 1) + 1:sw, :]
+            y += np.einsum("nijc,co->nijo", win, w[a, b])
+    return y
+
+
+CONV_CASES = [  # (N, H, W, C, O, k, s, padding)
+    (5, 7, 7, 3, 4, 5, 1, "same"),   # several tap groups (border runs)
+    (4, 14, 14, 2, 3, 5, 2, "same"),  # thin K: padded first, one group
+    (3, 9, 8, 4, 2, 3, 3, "valid"),
+    (6, 6, 5, 16, 3, 4, 2, 1),        # K = 256: groups
+    (2, 5, 5, 1, 2, 1, 1, "same"),
+]
+
+
+def close(a, b):
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+def test_chunked_parallel_conv_equals_serial_and_definition(forced, case):
+    n, h, w_, c, o, k, s, padding = case
+    rng = np.random.default_rng(sum(case[:7]))
+    x = rng.standard_normal((n, h, w_, c))
+    w = rng.standard_normal((k, k, c, o))
+    b = rng.standard_normal(o)
+    y = ops.conv2d_forward(x, w, b, s, padding)
+    ho, wo, pads = ops.conv_geometry(h, w_, k, k, (s, s), padding)
+    close(y, naive_conv(x, w, (s, s), pads) + b)
+    close(y, serial(ops.conv2d_forward, x, w, b, s, padding))
+    dy = rng.standard_normal(y.shape)
+    for got, want in zip(ops.conv2d_backward(dy, x, w, s, padding),
+                         serial(ops.conv2d_backward, dy, x, w, s, padding), strict=True):
+        close(got, want)
+    # the transposed conv with the same kernel (HWIO read as (kh, kw, c_out, c_in)) is the
+    # adjoint: <conv(x), dy> = <x, conv_transpose(dy)> where the sizes agree
+    xt = ops.conv2d_transpose_forward(dy, w, b[:c] if c <= o else None, s, padding)
+    close(xt, serial(ops.conv2d_transpose_forward, dy, w, b[:c] if c <= o else None, s,
+                     padding))
+    if xt.shape == x.shape and c > o:
+        assert np.isclose(np.vdot(y - b, dy), np.vdot(x, xt))
+    dxt = rng.standard_normal(xt.shape)
+    for got, want in zip(ops.conv2d_transpose_backward(dxt, dy, w, s, padding),
+                         serial(ops.conv2d_transpose_backward, dxt, dy, w, s, padding),
+                         strict=True):
+        close(got, want)
+
+
+def test_parallel_elementwise_and_batchnorm_equal_serial(forced):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((7, 3, 2, 5))
+    dy = rng.standard_normal(x.shape)
+    gamma, beta = rng.standard_normal(5), rng.standard_normal(5)
+    for fn, args in [(ops.leaky_relu_forward, (x, 0.2)), (ops.leaky_relu_backward, (dy, x, 0.2)),
+                     (ops.leaky_relu_forward, (x, 1.5)), (ops.tanh_forward, (x,)),
+                     (ops.tanh_backward, (dy, np.tanh(x))), (ops.bias_add_forward, (x, beta)),
+                     (ops.bias_add_backward, (dy,)), (ops.dropout_backward, (dy, x)),
+                     (ops.dense_forward, (x[:, 0, 0], dy[:, 0, 0].T, x[:, 0, 1, 0]))]:
+        close(fn(*args), serial(fn, *args))
+    for training in (True, False):
+        mm, mv = rng.standard_normal(5), rng.uniform(0.5, 2, 5)
+        got = ops.batchnorm_forward(x, gamma, beta, mm.copy(), mv.copy(), training=training)
+        want = serial(ops.batchnorm_forward, x, gamma, beta, mm.copy(), mv.copy(),
+                      training=training)
+        for g, w in zip(got, want, strict=True):
+            close(g, w)
+        for g, w in zip(ops.batchnorm_backward(dy, x, gamma, got[1], got[2], training),
+                        serial(ops.batchnorm_backward, dy, x, gamma, got[1], got[2], training),
+                        strict=True):
+            close(g, w)
+    y, mask = ops.dropout_forward(x, 0.3, np.random.default_rng(5))
+    y_ref, mask_ref = serial(ops.dropout_forward, x, 0.3, np.random.default_rng(5))
+    close(y, y_ref)
+    close(mask, mask_ref)
+
+
+CASES = [c for c in random_cases(np.random.default_rng(99), trials=6)
+         if c.layer in ("Dense", "Conv2D", "Conv2DTranspose", "BatchNormalization", "Dropout",
+                        "LeakyReLU", "Tanh")]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c.layer}-{c.config}" for c in CASES])
+def test_finite_differences_on_the_parallel_path(forced, case):
+    errors = check_layer(case.make(), case.input_shape, np.random.default_rng(8), case.training)
+    assert max(errors.values()) < TOLERANCE, errors
+
+
+def test_same_thread_count_gives_bitwise_identical_results():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 14, 14, 8)).astype(np.float32)
+    w = rng.standard_normal((5, 5, 8, 16)).astype(np.float32)
+    dy = rng.standard_normal((64, 7, 7, 16)).astype(np.float32)
+    first = ops.conv2d_backward(dy, x, w, 2, "same")
+    again = ops.conv2d_backward(dy, x, w, 2, "same")
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_parallel_rows_covers_every_row_once_in_order(monkeypatch):
+    monkeypatch.setattr(cpu_threads, "MIN_PARALLEL", 1)
+    before = cpu_threads.num_threads()
+    cpu_threads.set_num_threads(3)
+    try:
+        ranges = cpu_threads.parallel_rows(lambda k, lo, hi: (k, lo, hi), 10)
+        assert [r[0] for r in ranges] == [0, 1, 2]
+        assert ranges[0][1] == 0 and ranges[-1][2] == 10
+        assert all(a[2] == b[1] for a, b in zip(ranges, ranges[1:], strict=False))
+        assert cpu_threads.parallel_rows(lambda k, lo, hi: (lo, hi), 1) == [(0, 1)]
+        # a body that calls parallel_rows again runs that inner call on its own thread
+        inner = cpu_threads.parallel_rows(
+            lambda k, lo, hi: cpu_threads.parallel_rows(lambda k2, a, b: threading.get_ident(),
+                                                        8), 6)
+        assert all(len(r) == 1 for r in inner)
+    finally:
+        cpu_threads.set_num_threads(before)
+
+
+def test_parallel_rows_reraises_after_every_body_finished(monkeypatch):
+    monkeypatch.setattr(cpu_threads, "MIN_PARALLEL", 1)
+    before = cpu_threads.num_threads()
+    cpu_threads.set_num_threads(2)
+    done = []
+
+    def body(k, lo, hi):
+        if k == 0:
+            raise RuntimeError("worker 0 failed")
+        done.append(k)
+
+    try:
+        with pytest.raises(RuntimeError, match="worker 0 failed"):
+            cpu_threads.parallel_rows(body, 4)
+        assert done == [1]
+    finally:
+        cpu_threads.set_num_threads(before)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_set_num_threads_rejects_bad_counts(bad):
+    with pytest.raises(ValueError, match="positive int"):
+        cpu_threads.set_num_threads(bad)
+
+
+def test_thread_count_follows_the_environment(monkeypatch):
+    monkeypatch.setenv("RAWGAN_NUM_THREADS", "1")
+    assert cpu_threads._default_threads() == 1
+    monkeypatch.delenv("RAWGAN_NUM_THREADS")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cpu_threads._default_threads() == 3
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: optim.Adam(m, lr=1e-2),
+    lambda m: optim.Adam(m, lr=1e-2, clip_value=0.05),
+    lambda m: optim.SGD(m, lr=1e-2),
+    lambda m: optim.SGD(m, lr=1e-2, momentum=0.9, nesterov=True),
+    lambda m: optim.RMSprop(m, lr=1e-2, clip_value=0.1),
+], ids=["adam", "adam-clip", "sgd", "sgd-nesterov", "rmsprop-clip"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_optimizer_updates_equal_the_per_tensor_rule(forced, make, dtype):
+    """numpy_ops' multi-tensor updates (ranges crossing tensor ends, 3 workers) give
+    bit for bit what rawgan.optim's per-tensor rule gives."""
+    def model():
+        m = Sequential([Dense(7), Dense(3)], seed=4)
+        m.build((5, 4), dtype=dtype)
+        return m
+
+    a, b = model(), model()
+    opt_a, opt_b = make(a), make(b)
+    opt_b.FUSED = ""  # the per-tensor path
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        for m in (a, b):
+            m.zero_grad()
+        for (_, _, ga), (_, _, gb) in zip(a.parameters(), b.parameters(), strict=True):
+            g = rng.standard_normal(ga.shape).astype(dtype)
+            ga += g
+            gb += g
+        opt_a.step()
+        opt_b.step()
+    for (_, pa, _), (_, pb, _) in zip(a.parameters(), b.parameters(), strict=True):
+        np.testing.assert_array_equal(pa, pb)
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+@pytest.mark.parametrize("flags", [(True, False), (False, True)], ids=["dx-only", "dw-only"])
+def test_conv_backward_flags_give_the_same_gradients(forced, case, flags):
+    """need_dx / need_dw False skip work, never change what is returned otherwise."""
+    n, h, w_, c, o, k, s, padding = case
+    rng = np.random.default_rng(sum(case[:7]) + 1)
+    x, w = rng.standard_normal((n, h, w_, c)), rng.standard_normal((k, k, c, o))
+    need_dx, need_dw = flags
+    xt = rng.standard_normal((n, h, w_, o))  # the transposed conv reads w as (k, k, c, o)
+    for fwd, bwd, inp in ((ops.conv2d_forward, ops.conv2d_backward, x),
+                          (ops.conv2d_transpose_forward, ops.conv2d_transpose_backward, xt)):
+        dy = rng.standard_normal(fwd(inp, w, None, s, padding).shape)
+        full = bwd(dy, inp, w, s, padding)
+        part = bwd(dy, inp, w, s, padding, need_dx=need_dx, need_dw=need_dw)
+        for got, want, wanted in zip(part, full, (need_dx, need_dw, need_dw), strict=True):
+            if wanted:
+                close(got, want)
+            else:
+                assert got is None
