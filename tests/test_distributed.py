@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -522,6 +523,37 @@ def test_a_dead_rank_ends_the_job_with_a_message(tmp_path, fault):
     assert "another rank has died or hangs" in res.stderr
     assert elapsed < 60
     assert not list(tmp_path.glob("rank_*.npz"))
+
+
+@needs_mpi
+def test_ctrl_c_stops_every_rank_at_the_same_step_and_saves(tmp_path):
+    """SIGINT to mpiexec (it forwards Ctrl-C to the ranks): the ranks agree on the step to
+    stop after (through the statistics all-reduce), rank 0 saves there and says so once,
+    exit status 130; the run then resumes on one rank."""
+    out = tmp_path / "run"
+    argv = [MPIEXEC, "-n", "2", sys.executable, "-m", "rawgan.cli", "train", "--quiet",
+            "--distributed", "--out", str(out), *RING, "--num-examples", "100000",
+            "--epochs", "50"]
+    proc = subprocess.Popen(argv, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # wait for some steps
+            log = out / "metrics.jsonl"
+            if log.is_file() and len(log.read_text().splitlines()) > 20:
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert err.count("rawgan train: interrupted") == 1, err
+    ck = checkpoint.load_checkpoint(out / "checkpoint.h5")
+    assert ck.meta["step"] == len(_losses(out)) > 20
+    _train(out, None, *RING, "--num-examples", "100000", "--epochs", "50", "--max-steps",
+           str(ck.meta["step"] + 2), "--resume")
 
 
 @needs_mpi
