@@ -51,7 +51,6 @@ resumes with any number of ranks that divides the batch size.
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 import sys
 import time
@@ -828,9 +827,3 @@ def check_identical(named: dict[str, Iterable], comm: Communicator) -> None:
             f"{f' at step {comm.step}' if comm.step is not None else ''}; data-parallel "
             f"training keeps them identical, so this is a bug (or a non-deterministic "
             f"backend)"))
-
-
-def env_threads() -> dict[str, str]:
-    """The thread-count environment variables of this process (for benchmark records)."""
-    return {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                                       "MKL_NUM_THREADS") if k in os.environ}
