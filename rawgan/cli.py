@@ -303,6 +303,8 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             _err("train", str(exc))
         return 1
     except (ValueError, OSError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and not getattr(exc, "rawgan_agreed", False):
+            raise  # a bug: keep the traceback (only the ranks' consistency check is agreed)
         if getattr(exc, "rawgan_rank", 0) == 0:
             _err("train", f"{type(exc).__name__}: {exc}")
         return 1
