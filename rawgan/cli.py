@@ -71,8 +71,9 @@ _HELP: dict[str, tuple[str, str | None]] = {
     "progress": ("show a progress bar and per-epoch lines (the bar only on a terminal)", None),
     "distributed": ("data-parallel training on the ranks of an MPI job: mpiexec -n N rawgan "
                     "train --distributed ... (needs mpi4py and an MPI: pip install mpi4py "
-                    "mpich); each rank computes on batch-size / N rows of every batch, "
-                    "gradients are averaged, rank 0 writes; NCCL for --backend cupy", None),
+                    "mpich; and OMP_NUM_THREADS=cores/N); each rank computes on batch-size / N "
+                    "rows of every batch, gradients are averaged, rank 0 writes; NCCL for "
+                    "--backend cupy", None),
     "sync_batchnorm": ("with --distributed: batch norm uses the whole global batch's "
                        "statistics (two all-reduces per layer and step); off: each rank's "
                        "own rows", None),
