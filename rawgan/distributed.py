@@ -59,6 +59,7 @@ from typing import Any
 
 import numpy as np
 
+from .backends.streams import skip_uniforms
 from .nn import BatchNormalization, Dropout, Sequential
 
 __all__ = [
@@ -519,40 +520,6 @@ def _swap(layer, cls, **attrs):
     return new
 
 
-def _skip_uniforms(bg, m: int, dtype) -> None:
-    """Advance PCG64 ``bg`` past ``m`` uniforms of ``dtype`` exactly as ``Generator.random``
-    drawing them would leave it, its 32-bit buffer (``has_uint32``, ``uinteger``) included:
-    a float64 takes one 64-bit output and leaves the buffer alone; a float32 takes 32 bits,
-    the buffered high half of the last output first, else the low half of a new output
-    (whose high half is then buffered)."""
-    if m <= 0:
-        return
-    st = bg.state
-    has, held = st["has_uint32"], st["uinteger"]
-    if np.dtype(dtype) == np.float64:
-        bg.advance(m)  # (advance clears the buffer: put it back)
-        st = bg.state
-        st["has_uint32"], st["uinteger"] = has, held
-        bg.state = st
-        return
-    if has:  # the buffered half is the next float32 (its value stays behind, stale)
-        m -= 1
-        st["has_uint32"] = 0
-        bg.state = st
-    pairs, odd = divmod(m, 2)
-    if pairs:
-        bg.advance(pairs - 1)
-        v = int(bg.random_raw())  # the last pair: low half, then the buffered high half
-        st = bg.state
-        st["has_uint32"], st["uinteger"] = 0, v >> 32
-        bg.state = st
-    if odd:
-        v = int(bg.random_raw())
-        st = bg.state
-        st["has_uint32"], st["uinteger"] = 1, v >> 32
-        bg.state = st
-
-
 def _row_uniforms(rng: np.random.Generator, starts: Sequence[int], rows: int, total: int,
                   row_shape: tuple[int, ...], dtype) -> np.ndarray:
     """The uniforms ``rng.random((total, *row_shape), dtype)[rows r0 .. r0 + rows - 1 for
@@ -561,10 +528,10 @@ def _row_uniforms(rng: np.random.Generator, starts: Sequence[int], rows: int, to
     per = int(np.prod(row_shape, dtype=np.int64))
     pos, parts = 0, []
     for r0 in starts:
-        _skip_uniforms(rng.bit_generator, r0 * per - pos, dtype)
+        skip_uniforms(rng.bit_generator, r0 * per - pos, dtype)
         parts.append(rng.random((rows, *row_shape), dtype=dtype))
         pos = (r0 + rows) * per
-    _skip_uniforms(rng.bit_generator, total * per - pos, dtype)
+    skip_uniforms(rng.bit_generator, total * per - pos, dtype)
     return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 

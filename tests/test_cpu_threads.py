@@ -4,7 +4,7 @@ finite-difference checks, and behave (errors, nesting, thread counts).
 
 The test shapes are small, so by default every op would run serially in one chunk. The
 ``forced`` fixture makes every op take its parallel path (MIN_PARALLEL = 1), with three
-workers on uneven row ranges, and cuts every convolution into chunks of one or two images.
+workers on uneven row ranges, and cuts every convolution group into spans of one image.
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ from rawgan.nn import Dense, Sequential
 
 @pytest.fixture
 def forced(monkeypatch):
-    """Every op parallel (3 workers), every conv in tiny chunks; restored afterwards."""
+    """Every op parallel (3 workers), every conv group in spans of one image; restored
+    afterwards."""
     before = cpu_threads.num_threads()
     monkeypatch.setattr(cpu_threads, "MIN_PARALLEL", 1)
-    monkeypatch.setattr(ops, "CHUNK_BYTES", 1)  # one image per chunk
+    monkeypatch.setattr(ops, "CHUNK_BYTES", 1)  # one image per span
+    monkeypatch.setattr(ops, "MIN_ROWS", 1)
     cpu_threads.set_num_threads(3)
     yield
     cpu_threads.set_num_threads(before)
@@ -255,3 +257,54 @@ def test_conv_backward_flags_give_the_same_gradients(forced, case, flags):
                 close(got, want)
             else:
                 assert got is None
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(7, 3), (6, 5, 1), (2, 1), (9,)], ids=str)
+@pytest.mark.parametrize("buffered", [False, True], ids=["fresh", "half-buffered"])
+def test_parallel_uniforms_are_the_one_call_draw(forced, dtype, shape, buffered):
+    """Worker k skips to its rows with PCG64.advance: same numbers, same final state, also
+    when the generator holds a buffered 32-bit half (an odd number of float32s drawn)."""
+    a, b = np.random.default_rng(21), np.random.default_rng(21)
+    if buffered:
+        a.random(3, dtype=np.float32)
+        b.random(3, dtype=np.float32)
+    np.testing.assert_array_equal(ops._uniforms(a, shape, dtype), b.random(shape, dtype=dtype))
+    assert a.bit_generator.state == b.bit_generator.state
+    np.testing.assert_array_equal(a.random(5, dtype=np.float32), b.random(5, dtype=np.float32))
+
+
+def test_uniforms_with_another_bit_generator_draw_in_one_call(forced):
+    a, b = (np.random.Generator(np.random.MT19937(3)) for _ in range(2))
+    np.testing.assert_array_equal(ops._uniforms(a, (8, 4), np.float32),
+                                  b.random((8, 4), dtype=np.float32))
+
+
+def test_blas_threads_are_restored_after_concurrent_callers(monkeypatch):
+    """Two user threads running GEMM ops at once: BLAS is held at one thread while any of
+    them runs and is back at its own count when both are done."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    blas = threadpoolctl.ThreadpoolController().select(user_api="blas")
+    if not blas.lib_controllers:
+        pytest.skip("no BLAS that threadpoolctl can control")
+    before = [lib.get_num_threads() for lib in blas.lib_controllers]
+    monkeypatch.setattr(cpu_threads, "MIN_PARALLEL", 1)
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((8, 9, 9, 3)), rng.standard_normal((3, 3, 3, 4))
+    want = serial(ops.conv2d_forward, x, w, None, 1, "same")
+    errors = []
+
+    def caller():
+        try:
+            for _ in range(20):
+                close(ops.conv2d_forward(x, w, None, 1, "same"), want)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=caller) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert [lib.get_num_threads() for lib in blas.lib_controllers] == before

@@ -61,17 +61,59 @@ DTYPES = [np.float32, np.float64]
 TOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
 
 
+def _locked_shared_array():
+    """The simulator's ``cuda.shared.array`` with its check-then-create made atomic.
+
+    numba-cuda's simulator (0.30.4, ``FakeCUDAShared.array``) hands every thread of a block
+    the same array by looking the call site up in a dict and creating the array when it is
+    missing: two threads that both miss create TWO arrays, and the block's threads then
+    stage their tiles in different "shared" memories. That race made this module fail now
+    and then, a different test each time (more often on a busy machine, and with the 0.1 ms
+    switch interval below). This is the same lookup under a lock; a real GPU is unaffected.
+    """
+    import threading
+
+    from numba.core import types
+    from numba.cuda.simulator.kernelapi import FakeCUDAShared
+    from numba.np import numpy_support
+
+    lock = threading.Lock()
+    original = FakeCUDAShared.array
+
+    def array(self, shape, dtype, alignment=None):
+        if alignment is not None or shape == 0:  # dynamic shared memory: no lookup race
+            return original(self, shape, dtype, alignment)
+        if isinstance(dtype, types.Type):
+            dtype = numpy_support.as_dtype(dtype)
+        frame = sys._getframe(1)  # the kernel line that asked, as the simulator keys it
+        caller = (frame.f_code.co_filename, frame.f_lineno)
+        with lock:
+            res = self._allocations.get(caller)
+            if res is None:
+                res = self._allocations[caller] = np.empty(shape, dtype)
+        return res
+
+    return FakeCUDAShared, original, array
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _simulator_settings():
     """Poison every output; switch Python threads often (the simulator's block manager
-    busy-waits on its threads at each syncthreads: 5 ms switches make that crawl)."""
+    busy-waits on its threads at each syncthreads: 5 ms switches make that crawl); make the
+    simulator's shared-array lookup thread-safe (see :func:`_locked_shared_array`)."""
     old_interval = sys.getswitchinterval()
     old_poison = nb.poison_outputs
+    patched = None
+    if nb.SIMULATOR:
+        cls, original, array = _locked_shared_array()
+        cls.array, patched = array, (cls, original)
     sys.setswitchinterval(1e-4)
     nb.poison_outputs = True
     yield
     nb.poison_outputs = old_poison
     sys.setswitchinterval(old_interval)
+    if patched:
+        patched[0].array = patched[1]
 
 
 def host(a):

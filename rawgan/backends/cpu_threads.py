@@ -93,6 +93,33 @@ def _blas_controller():
     return _blas
 
 
+_blas_lock = threading.Lock()
+_blas_depth = 0
+_blas_saved: list[int] = []
+
+
+@contextlib.contextmanager
+def _blas_single():
+    """BLAS at one thread until the last of any overlapping holders (threads) leaves; then
+    back to what it was before the first one came."""
+    global _blas_depth, _blas_saved
+    libs = _blas_controller().lib_controllers
+    with _blas_lock:
+        if _blas_depth == 0:
+            _blas_saved = [lib.get_num_threads() for lib in libs]
+            for lib in libs:
+                lib.set_num_threads(1)
+        _blas_depth += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_depth -= 1
+            if _blas_depth == 0:
+                for lib, n in zip(libs, _blas_saved, strict=True):
+                    lib.set_num_threads(n)
+
+
 def workers_for(n_rows: int, size: int = MIN_PARALLEL, blas_single: bool = False) -> int:
     """How many workers :func:`parallel_rows` will use for ``n_rows`` rows of ``size``
     elements in all (1 for small work, for nested calls, or GEMM work without threadpoolctl)."""
@@ -121,8 +148,7 @@ def parallel_rows(body: Callable[[int, int, int], object], n_rows: int, *,
     if getattr(_state, "inside", False):
         return [body(_state.worker, 0, n_rows)]
     t = workers_for(n_rows, size, blas_single)
-    ctl = _blas_controller() if blas_single else None
-    limit = ctl.limit(limits=1) if ctl else contextlib.nullcontext()
+    limit = _blas_single() if blas_single and _blas_controller() else contextlib.nullcontext()
     bounds = [n_rows * k // t for k in range(t + 1)]
 
     def run(k: int):

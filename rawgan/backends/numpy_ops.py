@@ -17,6 +17,7 @@ Notation in the docstrings: ``N`` batch, ``H, W`` spatial size, ``C`` channels,
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,6 +25,7 @@ from numpy.lib.stride_tricks import as_strided
 
 from . import cpu_threads
 from .cpu_threads import num_threads, set_num_threads  # noqa: F401  (re-exported)
+from .streams import skip_uniforms
 
 name = "numpy"
 xp = np
@@ -76,15 +78,15 @@ class _Workspace:
         self._buffers.clear()
 
 
-workspace = _Workspace()
-_workspaces = [workspace]  # one per worker thread of cpu_threads.parallel_rows
+_local = threading.local()
 
 
-def _worker_workspace(k: int) -> _Workspace:
-    """The scratch buffers of worker ``k`` (worker 0 is the calling thread)."""
-    while len(_workspaces) <= k:
-        _workspaces.append(_Workspace())
-    return _workspaces[k]
+def _thread_workspace() -> _Workspace:
+    """This thread's scratch buffers (every worker thread, and every caller, has its own)."""
+    ws = getattr(_local, "workspace", None)
+    if ws is None:
+        ws = _local.workspace = _Workspace()
+    return ws
 
 
 # --------------------------------------------------------------------------------------
@@ -227,8 +229,10 @@ def conv_transpose_geometry(
 # thread, as one padded GEMM: 99 ms whole-batch, 76 ms in chunks). Tap groups are not
 # chunked (see :class:`_Plan`).
 
-#: Target size of one chunk's column matrix (bytes); see above and :class:`_Plan`.
+#: Target size of one span's column matrix (bytes), and the fewest GEMM rows a span may
+#: have; see above and :class:`_Plan`.
 CHUNK_BYTES = 1 << 22
+MIN_ROWS = 256
 
 
 def _tap_runs(out_size: int, in_size: int, k: int, s: int, pad: int) -> list[tuple[int, ...]]:
@@ -312,16 +316,17 @@ class _Plan:
     (``.T`` for the scatter); ``pad_first``: the input is zero-padded to ``hw_p`` and the conv
     is one group over the padded map (thin GEMM: K < SMALL_K).
 
-    The batch is shared out to the workers (BLAS single-threaded in each). One group: each
-    worker walks its images in chunks of about CHUNK_BYTES of columns (the chunk stays in
-    cache). Several groups: the border groups would cut a chunk's GEMM into pieces of a few
-    rows, so each worker takes its images in one piece (measured: chunks of 8 or 32 MB made
-    G's 256 -> 128 transposed conv 1.4x-2.5x slower, and D's 64 -> 128 conv no faster).
+    The batch is shared out to the workers (BLAS single-threaded in each), one range of
+    images a worker. Within its range a worker takes each group in SPANS of images whose
+    column matrix is about CHUNK_BYTES (it stays in cache from the copy to the GEMM), but
+    never fewer than MIN_ROWS GEMM rows (a border group of one pixel per image would
+    otherwise make GEMMs of a few rows).
     """
 
     def __init__(self, w_shape, in_hw, out_hw, stride, pads: Pads, w: np.ndarray | None = None,
                  transpose_w: bool = False) -> None:
         kh, kw, ci, co = w_shape
+        self.ci = ci
         self.stride, self.pads, self.out_hw = stride, pads, out_hw
         self.hw_p = _padded_size(in_hw, pads, out_hw, (kh, kw), stride)
         self.pad_first = pads != NO_PADS and kh * kw * ci < SMALL_K
@@ -335,16 +340,28 @@ class _Plan:
                 m = np.ascontiguousarray(w[a0:a1, b0:b1]).reshape(-1, co)
                 self.wmat[(a0, a1, b0, b1)] = m.T if transpose_w else m
 
-    def run(self, n: int, itemsize: int, body, make_acc=lambda: None) -> list:
-        """Call ``body(ws, c0, c1, acc)`` over images [0, n) in chunks, shared out to the
-        workers; ``acc`` is one ``make_acc()`` per worker; returns the workers' ``acc``."""
-        step = max(1, CHUNK_BYTES // max(1, self.per_image * itemsize)) \
-            if len(self.groups) == 1 else n
+    def live(self):
+        """The groups that read at least one input pixel, with their kernel-slice key."""
+        for g in self.groups:
+            _, _, a0, a1, _, _, b0, b1 = g
+            if a0 < a1 and b0 < b1:
+                yield g, (a0, a1, b0, b1)
+
+    def spans(self, g, n: int, itemsize: int):
+        """Image ranges [s0, s1) covering [0, n) for group g (see the class docstring)."""
+        i0, i1, a0, a1, j0, j1, b0, b1 = g
+        rows = (i1 - i0) * (j1 - j0)
+        cols_bytes = rows * (a1 - a0) * (b1 - b0) * self.ci * itemsize
+        step = max(1, CHUNK_BYTES // max(1, cols_bytes), -(-MIN_ROWS // rows))
+        return [(s, min(n, s + step)) for s in range(0, n, step)]
+
+    def run(self, n: int, body, make_acc=lambda: None) -> list:
+        """``body(ws, c0, c1, acc)`` on each worker's range of images [c0, c1); ``acc`` is one
+        ``make_acc()`` per worker; returns the workers' ``acc`` in order."""
 
         def work(k: int, lo: int, hi: int):
-            ws, acc = _worker_workspace(k), make_acc()
-            for c0 in range(lo, hi, step):
-                body(ws, c0, min(hi, c0 + step), acc)
+            ws, acc = _thread_workspace(), make_acc()
+            body(ws, lo, hi, acc)
             return acc
 
         return cpu_threads.parallel_rows(work, n, size=n * self.per_image, blas_single=True)
@@ -370,26 +387,28 @@ def _conv_gather(x: np.ndarray, w: np.ndarray, stride, pads: Pads, out_hw,
         for g in plan.groups:
             i0, i1, a0, a1, j0, j1, b0, b1 = g
             if a0 >= a1 or b0 >= b1:
-                yc[:, i0:i1, j0:j1, :] = 0  # reads nothing but padding
-                continue
-            cols = _group_cols(xc, g, stride, plan.eff_pads, ws)
-            if (i1 - i0, j1 - j0) == tuple(out_hw):  # one group: GEMM straight into y
-                np.matmul(cols, plan.wmat[(a0, a1, b0, b1)], out=yc.reshape(-1, co))
-            else:
-                yg = ws.get("gemm", (cols.shape[0], co), x.dtype)
-                np.matmul(cols, plan.wmat[(a0, a1, b0, b1)], out=yg)
-                yc[:, i0:i1, j0:j1, :] = yg.reshape(c1 - c0, i1 - i0, j1 - j0, co)
-            if dw is not None:
-                dwg = ws.get("dw", (cols.shape[1], dy.shape[-1]), x.dtype)
-                np.matmul(cols.T, _block(dy[c0:c1], g, ws), out=dwg)
-                dw[a0:a1, b0:b1] += dwg.reshape(a1 - a0, b1 - b0, ci, -1)
-        if b is not None:
-            yc += b  # while the chunk is in cache
+                yc[:, i0:i1, j0:j1, :] = 0 if b is None else b  # reads nothing but padding
+        for g, key in plan.live():
+            i0, i1, a0, a1, j0, j1, b0, b1 = g
+            whole = (i1 - i0, j1 - j0) == tuple(out_hw)
+            for s0, s1 in plan.spans(g, c1 - c0, x.itemsize):
+                cols = _group_cols(xc[s0:s1], g, stride, plan.eff_pads, ws)
+                yg = yc[s0:s1].reshape(-1, co) if whole else \
+                    ws.get("gemm", (cols.shape[0], co), x.dtype)
+                np.matmul(cols, plan.wmat[key], out=yg)
+                if b is not None:
+                    yg += b  # while it is in cache
+                if not whole:
+                    yc[s0:s1, i0:i1, j0:j1, :] = yg.reshape(s1 - s0, i1 - i0, j1 - j0, co)
+                if dw is not None:
+                    dwg = ws.get("dw", (cols.shape[1], dy.shape[-1]), x.dtype)
+                    np.matmul(cols.T, _block(dy[c0 + s0:c0 + s1], g, ws), out=dwg)
+                    dw[a0:a1, b0:b1] += dwg.reshape(a1 - a0, b1 - b0, ci, -1)
 
     def new_dw():
         return None if dy is None else np.zeros((kh, kw, ci, dy.shape[-1]), dtype=x.dtype)
 
-    dws = plan.run(n, x.itemsize, body, new_dw)
+    dws = plan.run(n, body, new_dw)
     return y if dy is None else (y, _sum_partials(dws))
 
 
@@ -409,37 +428,33 @@ def _conv_scatter(dy: np.ndarray, w: np.ndarray, x_shape, stride, pads: Pads,
     dx = np.empty(x_shape, dtype=dy.dtype)
     (pt, _), (pl, _) = plan.eff_pads
 
-    def scatter_taps(dxc: np.ndarray, d6: np.ndarray, g) -> None:
-        i0, i1, a0, a1, j0, j1, b0, b1 = g
-        ni, nj = i1 - i0, j1 - j0
-        for a in range(a0, a1):
-            r = i0 * sh - pt + a
-            for bb in range(b0, b1):
-                c = j0 * sw - pl + bb
-                dxc[:, r:r + sh * (ni - 1) + 1:sh, c:c + sw * (nj - 1) + 1:sw, :] += \
-                    d6[:, :, :, a - a0, bb - b0, :]
-
     def body(ws: _Workspace, c0: int, c1: int, _acc) -> None:
         dyc = dy[c0:c1]
         dxc = ws.get("dxpad", (c1 - c0, *plan.hw_p, ci), dy.dtype) if plan.pad_first \
             else dx[c0:c1]
         dxc.fill(0)
-        for g in plan.groups:
+        for g, key in plan.live():
             i0, i1, a0, a1, j0, j1, b0, b1 = g
-            if a0 >= a1 or b0 >= b1:
-                continue
             ni, nj = i1 - i0, j1 - j0
-            dcols = ws.get("dcols", (dyc.shape[0] * ni * nj, (a1 - a0) * (b1 - b0) * ci),
-                           dy.dtype)
-            np.matmul(_block(dyc, g, ws), plan.wmat[(a0, a1, b0, b1)], out=dcols)
-            scatter_taps(dxc, dcols.reshape(c1 - c0, ni, nj, a1 - a0, b1 - b0, ci), g)
+            for s0, s1 in plan.spans(g, c1 - c0, dy.itemsize):
+                dcols = ws.get("dcols", ((s1 - s0) * ni * nj, (a1 - a0) * (b1 - b0) * ci),
+                               dy.dtype)
+                np.matmul(_block(dyc[s0:s1], g, ws), plan.wmat[key], out=dcols)
+                d6 = dcols.reshape(s1 - s0, ni, nj, a1 - a0, b1 - b0, ci)
+                out = dxc[s0:s1]
+                for a in range(a0, a1):
+                    r = i0 * sh - pt + a
+                    for bb in range(b0, b1):
+                        c = j0 * sw - pl + bb
+                        out[:, r:r + sh * (ni - 1) + 1:sh, c:c + sw * (nj - 1) + 1:sw, :] += \
+                            d6[:, :, :, a - a0, bb - b0, :]
         if plan.pad_first:  # scattered into a padded buffer: crop
             (qt, _), (ql, _) = pads
             dx[c0:c1] = dxc[:, qt:qt + x_shape[1], ql:ql + x_shape[2], :]
         if b is not None:
             dx[c0:c1] += b
 
-    plan.run(n, dy.itemsize, body)
+    plan.run(n, body)
     return dx
 
 
@@ -455,14 +470,13 @@ def _conv_weight_grad(x: np.ndarray, dy: np.ndarray, w_shape, stride, pads: Pads
         dw, db = acc
         xc = _padded(x[c0:c1], pads, plan.hw_p, ws) if plan.pad_first else x[c0:c1]
         dyc = dy[c0:c1]
-        for g in plan.groups:
+        for g, _ in plan.live():
             i0, i1, a0, a1, j0, j1, b0, b1 = g
-            if a0 >= a1 or b0 >= b1:
-                continue
-            cols = _group_cols(xc, g, stride, plan.eff_pads, ws)
-            dwg = ws.get("dw", (cols.shape[1], co), dy.dtype)
-            np.matmul(cols.T, _block(dyc, g, ws), out=dwg)
-            dw[a0:a1, b0:b1] += dwg.reshape(a1 - a0, b1 - b0, ci, co)
+            for s0, s1 in plan.spans(g, c1 - c0, x.itemsize):
+                cols = _group_cols(xc[s0:s1], g, stride, plan.eff_pads, ws)
+                dwg = ws.get("dw", (cols.shape[1], co), dy.dtype)
+                np.matmul(cols.T, _block(dyc[s0:s1], g, ws), out=dwg)
+                dw[a0:a1, b0:b1] += dwg.reshape(a1 - a0, b1 - b0, ci, co)
         if db is not None:
             db += dyc.reshape(-1, co).sum(axis=0)
 
@@ -470,7 +484,7 @@ def _conv_weight_grad(x: np.ndarray, dy: np.ndarray, w_shape, stride, pads: Pads
         return (np.zeros(w_shape, dtype=dy.dtype),
                 np.zeros(co, dtype=dy.dtype) if need_db else None)
 
-    parts = plan.run(x.shape[0], x.itemsize, body, new_acc)
+    parts = plan.run(x.shape[0], body, new_acc)
     dw = _sum_partials([p[0] for p in parts])
     return (dw, _sum_partials([p[1] for p in parts])) if need_db else dw
 
@@ -806,6 +820,31 @@ def batchnorm_backward(dy: np.ndarray, x: np.ndarray, gamma: np.ndarray, mean: n
 # dropout
 # --------------------------------------------------------------------------------------
 
+def _uniforms(rng: np.random.Generator, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """``rng.random(shape, dtype=dtype)``, the same numbers, drawn by the workers in row
+    ranges when ``rng`` runs on PCG64 (numpy's default): worker k draws its rows from a copy
+    of the generator skipped to its first number (``streams.skip_uniforms``), and ``rng`` is left
+    where the one-call draw leaves it. Other bit generators draw in one call."""
+    dtype = np.dtype(dtype)
+    u = np.empty(shape, dtype=dtype)
+    bg = rng.bit_generator
+    if (u.ndim == 0 or not isinstance(bg, np.random.PCG64)
+            or cpu_threads.workers_for(u.shape[0], u.size) == 1):
+        rng.random(shape, dtype=dtype, out=u)
+        return u
+    start, per = bg.state, u.size // u.shape[0]
+
+    def body(r) -> None:
+        mine = np.random.PCG64()
+        mine.state = start
+        skip_uniforms(mine, r.start * per, dtype)
+        np.random.Generator(mine).random(dtype=dtype, out=u[r])
+
+    _by_rows(body, u)
+    skip_uniforms(bg, u.size, dtype)  # rng where rng.random(shape) would leave it
+    return u
+
+
 def dropout_forward(x: np.ndarray, rate: float, rng: np.random.Generator,
                     training: bool = True):
     """Inverted dropout.  x (any shape) -> (y, mask), mask of x's shape and dtype.
@@ -813,12 +852,13 @@ def dropout_forward(x: np.ndarray, rate: float, rng: np.random.Generator,
     Each unit is kept with probability ``1 - rate`` and scaled by ``1 / (1 - rate)``, so
     ``E[y] = x`` and inference is the identity: ``mask = keep / (1 - rate)``, ``y = x * mask``.
     ``rng`` is an explicit ``numpy.random.Generator``: a run is reproducible from its seed
-    (one ``rng.random(x.shape, dtype=x.dtype)`` draw; the GPU backends draw the same).
-    Returns ``(x, None)`` when not training or ``rate == 0``.
+    (the numbers of one ``rng.random(x.shape, dtype=x.dtype)`` draw, see :func:`_uniforms`;
+    the GPU backends' host path draws the same). Returns ``(x, None)`` when not training or
+    ``rate == 0``.
     """
     if not training or rate == 0.0:
         return x, None
-    mask = rng.random(x.shape, dtype=x.dtype)
+    mask = _uniforms(rng, x.shape, x.dtype)
     y = np.empty_like(x)
     scale = 1.0 / (1.0 - rate)
 
