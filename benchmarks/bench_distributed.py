@@ -135,14 +135,9 @@ def cpu_busy(seconds: float = 1.0) -> float | None:
 def _machine() -> dict:
     import numpy as np
 
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from rawgan.bench import cpu_name
+
+    cpu = cpu_name()
     try:
         import mpi4py  # (not mpi4py.MPI: this driver process stays out of MPI)
 

@@ -55,6 +55,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 from rawgan import gan, losses, models, optim  # noqa: E402
+from rawgan.bench import cpu_name  # noqa: E402
 from rawgan.nn import Conv2D, Conv2DTranspose, Dense  # noqa: E402
 
 try:
@@ -489,14 +490,7 @@ def torch_setup(batch: int, seed: int, channels_last: bool):
 
 
 def machine_info(threads: int) -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
 
     def git(*cmd):
         try:

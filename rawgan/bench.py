@@ -163,7 +163,7 @@ def _fallback_helpers() -> SimpleNamespace:
 
     def machine_info(threads):
         return {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                "cpu": cpu_name(), "cores": os.cpu_count(),
                 "cores_available": len(os.sched_getaffinity(0)),
                 "python": platform.python_version(), "numpy": np.__version__,
                 "numpy_blas": None, "torch": None, "torch_threads": None,
@@ -203,43 +203,35 @@ def _torch():
     return torch
 
 
-def _openblas():
-    """``(set, get)`` of the OpenBLAS this process loaded (NumPy's bundled scipy-openblas or a
-    system one), or None (another BLAS, or none found)."""
-    import ctypes
-
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what ``platform`` knows."""
     try:
-        libs = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
-                if "openblas" in line.lower() and ".so" in line}
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
     except OSError:
-        return None
-    for lib in sorted(libs):
-        try:
-            dll = ctypes.CDLL(lib)
-        except OSError:
-            continue
-        for prefix in ("scipy_openblas", "openblas"):
-            for suffix in ("64_", "_64_", ""):
-                setter = getattr(dll, f"{prefix}_set_num_threads{suffix}", None)
-                getter = getattr(dll, f"{prefix}_get_num_threads{suffix}", None)
-                if setter is not None and getter is not None:
-                    setter.argtypes, getter.restype = [ctypes.c_int], ctypes.c_int
-                    return setter, getter
-    return None
+        pass
+    return platform.processor() or platform.machine()
 
 
 def set_threads(n: int) -> tuple[object, list[str]]:
-    """Run BLAS (OpenBLAS) and PyTorch on ``n`` threads; returns
+    """Run rawgan's CPU ops (``cpu_threads``), BLAS and PyTorch on ``n`` threads; returns
     ``(undo, notes)``: ``undo()`` restores the previous settings."""
-    undos, notes = [], []
-    blas = _openblas()
-    if blas is None:
-        notes.append("BLAS threads left as they are (no OpenBLAS found to set them on)")
+    from .backends import cpu_threads
+
+    ops_before = cpu_threads.num_threads()
+    cpu_threads.set_num_threads(n)
+    undos, notes = [lambda: cpu_threads.set_num_threads(ops_before)], []
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        blas = None
     else:
-        setter, getter = blas
-        before = getter()
-        setter(n)
-        undos.append(lambda: setter(before))
+        blas = ThreadpoolController().select(user_api="blas")
+    if not blas or not blas.lib_controllers:
+        notes.append("BLAS threads left as they are (no BLAS found that threadpoolctl sets)")
+    else:
+        undos.append(blas.limit(limits=n).restore_original_limits)
     torch = _torch()
     if torch is not None:
         torch_before = torch.get_num_threads()
