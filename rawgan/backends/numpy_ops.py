@@ -2,9 +2,11 @@
 
 This module is the reference every other backend is tested against, so it is
 written to be read. It is also the CPU fallback, so it is written to be fast:
-convolutions are im2col through stride tricks plus ONE BLAS GEMM, and the big
-temporaries (padded inputs, column matrices) live in reused buffers so a training
-step does not page-fault through hundreds of megabytes of fresh memory.
+convolutions are im2col through stride tricks plus BLAS GEMMs (one per group of output
+pixels that reach the same kernel taps, so padding is never multiplied), the temporaries
+(padded inputs, column matrices) live in reused per-thread buffers, and every op shares
+its batch rows out to the cores (:mod:`rawgan.backends.cpu_threads`; each op below is
+plain NumPy on a range of rows, ``body(rows)`` / ``body(ws, c0, c1, acc)``).
 
 Conventions (see DESIGN.md): activations NHWC; conv kernels HWIO
 ``(kh, kw, c_in, c_out)``; transposed-conv kernels ``(kh, kw, c_out, c_in)``;
