@@ -309,3 +309,34 @@ def test_blas_threads_are_restored_after_concurrent_callers(monkeypatch):
         t.join()
     assert not errors
     assert [lib.get_num_threads() for lib in blas.lib_controllers] == before
+
+
+def _child_conv(queue):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 9, 9, 3))
+    queue.put(float(ops.leaky_relu_forward(x, 0.2).sum()))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_a_forked_child_gets_fresh_workers(monkeypatch):
+    """After the parent used the pool, a fork()ed child (multiprocessing's default on Linux)
+    still runs parallel ops instead of waiting forever on threads it does not have."""
+    import multiprocessing
+
+    monkeypatch.setattr(cpu_threads, "MIN_PARALLEL", 1)
+    before = cpu_threads.num_threads()
+    cpu_threads.set_num_threads(2)
+    try:
+        ops.leaky_relu_forward(np.ones((8, 3)), 0.2)  # the parent's pool now has its thread
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_child_conv, args=(queue,))
+        child.start()
+        child.join(60)
+        alive = child.is_alive()
+        if alive:
+            child.kill()
+        assert not alive, "the forked child hung in a parallel op"
+        assert child.exitcode == 0 and np.isfinite(queue.get(timeout=5))
+    finally:
+        cpu_threads.set_num_threads(before)

@@ -85,12 +85,25 @@ def _blas_controller():
     if _blas is None:
         try:
             from threadpoolctl import ThreadpoolController
-        except ImportError:
+
+            ctl = ThreadpoolController().select(user_api="blas")
+        except Exception:  # not installed, or it cannot inspect this process's libraries
             _blas = False
         else:
-            ctl = ThreadpoolController().select(user_api="blas")
             _blas = ctl if ctl.lib_controllers else False
     return _blas
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has none of the parent's worker threads: start afresh (a pool that
+    believes its threads exist would never run a task)."""
+    global _pool, _lock, _blas_lock, _blas_depth
+    _pool, _blas_depth = None, 0
+    _lock, _blas_lock = threading.Lock(), threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 _blas_lock = threading.Lock()
