@@ -182,22 +182,15 @@ class Communicator:
     def root_first(self, fn: Callable[[], Any], what: str = "setup") -> Any:
         """Run ``fn`` on rank 0, then, if it succeeded, on the other ranks (rank 0 may
         download or build a cache the others then read). An exception on rank 0 is raised
-        there and as :class:`PeerError` on the others, marked agreed."""
-        if self.size == 1:
-            return fn()
-        if self.is_root:
-            try:
-                out = fn()
-            except BaseException as exc:
-                self.bcast_object(f"{type(exc).__name__}: {exc}", what=what)
-                mark_agreed(exc)
-                raise
-            self.bcast_object(None, what=what)
-            return out
-        failed = self.bcast_object(None, what=what)
-        if failed is not None:
-            raise mark_agreed(PeerError(f"rank 0 failed during {what}: {failed}"))
-        return fn()
+        there and as :class:`PeerError` on the others, marked agreed (as
+        :meth:`root_result`, which broadcasts only rank 0's success here, not its result)."""
+        mine: list = []
+
+        def on_root() -> None:
+            mine.append(fn())
+
+        self.root_result(on_root, what)
+        return mine[0] if mine else fn()
 
     def root_result(self, fn: Callable[[], Any], what: str = "setup") -> Any:
         """Run ``fn`` on rank 0 only and return its result on every rank (broadcast). An

@@ -11,10 +11,10 @@ of :mod:`rawgan.backends.numpy_ops` split their work along the batch axis::
 Each worker runs plain NumPy on its rows (NumPy releases the GIL inside its loops), writing
 into disjoint slices of a preallocated output; reductions return one partial per worker and
 the caller adds them in worker order, so a result is deterministic for a given thread count.
-With ``blas_single=True`` (used by the convolutions, whose workers call GEMMs) BLAS is held at
-one thread while the workers run: the parallelism is then ours, not BLAS's, and the cores
-are not oversubscribed. That needs ``threadpoolctl``; without it such work runs on the
-calling thread alone, with BLAS's own threads.
+With ``blas_single=True`` (used by the convolutions and dense layers, whose workers call
+GEMMs) BLAS is held at one thread while the workers run: the parallelism is then ours, not
+BLAS's, and the cores are not oversubscribed. That needs ``threadpoolctl``; without it such
+work runs on the calling thread alone, with BLAS's own threads.
 
 The thread count is ``RAWGAN_NUM_THREADS``, else ``OMP_NUM_THREADS`` / ``OPENBLAS_NUM_THREADS``
 (so a process told to use one core, e.g. one MPI rank of several, uses one), else the cores

@@ -223,13 +223,12 @@ def conv_transpose_geometry(
 #
 # The batch is shared out to the cores by ``cpu_threads.parallel_rows``: contiguous ranges
 # of images, one range a worker, BLAS single-threaded inside, so the im2col copies and
-# scatter-adds run on every core, not only the GEMMs. A conv of ONE group (no padding, or a
-# thin K padded first) walks its range in CHUNKS of a few images, sized so that a chunk's
-# column matrix (about CHUNK_BYTES) stays in the core's cache from the copy that writes it
-# to the GEMM that reads it: a whole-batch im2col is tens of MB that go out to memory and
-# back, a chunk's few MB do not (measured here on D's 64 -> 128 conv, 512 images, one
-# thread, as one padded GEMM: 99 ms whole-batch, 76 ms in chunks). Tap groups are not
-# chunked (see :class:`_Plan`).
+# scatter-adds run on every core, not only the GEMMs. Within its range a worker takes each
+# group in SPANS of a few images, sized so that the span's column matrix (about CHUNK_BYTES)
+# stays in the core's cache from the copy that writes it to the GEMM that reads it: a
+# whole-batch im2col is tens of MB that go out to memory and back, a span's few MB do not
+# (measured here on D's 64 -> 128 conv, 512 images, one thread, as one padded GEMM: 99 ms
+# whole-batch, 76 ms in chunks of 16 images). See :class:`_Plan`.
 
 #: Target size of one span's column matrix (bytes), and the fewest GEMM rows a span may
 #: have; see above and :class:`_Plan`.
@@ -329,7 +328,6 @@ class _Plan:
                  transpose_w: bool = False) -> None:
         kh, kw, ci, co = w_shape
         self.ci = ci
-        self.stride, self.pads, self.out_hw = stride, pads, out_hw
         self.hw_p = _padded_size(in_hw, pads, out_hw, (kh, kw), stride)
         self.pad_first = pads != NO_PADS and kh * kw * ci < SMALL_K
         self.eff_pads = NO_PADS if self.pad_first else pads
