@@ -941,10 +941,15 @@ def test_emulated_ops_reject_bad_input_clearly(emu):
 
 @needs_gxx
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_emulated_dcgan_training_steps_track_numpy(emu, dtype):
+def test_emulated_dcgan_training_steps_track_numpy(emu, dtype, monkeypatch):
     """Two full DCGAN steps (G and D forward/backward, BN, dropout through the host-uniform
-    path, BCE, Adam) on the emulated kernels vs the NumPy backend, same seeds."""
+    path, BCE, Adam) on the emulated kernels vs the NumPy backend, same seeds. The NumPy run
+    takes the direct convolutions: its float32 Winograd path differs by ~1e-5 (see
+    rawgan/backends/winograd.py), more than this float32-vs-float32 tolerance."""
     from rawgan import gan, models, optim
+    from rawgan.backends import winograd
+
+    monkeypatch.setattr(winograd, "ENABLED", False)
 
     def run(ops):
         G, D = models.build("dcgan", seed=3, backend=ops, dtype=dtype)

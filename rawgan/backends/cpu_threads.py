@@ -19,15 +19,21 @@ work runs on the calling thread alone, with BLAS's own threads.
 The thread count is ``RAWGAN_NUM_THREADS``, else ``OMP_NUM_THREADS`` / ``OPENBLAS_NUM_THREADS``
 (so a process told to use one core, e.g. one MPI rank of several, uses one), else the cores
 this process may run on; :func:`set_num_threads` changes it.
+
+Each thread also owns a :class:`Workspace` (:func:`workspace`): the ops' scratch buffers,
+reused from call to call.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
+
+import numpy as np
 
 #: Below this many elements an elementwise op runs on the calling thread: handing work to
 #: another thread costs ~20-50 us, a pass over 64K float32 takes about that long.
@@ -180,3 +186,38 @@ def parallel_rows(body: Callable[[int, int, int], object], n_rows: int, *,
         finally:
             wait(futures)  # every body has finished before an error propagates
     return [first, *(f.result() for f in futures)]
+
+
+class Workspace:
+    """Reusable scratch buffers, one per tag, grown on demand.
+
+    Large ``np.empty`` calls are served by fresh ``mmap`` pages that fault in on
+    first touch; for a DCGAN step that is hundreds of MB per step. Temporaries
+    that never escape an op (padded inputs, im2col columns) use these buffers.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, np.dtype], np.ndarray] = {}
+
+    def get(self, tag: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        size = math.prod(shape)
+        buf = self._buffers.get((tag, dtype))
+        if buf is None or buf.size < size:
+            buf = np.empty(size, dtype=dtype)
+            self._buffers[(tag, dtype)] = buf
+        return buf[:size].reshape(shape)
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+
+_local = threading.local()
+
+
+def workspace() -> Workspace:
+    """This thread's scratch buffers (every worker thread, and every caller, has its own)."""
+    ws = getattr(_local, "workspace", None)
+    if ws is None:
+        ws = _local.workspace = Workspace()
+    return ws

@@ -18,15 +18,13 @@ Notation in the docstrings: ``N`` batch, ``H, W`` spatial size, ``C`` channels,
 
 from __future__ import annotations
 
-import math
-import threading
 from collections.abc import Sequence
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from . import cpu_threads
-from .cpu_threads import num_threads, set_num_threads  # noqa: F401  (re-exported)
+from . import cpu_threads, winograd
+from .cpu_threads import Workspace, num_threads, set_num_threads  # noqa: F401  (re-exported)
 from .streams import skip_uniforms
 
 name = "numpy"
@@ -54,41 +52,6 @@ def to_numpy(a) -> np.ndarray:
 
 def synchronize() -> None:
     """Wait for queued work (nothing to wait for on the CPU)."""
-
-
-class _Workspace:
-    """Reusable scratch buffers, one per tag, grown on demand.
-
-    Large ``np.empty`` calls are served by fresh ``mmap`` pages that fault in on
-    first touch; for a DCGAN step that is hundreds of MB per step. Temporaries
-    that never escape an op (padded inputs, im2col columns) use these buffers.
-    """
-
-    def __init__(self) -> None:
-        self._buffers: dict[tuple[str, np.dtype], np.ndarray] = {}
-
-    def get(self, tag: str, shape: tuple[int, ...], dtype) -> np.ndarray:
-        dtype = np.dtype(dtype)
-        size = math.prod(shape)
-        buf = self._buffers.get((tag, dtype))
-        if buf is None or buf.size < size:
-            buf = np.empty(size, dtype=dtype)
-            self._buffers[(tag, dtype)] = buf
-        return buf[:size].reshape(shape)
-
-    def clear(self) -> None:
-        self._buffers.clear()
-
-
-_local = threading.local()
-
-
-def _thread_workspace() -> _Workspace:
-    """This thread's scratch buffers (every worker thread, and every caller, has its own)."""
-    ws = getattr(_local, "workspace", None)
-    if ws is None:
-        ws = _local.workspace = _Workspace()
-    return ws
 
 
 # --------------------------------------------------------------------------------------
@@ -256,7 +219,7 @@ def _groups(out_hw, in_hw, kernel, stride, pads: Pads):
     return [r + c for r in rows for c in cols]
 
 
-def _group_cols(x: np.ndarray, g, stride, pads: Pads, ws: _Workspace) -> np.ndarray:
+def _group_cols(x: np.ndarray, g, stride, pads: Pads, ws: Workspace) -> np.ndarray:
     """im2col of one group: ``(N * ni * nj, ka * kb * C)``, no padding involved.
 
     ``cols[(n, i, j), (a, b, c)] = x[n, (i0 + i)*sh - pt + a0 + a, (j0 + j)*sw - pl + b0 + b, c]``
@@ -275,7 +238,7 @@ def _group_cols(x: np.ndarray, g, stride, pads: Pads, ws: _Workspace) -> np.ndar
     return cols.reshape(n * shape[1] * shape[2], -1)
 
 
-def _block(a: np.ndarray, g, ws: _Workspace) -> np.ndarray:
+def _block(a: np.ndarray, g, ws: Workspace) -> np.ndarray:
     """The pixels of group g of ``a`` (N, H, W, C) as an (N * ni * nj, C) matrix (a view
     when the group is the whole map, else a copy in ``ws["block"]``)."""
     i0, i1, _, _, j0, j1, _, _ = g
@@ -299,7 +262,7 @@ def _padded_size(in_hw, pads: Pads, out_hw, kernel, stride) -> tuple[int, int]:
             max(in_hw[1] + pads[1][0], (out_hw[1] - 1) * stride[1] + kernel[1]))
 
 
-def _padded(x: np.ndarray, pads: Pads, hw_p, ws: _Workspace) -> np.ndarray:
+def _padded(x: np.ndarray, pads: Pads, hw_p, ws: Workspace) -> np.ndarray:
     """x zero-padded by ``pads`` into ``ws["pad"]``, cropped to ``hw_p`` = (rows, columns)."""
     (pt, _), (pl, _) = pads
     n, h, w, c = x.shape
@@ -360,11 +323,34 @@ class _Plan:
         ``make_acc()`` per worker; returns the workers' ``acc`` in order."""
 
         def work(k: int, lo: int, hi: int):
-            ws, acc = _thread_workspace(), make_acc()
+            ws, acc = cpu_threads.workspace(), make_acc()
             body(ws, lo, hi, acc)
             return acc
 
         return cpu_threads.parallel_rows(work, n, size=n * self.per_image, blas_single=True)
+
+
+def _winograd_ok(w_shape, in_hw, out_hw, stride, pads: Pads) -> bool:
+    """Run this correlation (x (.., in_hw, C) * w (kh, kw, C, O) -> out_hw) by Winograd?
+    Stride 1, padding >= 0, and :func:`winograd.worth_it` against the direct path's count
+    (the taps that land on the input)."""
+    kh, kw, ci, co = w_shape
+    if stride != (1, 1) or min(min(pads[0]), min(pads[1])) < 0:
+        return False
+    taps = [sum((i1 - i0) * (a1 - a0) for i0, i1, a0, a1 in _tap_runs(o, i, k, 1, p[0]))
+            for o, i, k, p in zip(out_hw, in_hw, (kh, kw), pads, strict=True)]
+    return winograd.worth_it((kh, kw), out_hw, ci, co, taps[0] * taps[1] * ci * co)
+
+
+def _flipped_pads(w_shape, x_hw, dy_hw, pads: Pads) -> Pads:
+    """Padding of the stride-1 backward-data as a correlation of dy with the flipped kernel:
+    ``dx[p] = sum_a dy[p + pt - a] w[a] = sum_a' dy[p - (kh-1-pt) + a'] w[kh-1-a']``, so the
+    top padding is ``kh - 1 - pt`` and the bottom what makes the output ``x_hw`` long."""
+    out = []
+    for k, n_x, n_dy, (p0, _) in zip(w_shape[:2], x_hw, dy_hw, pads, strict=True):
+        top = k - 1 - p0
+        out.append((top, n_x + k - 1 - n_dy - top))
+    return out[0], out[1]
 
 
 def _conv_gather(x: np.ndarray, w: np.ndarray, stride, pads: Pads, out_hw,
@@ -378,10 +364,14 @@ def _conv_gather(x: np.ndarray, w: np.ndarray, stride, pads: Pads, out_hw,
     """
     kh, kw, ci, co = w.shape
     n = x.shape[0]
+    if _winograd_ok(w.shape, x.shape[1:3], out_hw, stride, pads):
+        y = winograd.correlate(x, w, pads, out_hw, b)
+        return y if dy is None else \
+            (y, _conv_weight_grad(x, dy, (kh, kw, ci, dy.shape[-1]), stride, pads))
     plan = _Plan(w.shape, x.shape[1:3], out_hw, stride, pads, w)
     y = np.empty((n, *out_hw, co), dtype=x.dtype)
 
-    def body(ws: _Workspace, c0: int, c1: int, dw) -> None:
+    def body(ws: Workspace, c0: int, c1: int, dw) -> None:
         xc = _padded(x[c0:c1], pads, plan.hw_p, ws) if plan.pad_first else x[c0:c1]
         yc = y[c0:c1]
         for g in plan.groups:
@@ -424,11 +414,16 @@ def _conv_scatter(dy: np.ndarray, w: np.ndarray, x_shape, stride, pads: Pads,
     kh, kw, ci, co = w.shape
     n, ho, wo, _ = dy.shape
     sh, sw = stride
+    if stride == (1, 1):  # a correlation of dy with the flipped kernel: Winograd may pay
+        fpads = _flipped_pads(w.shape, x_shape[1:3], (ho, wo), pads)
+        wf = w[::-1, ::-1].transpose(0, 1, 3, 2)  # wf[a', b', o, c] = w[kh-1-a', kw-1-b', c, o]
+        if _winograd_ok(wf.shape, (ho, wo), x_shape[1:3], stride, fpads):
+            return winograd.correlate(dy, wf, fpads, x_shape[1:3], b)
     plan = _Plan(w.shape, x_shape[1:3], (ho, wo), stride, pads, w, transpose_w=True)
     dx = np.empty(x_shape, dtype=dy.dtype)
     (pt, _), (pl, _) = plan.eff_pads
 
-    def body(ws: _Workspace, c0: int, c1: int, _acc) -> None:
+    def body(ws: Workspace, c0: int, c1: int, _acc) -> None:
         dyc = dy[c0:c1]
         dxc = ws.get("dxpad", (c1 - c0, *plan.hw_p, ci), dy.dtype) if plan.pad_first \
             else dx[c0:c1]
@@ -466,7 +461,7 @@ def _conv_weight_grad(x: np.ndarray, dy: np.ndarray, w_shape, stride, pads: Pads
     kh, kw, ci, co = w_shape
     plan = _Plan(w_shape, x.shape[1:3], dy.shape[1:3], stride, pads)
 
-    def body(ws: _Workspace, c0: int, c1: int, acc) -> None:
+    def body(ws: Workspace, c0: int, c1: int, acc) -> None:
         dw, db = acc
         xc = _padded(x[c0:c1], pads, plan.hw_p, ws) if plan.pad_first else x[c0:c1]
         dyc = dy[c0:c1]

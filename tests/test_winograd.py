@@ -1,0 +1,166 @@
+"""Winograd's stride-1 convolutions (rawgan.backends.winograd) against the direct sum.
+
+The ``forced`` fixture makes every stride-1 convolution with kernels of 2 to 5 take the
+Winograd path whatever its cost (MARGIN = 0); ``direct`` turns it off. In float64 the two
+paths agree to rounding (1e-12); in float32 Winograd is within its stated tolerance of the
+float64 sum.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from rawgan.backends import cpu_threads, winograd
+from rawgan.backends import numpy_ops as ops
+from rawgan.gradcheck import TOLERANCE, check_layer
+from rawgan.nn import Conv2D, Conv2DTranspose
+
+
+@pytest.fixture
+def forced(monkeypatch):
+    monkeypatch.setattr(winograd, "ENABLED", True)
+    monkeypatch.setattr(winograd, "MARGIN", 0.0)
+
+
+def direct(fn, *args, **kw):
+    before = winograd.ENABLED
+    winograd.ENABLED = False
+    try:
+        return fn(*args, **kw)
+    finally:
+        winograd.ENABLED = before
+
+
+@pytest.mark.parametrize("r", [2, 3, 4, 5])
+def test_transforms_compute_the_1d_correlation(r):
+    at, g, bt = winograd.transforms(winograd.M_OUT, r)
+    n = winograd.M_OUT + r - 1
+    assert at.shape == (winograd.M_OUT, n) and g.shape == (n, r) and bt.shape == (n, n)
+    rng = np.random.default_rng(r)
+    d, k = rng.standard_normal(n), rng.standard_normal(r)
+    want = np.array([d[i:i + r] @ k for i in range(winograd.M_OUT)])
+    np.testing.assert_allclose(at @ ((g @ k) * (bt @ d)), want, rtol=1e-13, atol=1e-13)
+
+
+def test_transforms_refuse_too_many_points():
+    with pytest.raises(ValueError, match="points"):
+        winograd.transforms(4, 6)
+
+
+CASES = [  # (N, H, W, C, O, kh, kw, padding)
+    (2, 7, 7, 6, 5, 5, 5, "same"),     # the DCGAN's layer, small channels
+    (3, 9, 6, 4, 7, 3, 3, "same"),     # tiles that overhang the map
+    (1, 8, 8, 3, 2, 3, 3, "valid"),
+    (2, 10, 7, 5, 3, 4, 4, "same"),    # even kernel: asymmetric Keras padding
+    (2, 6, 11, 2, 4, 2, 5, 1),         # non-square kernel, integer padding
+    (4, 5, 5, 3, 3, 5, 3, 2),          # padding = kernel - 1 on one axis: a full conv
+    (1, 4, 4, 2, 2, 5, 5, "same"),     # map smaller than one tile
+    (2, 5, 5, 2, 3, 3, 3, 3),          # padding > kernel - 1: its dx falls back (negative pad)
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_conv_ops_equal_the_direct_path_in_float64(forced, case):
+    """conv2d forward/backward and the transposed conv forward/backward (stride 1) with
+    Winograd equal the direct path: the forward is a correlation, the backward-data the
+    correlation with the flipped kernel."""
+    n, h, w_, c, o, kh, kw, padding = case
+    rng = np.random.default_rng(sum(case[:7]))
+    x = rng.standard_normal((n, h, w_, c))
+    w = rng.standard_normal((kh, kw, c, o))
+    b = rng.standard_normal(o)
+    y = ops.conv2d_forward(x, w, b, 1, padding)
+    np.testing.assert_allclose(y, direct(ops.conv2d_forward, x, w, b, 1, padding),
+                               rtol=1e-12, atol=1e-12)
+    dy = rng.standard_normal(y.shape)
+    for got, want in zip(ops.conv2d_backward(dy, x, w, 1, padding),
+                         direct(ops.conv2d_backward, dy, x, w, 1, padding), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    # the transposed conv with the same kernel maps o channels back to c
+    wt = rng.standard_normal((kh, kw, o, c))
+    xt = rng.standard_normal((n, h, w_, c))
+    bt = rng.standard_normal(o)
+    yt = ops.conv2d_transpose_forward(xt, wt, bt, 1, padding)
+    np.testing.assert_allclose(yt, direct(ops.conv2d_transpose_forward, xt, wt, bt, 1, padding),
+                               rtol=1e-12, atol=1e-12)
+    dyt = rng.standard_normal(yt.shape)
+    for got, want in zip(ops.conv2d_transpose_backward(dyt, xt, wt, 1, padding),
+                         direct(ops.conv2d_transpose_backward, dyt, xt, wt, 1, padding),
+                         strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_correlate_is_used_where_forced(forced, monkeypatch):
+    calls = []
+    real = winograd.correlate
+    monkeypatch.setattr(winograd, "correlate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((2, 7, 7, 3)), rng.standard_normal((5, 5, 3, 4))
+    y = ops.conv2d_forward(x, w, None, 1, "same")
+    ops.conv2d_backward(np.ones_like(y), x, w, 1, "same")          # dx: the flipped kernel
+    ops.conv2d_forward(x, w, None, 2, "same")                       # stride 2: never
+    ops.conv2d_forward(x, rng.standard_normal((1, 1, 3, 4)), None)  # 1x1: never
+    assert len(calls) == 2
+
+
+def test_the_dcgan_layer_takes_winograd_and_small_ones_do_not(monkeypatch):
+    monkeypatch.setattr(winograd, "ENABLED", True)
+    # the generator's 5x5 stride-1 layer on 7x7 maps, forward (256 -> 128) and its dx
+    assert ops._winograd_ok((5, 5, 256, 128), (7, 7), (7, 7), (1, 1), ((2, 2), (2, 2)))
+    assert ops._winograd_ok((5, 5, 128, 256), (7, 7), (7, 7), (1, 1), ((2, 2), (2, 2)))
+    assert not ops._winograd_ok((5, 5, 3, 4), (7, 7), (7, 7), (1, 1), ((2, 2), (2, 2)))
+    assert not ops._winograd_ok((5, 5, 256, 1), (7, 7), (7, 7), (1, 1), ((2, 2), (2, 2)))
+    assert not ops._winograd_ok((5, 5, 256, 128), (14, 14), (7, 7), (2, 2), ((1, 2), (1, 2)))
+    monkeypatch.setattr(winograd, "ENABLED", False)
+    assert not ops._winograd_ok((5, 5, 256, 128), (7, 7), (7, 7), (1, 1), ((2, 2), (2, 2)))
+
+
+def test_float32_is_within_the_stated_tolerance():
+    """The DCGAN layer in float32 (Winograd) vs the float64 direct sum: ~1.5e-5 of the
+    output's largest value (the direct float32 sum: ~5e-7)."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 7, 7, 256))
+    w = rng.standard_normal((5, 5, 256, 128)) * 0.02
+    want = direct(ops.conv2d_forward, x, w, None, 1, "same")
+    got = ops.conv2d_forward(x.astype(np.float32), w.astype(np.float32), None, 1, "same")
+    assert got.dtype == np.float32
+    assert np.abs(got - want).max() < 5e-5 * np.abs(want).max()
+
+
+def test_parallel_spans_equal_one_span(forced, monkeypatch):
+    rng = np.random.default_rng(2)
+    x, w = rng.standard_normal((7, 9, 9, 4)), rng.standard_normal((3, 3, 4, 5))
+    b = rng.standard_normal(5)
+    whole = winograd.correlate(x, w, ((1, 1), (1, 1)), (9, 9), b)
+    before = cpu_threads.num_threads()
+    monkeypatch.setattr(cpu_threads, "MIN_PARALLEL", 1)
+    monkeypatch.setattr(winograd, "SPAN_BYTES", 1)  # one image per span
+    cpu_threads.set_num_threads(3)
+    try:
+        parts = winograd.correlate(x, w, ((1, 1), (1, 1)), (9, 9), b)
+    finally:
+        cpu_threads.set_num_threads(before)
+    np.testing.assert_allclose(parts, whole, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("layer, shape", [
+    (lambda: Conv2D(3, 5, padding="same"), (2, 6, 5, 2)),
+    (lambda: Conv2DTranspose(2, 3, padding="same"), (2, 5, 6, 3)),
+    (lambda: Conv2D(2, (2, 4), padding="valid"), (1, 6, 7, 3)),
+], ids=["conv5", "convT3", "conv2x4"])
+def test_finite_differences_through_winograd(forced, layer, shape):
+    errors = check_layer(layer(), shape, np.random.default_rng(3), True)
+    assert max(errors.values()) < TOLERANCE, errors
+
+
+def test_environment_variable_turns_it_off():
+    env = dict(os.environ, RAWGAN_WINOGRAD="0")
+    out = subprocess.run([sys.executable, "-c",
+                          "from rawgan.backends import winograd; print(winograd.ENABLED)"],
+                         env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
