@@ -130,22 +130,46 @@ def test_float32_is_within_the_stated_tolerance():
     got = ops.conv2d_forward(x.astype(np.float32), w.astype(np.float32), None, 1, "same")
     assert got.dtype == np.float32
     assert np.abs(got - want).max() < 5e-5 * np.abs(want).max()
+    dy = rng.standard_normal(want.shape)
+    want_dw = direct(ops.conv2d_backward, dy, x, w, 1, "same")[1]
+    got_dw = ops.conv2d_backward(*(a.astype(np.float32) for a in (dy, x, w)), 1, "same")[1]
+    assert np.abs(got_dw - want_dw).max() < 5e-5 * np.abs(want_dw).max()
+
+
+def test_weight_grad_is_the_definition():
+    """dw[a,b,c,o] = sum_{n,i,j} xpad[n, i+a, j+b, c] dy[n,i,j,o], with uneven padding and a
+    map that the tiles overhang."""
+    rng = np.random.default_rng(4)
+    x, dy = rng.standard_normal((3, 9, 6, 4)), rng.standard_normal((3, 8, 5, 2))
+    pads = ((1, 2), (0, 2))
+    kh, kw = 9 + 1 + 2 - 8 + 1, 6 + 0 + 2 - 5 + 1  # (5, 4): the kernel that maps 9x6 to 8x5
+    xp = np.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    want = np.zeros((kh, kw, 4, 2))
+    for a in range(kh):
+        for b in range(kw):
+            want[a, b] = np.einsum("nijc,nijo->co", xp[:, a:a + 8, b:b + 5], dy)
+    got = winograd.weight_grad(x, dy, (kh, kw), pads)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_parallel_spans_equal_one_span(forced, monkeypatch):
     rng = np.random.default_rng(2)
     x, w = rng.standard_normal((7, 9, 9, 4)), rng.standard_normal((3, 3, 4, 5))
     b = rng.standard_normal(5)
-    whole = winograd.correlate(x, w, ((1, 1), (1, 1)), (9, 9), b)
+    dy = rng.standard_normal((7, 9, 9, 5))
+    pads = ((1, 1), (1, 1))
+    whole = (winograd.correlate(x, w, pads, (9, 9), b), winograd.weight_grad(x, dy, (3, 3), pads))
     before = cpu_threads.num_threads()
     monkeypatch.setattr(cpu_threads, "MIN_PARALLEL", 1)
     monkeypatch.setattr(winograd, "SPAN_BYTES", 1)  # one image per span
     cpu_threads.set_num_threads(3)
     try:
-        parts = winograd.correlate(x, w, ((1, 1), (1, 1)), (9, 9), b)
+        parts = (winograd.correlate(x, w, pads, (9, 9), b),
+                 winograd.weight_grad(x, dy, (3, 3), pads))
     finally:
         cpu_threads.set_num_threads(before)
-    np.testing.assert_allclose(parts, whole, rtol=1e-13, atol=1e-13)
+    for got, want in zip(parts, whole, strict=True):  # partial sums in another order
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("layer, shape", [

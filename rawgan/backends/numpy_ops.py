@@ -459,6 +459,9 @@ def _conv_weight_grad(x: np.ndarray, dy: np.ndarray, w_shape, stride, pads: Pads
     ``dw[a0:a1, b0:b1] += cols_g^T @ dy_g``. x (N, H, W, C), dy (N, Ho, Wo, O) -> w_shape;
     with ``need_db`` also ``db[o] = sum_{n,i,j} dy[n,i,j,o]`` (returns ``(dw, db)``)."""
     kh, kw, ci, co = w_shape
+    if _winograd_ok(w_shape, x.shape[1:3], dy.shape[1:3], stride, pads):
+        dw = winograd.weight_grad(x, dy, (kh, kw), pads)
+        return (dw, bias_add_backward(dy)) if need_db else dw
     plan = _Plan(w_shape, x.shape[1:3], dy.shape[1:3], stride, pads)
 
     def body(ws: Workspace, c0: int, c1: int, acc) -> None:

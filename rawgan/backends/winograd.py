@@ -19,7 +19,8 @@ transforms give back part of it, see :func:`winograd_macs`).
 This is the SAME math as ``numpy_ops._conv_gather`` (a stride-1 correlation), not a new
 layer algorithm: numpy_ops uses it where it is cheaper, for the conv forward and (with the
 flipped kernel) for the conv's backward-data, so for both directions of the transposed conv
-too. Exact in exact arithmetic; in floating point the transforms cost accuracy: float64 agrees
+too; :func:`weight_grad` does the weight gradient the same way (F(k, m): the tiles of dy
+play the kernel). Exact in exact arithmetic; in floating point the transforms cost accuracy: float64 agrees
 with the direct sum to ~1e-14 of the output's scale, float32 to ~1.5e-5 (the direct float32
 sum: ~5e-7). ``RAWGAN_WINOGRAD=0`` (or :data:`ENABLED` False) turns it off.
 
@@ -125,12 +126,56 @@ def worth_it(k_hw, out_hw, c_in: int, c_out: int, direct_macs: int) -> bool:
     return winograd_macs(k_hw, out_hw, c_in, c_out) * MARGIN < direct_macs
 
 
-def _matrices(kh: int, kw: int, dtype):
+def _matrices(kh: int, kw: int, dtype, wgrad: bool = False):
     """kron(A_h^T, A_w^T), kron(B_h^T, B_w^T), kron(G_h, G_w) in ``dtype``: the 2-D transforms
-    on row-major flattened tiles (``(B^T d B)_{ij} = sum_{ab} B^T_{ia} d_{ab} B^T_{jb}``)."""
-    (ah, gh, bh), (aw, gw, bw) = transforms(M_OUT, kh), transforms(M_OUT, kw)
+    on row-major flattened tiles (``(B^T d B)_{ij} = sum_{ab} B^T_{ia} d_{ab} B^T_{jb}``), of
+    F(m, k) per axis, or of F(k, m) for the weight gradient (``wgrad``)."""
+    (ah, gh, bh), (aw, gw, bw) = ((transforms(k, M_OUT) if wgrad else transforms(M_OUT, k))
+                                  for k in (kh, kw))
     return (np.kron(ah, aw).astype(dtype), np.kron(bh, bw).astype(dtype),
             np.kron(gh, gw).astype(dtype))
+
+
+class _Tiling:
+    """The tiles of a stride-1 correlation x (N, H, W, C) * (kh, kw) -> (Ho, Wo) with padding
+    (pt, pl) on top and left: tile (t, u) covers outputs [m t, m t + m) x [m u, m u + m) and
+    reads the (n_h, n_w) padded-input window at (m t, m u)."""
+
+    def __init__(self, x_shape, k_hw, pads: Pads, out_hw) -> None:
+        _, self.h, self.w, self.c = x_shape
+        (self.kh, self.kw), (self.ho, self.wo) = k_hw, out_hw
+        (self.pt, _), (self.pl, _) = pads
+        self.m = m = M_OUT
+        self.nh, self.nw = m + self.kh - 1, m + self.kw - 1
+        self.th, self.tw = _tiles(self.ho), _tiles(self.wo)
+        self.hp, self.wp = self.th * m + self.kh - 1, self.tw * m + self.kw - 1
+        self.per_image = self.th * self.tw  # tiles
+
+    def input_transform(self, x: np.ndarray, bb: np.ndarray, ws, out: np.ndarray) -> None:
+        """``out[p, (s, t, u), c] = (B^T d B)[p]`` of every tile d of the images of x:
+        zero-pad them into a workspace buffer, gather the overlapping windows (stride m) in
+        one copy, transform with one GEMM. x (s, H, W, C), out (n_h n_w, s th tw C)."""
+        s, (pt, pl), m = x.shape[0], (self.pt, self.pl), self.m
+        rows, cols = min(self.h, self.hp - pt), min(self.w, self.wp - pl)
+        xp = ws.get("wino_pad", (s, self.hp, self.wp, self.c), x.dtype)
+        xp.fill(0)
+        xp[:, pt:pt + rows, pl:pl + cols] = x[:, :rows, :cols]
+        st = xp.strides
+        view = as_strided(xp, (self.nh, self.nw, s, self.th, self.tw, self.c),
+                          (st[1], st[2], st[0], st[1] * m, st[2] * m, st[3]), writeable=False)
+        d = ws.get("wino_d", view.shape, x.dtype)
+        np.copyto(d, view)                                   # d[a, b, (s, t, u), c]
+        np.matmul(bb, d.reshape(self.nh * self.nw, -1), out=out)
+
+
+def _kernel_transform(gg: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
+    """``out[p] = (G w G^T)[p]``: (n_h n_w, kh kw) @ w as (kh kw, C O). The rows are shared out
+    (a multi-threaded BLAS call here would leave BLAS's threads spinning on the cores the
+    workers need next; see cpu_threads)."""
+    wm = np.ascontiguousarray(w).reshape(gg.shape[1], -1)
+    flat = out.reshape(gg.shape[0], -1)
+    cpu_threads.parallel_rows(lambda _k, lo, hi: np.matmul(gg[lo:hi], wm, out=flat[lo:hi]),
+                              gg.shape[0], size=out.size, blas_single=True)
 
 
 def correlate(x: np.ndarray, w: np.ndarray, pads: Pads, out_hw,
@@ -141,57 +186,93 @@ def correlate(x: np.ndarray, w: np.ndarray, pads: Pads, out_hw,
     x (N, H, W, C), w (kh, kw, C, O), pads ((pt, pb), (pl, pr)) >= 0, b (O,) or None
     -> y (N, Ho, Wo, O) with ``Ho = H + pt + pb - kh + 1``.
 
-    Per span of images: zero-pad to whole tiles; gather the (n_h, n_w) input tiles at stride
-    m; ``V = B^T d B`` (one GEMM); ``M[p] = V[p] @ U[p]`` at each tile position p, with
-    ``U = G w G^T`` computed once; ``Y = A^T M A`` (one GEMM); write the tiles' m x m outputs.
+    ``U = G w G^T`` once; then per span of images: ``V = B^T d B`` for every input tile d
+    (:meth:`_Tiling.input_transform`); ``M[p] = V[p] @ U[p]`` at each tile position p;
+    ``Y = A^T M A`` (one GEMM); write the tiles' m x m outputs.
     """
     kh, kw, c, o = w.shape
-    n, h, wd, _ = x.shape
-    ho, wo = out_hw
-    (pt, _), (pl, _) = pads
-    nh, nw, m = M_OUT + kh - 1, M_OUT + kw - 1, M_OUT
-    th, tw = _tiles(ho), _tiles(wo)
-    hp, wp = th * m + kh - 1, tw * m + kw - 1  # padded input that whole tiles read
-    rows_h, rows_w = min(h, hp - pt), min(wd, wp - pl)  # input pixels any tile reads
+    n = x.shape[0]
+    tl = _Tiling(x.shape, (kh, kw), pads, out_hw)
+    nn, m, (ho, wo) = tl.nh * tl.nw, tl.m, out_hw
     aa, bb, gg = _matrices(kh, kw, x.dtype)
-    # U = G w G^T, the rows shared out too (a multi-threaded BLAS call here would leave
-    # BLAS's threads spinning on the cores the workers below need; see cpu_threads)
-    u = cpu_threads.workspace().get("wino_u", (nh * nw, c, o), x.dtype)
-    wm = np.ascontiguousarray(w).reshape(kh * kw, c * o)
-    cpu_threads.parallel_rows(
-        lambda _k, lo, hi: np.matmul(gg[lo:hi], wm, out=u[lo:hi].reshape(hi - lo, -1)),
-        nh * nw, size=u.size, blas_single=True)
+    u = cpu_threads.workspace().get("wino_u", (nn, c, o), x.dtype)
+    _kernel_transform(gg, w, u)
     y = np.empty((n, ho, wo, o), dtype=x.dtype)
-    per_image = nh * nw * th * tw * max(c, o) * x.itemsize
-    step = max(1, SPAN_BYTES // per_image)
+    step = max(1, SPAN_BYTES // (nn * tl.per_image * max(c, o) * x.itemsize))
 
     def body(_k: int, lo: int, hi: int) -> None:
         ws = cpu_threads.workspace()
         for s0 in range(lo, hi, step):
             s1 = min(hi, s0 + step)
-            s, t = s1 - s0, (s1 - s0) * th * tw
-            xp = ws.get("wino_pad", (s, hp, wp, c), x.dtype)
-            xp.fill(0)
-            xp[:, pt:pt + rows_h, pl:pl + rows_w] = x[s0:s1, :rows_h, :rows_w]
-            st = xp.strides
-            view = as_strided(xp, (nh, nw, s, th, tw, c),
-                              (st[1], st[2], st[0], st[1] * m, st[2] * m, st[3]),
-                              writeable=False)
-            d = ws.get("wino_d", (nh, nw, s, th, tw, c), x.dtype)
-            np.copyto(d, view)                                  # d[a, b, tile, c]
-            v = ws.get("wino_v", (nh * nw, t * c), x.dtype)
-            np.matmul(bb, d.reshape(nh * nw, -1), out=v)        # V = B^T d B
-            mm = ws.get("wino_m", (nh * nw, t, o), x.dtype)
-            np.matmul(v.reshape(nh * nw, t, c), u, out=mm)      # M[p] = V[p] @ U[p]
+            s, t = s1 - s0, (s1 - s0) * tl.per_image
+            v = ws.get("wino_v", (nn, t * c), x.dtype)
+            tl.input_transform(x[s0:s1], bb, ws, v)            # V = B^T d B
+            mm = ws.get("wino_m", (nn, t, o), x.dtype)
+            np.matmul(v.reshape(nn, t, c), u, out=mm)          # M[p] = V[p] @ U[p]
             yt = ws.get("wino_y", (m * m, t * o), x.dtype)
-            np.matmul(aa, mm.reshape(nh * nw, -1), out=yt)      # Y = A^T M A
-            tiles = yt.reshape(m, m, s, th, tw, o).transpose(2, 3, 0, 4, 1, 5)
-            out = tiles.reshape(s, th * m, tw * m, o)[:, :ho, :wo]
+            np.matmul(aa, mm.reshape(nn, -1), out=yt)          # Y = A^T M A
+            tiles = yt.reshape(m, m, s, tl.th, tl.tw, o).transpose(2, 3, 0, 4, 1, 5)
+            out = tiles.reshape(s, tl.th * m, tl.tw * m, o)[:, :ho, :wo]
             if b is None:
                 y[s0:s1] = out
             else:
                 np.add(out, b, out=y[s0:s1])
 
-    cpu_threads.parallel_rows(body, n, size=n * th * tw * nh * nw * max(c, o),
+    cpu_threads.parallel_rows(body, n, size=n * tl.per_image * nn * max(c, o),
                               blas_single=True)
     return y
+
+
+def weight_grad(x: np.ndarray, dy: np.ndarray, k_hw, pads: Pads) -> np.ndarray:
+    """The weight gradient of :func:`correlate` by F(kh x kw, 4x4):
+    ``dw[a,b,c,o] = sum_{n,i,j} x[n, i - pt + a, j - pl + b, c] dy[n,i,j,o]``.
+
+    x (N, H, W, C), dy (N, Ho, Wo, O) -> dw (kh, kw, C, O).
+
+    Cut dy into the same m x m tiles as the forward (zeros past the map): each tile adds to
+    dw the correlation of its (n_h, n_w) input window d with the tile's m x m dy block e, a
+    (kh, kw) result from an m-tap "kernel": F(k, m), n = k + m - 1 points as before. So
+    ``dw = A^T [ sum over tiles (B^T d B) * (G e G^T) ] A``; with channels, at each tile
+    position p ``S[p] = V[p]^T @ E[p]``, (C, tiles) @ (tiles, O): the GEMMs run over the
+    tiles (a long inner dimension). Each worker sums its images' tiles; the partial sums are
+    added in worker order, then ``dw = A^T S A`` (one GEMM).
+    """
+    kh, kw = k_hw
+    n, _, _, c = x.shape
+    o = dy.shape[-1]
+    tl = _Tiling(x.shape, (kh, kw), pads, dy.shape[1:3])
+    nn, m = tl.nh * tl.nw, tl.m
+    aa, bb, gg = _matrices(kh, kw, x.dtype, wgrad=True)
+    step = max(1, SPAN_BYTES // (nn * tl.per_image * max(c, o) * x.itemsize))
+
+    def body(_k: int, lo: int, hi: int) -> np.ndarray:
+        ws = cpu_threads.workspace()
+        acc = np.zeros((nn, c, o), dtype=x.dtype)
+        for s0 in range(lo, hi, step):
+            s1 = min(hi, s0 + step)
+            s, t = s1 - s0, (s1 - s0) * tl.per_image
+            v = ws.get("wino_v", (nn, t * c), x.dtype)
+            tl.input_transform(x[s0:s1], bb, ws, v)            # V = B^T d B
+            ep = ws.get("wino_ep", (s, tl.th * m, tl.tw * m, o), x.dtype)
+            ep[:, tl.ho:] = 0
+            ep[:, :tl.ho, tl.wo:] = 0
+            ep[:, :tl.ho, :tl.wo] = dy[s0:s1]
+            e = ws.get("wino_e", (m, m, s, tl.th, tl.tw, o), x.dtype)
+            np.copyto(e, ep.reshape(s, tl.th, m, tl.tw, m, o).transpose(2, 4, 0, 1, 3, 5))
+            et = ws.get("wino_et", (nn, t, o), x.dtype)
+            np.matmul(gg, e.reshape(m * m, -1), out=et.reshape(nn, -1))  # E = G e G^T
+            part = ws.get("wino_s", (nn, c, o), x.dtype)
+            np.matmul(v.reshape(nn, t, c).transpose(0, 2, 1), et, out=part)  # V[p]^T E[p]
+            acc += part
+        return acc
+
+    parts = cpu_threads.parallel_rows(body, n, size=n * tl.per_image * nn * max(c, o),
+                                      blas_single=True)
+    total = parts[0]
+    for p in parts[1:]:
+        total += p
+    dw = np.empty((kh * kw, c * o), dtype=x.dtype)
+    cpu_threads.parallel_rows(
+        lambda _k, lo, hi: np.matmul(aa[lo:hi], total.reshape(nn, -1), out=dw[lo:hi]),
+        kh * kw, size=dw.size, blas_single=True)                # dw = A^T S A
+    return dw.reshape(kh, kw, c, o)
