@@ -95,6 +95,35 @@ def test_conv_ops_equal_the_direct_path_in_float64(forced, case):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
+STRIDED = [  # (N, H, W, C, O, k, stride, padding, output_padding) of a transposed conv
+    (2, 7, 7, 5, 3, 5, 2, "same", None),  # the DCGAN's 7 -> 14 layer, small channels
+    (2, 4, 5, 3, 2, 5, 2, "same", 1),
+    (1, 3, 4, 2, 3, 4, 3, "valid", None),
+    (2, 5, 3, 2, 2, 3, 2, 1, 0),
+    (1, 4, 4, 3, 2, (2, 5), (3, 2), "same", None),
+]
+
+
+@pytest.mark.parametrize("case", STRIDED, ids=str)
+def test_strided_backward_data_as_phases_equals_the_direct_path(forced, case):
+    """conv backward-data (the transposed conv's forward) at stride s as ONE stride-1
+    correlation whose outputs are the s*s phases (numpy_ops._phase_kernel), by Winograd."""
+    n, h, w_, c, o, k, s, padding, op = case
+    kh, kw = (k, k) if isinstance(k, int) else k
+    rng = np.random.default_rng(h * w_ + c)
+    x, wt, b = (rng.standard_normal((n, h, w_, c)), rng.standard_normal((kh, kw, o, c)),
+                rng.standard_normal(o))
+    y = ops.conv2d_transpose_forward(x, wt, b, s, padding, op)
+    np.testing.assert_allclose(
+        y, direct(ops.conv2d_transpose_forward, x, wt, b, s, padding, op), rtol=1e-12,
+        atol=1e-12)
+    # and the same scatter as a conv's input gradient
+    dy = rng.standard_normal(x.shape)
+    got = ops.conv2d_backward(dy, y, wt, s, padding, need_dw=False)[0]
+    want = direct(ops.conv2d_backward, dy, y, wt, s, padding, need_dw=False)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_correlate_is_used_where_forced(forced, monkeypatch):
     calls = []
     real = winograd.correlate
@@ -103,9 +132,11 @@ def test_correlate_is_used_where_forced(forced, monkeypatch):
     x, w = rng.standard_normal((2, 7, 7, 3)), rng.standard_normal((5, 5, 3, 4))
     y = ops.conv2d_forward(x, w, None, 1, "same")
     ops.conv2d_backward(np.ones_like(y), x, w, 1, "same")          # dx: the flipped kernel
-    ops.conv2d_forward(x, w, None, 2, "same")                       # stride 2: never
+    ops.conv2d_forward(x, w, None, 2, "same")                       # stride-2 gather: no
     ops.conv2d_forward(x, rng.standard_normal((1, 1, 3, 4)), None)  # 1x1: never
     assert len(calls) == 2
+    ops.conv2d_transpose_forward(x, rng.standard_normal((5, 5, 4, 3)), None, 2, "same")
+    assert len(calls) == 3                                          # stride-2 scatter: phases
 
 
 def test_the_dcgan_layer_takes_winograd_and_small_ones_do_not(monkeypatch):

@@ -330,27 +330,72 @@ class _Plan:
         return cpu_threads.parallel_rows(work, n, size=n * self.per_image, blas_single=True)
 
 
+def _direct_macs(w_shape, in_hw, out_hw, stride, pads: Pads) -> int:
+    """Multiply-adds per image of the direct path: the taps that land on the input."""
+    kh, kw, ci, co = w_shape
+    taps = [sum((i1 - i0) * (a1 - a0) for i0, i1, a0, a1 in _tap_runs(o, i, k, s, p[0]))
+            for o, i, k, s, p in zip(out_hw, in_hw, (kh, kw), stride, pads, strict=True)]
+    return taps[0] * taps[1] * ci * co
+
+
 def _winograd_ok(w_shape, in_hw, out_hw, stride, pads: Pads) -> bool:
     """Run this correlation (x (.., in_hw, C) * w (kh, kw, C, O) -> out_hw) by Winograd?
-    Stride 1, padding >= 0, and :func:`winograd.worth_it` against the direct path's count
-    (the taps that land on the input)."""
-    kh, kw, ci, co = w_shape
+    Stride 1, padding >= 0, and :func:`winograd.worth_it` against the direct path's count."""
     if stride != (1, 1) or min(min(pads[0]), min(pads[1])) < 0:
         return False
-    taps = [sum((i1 - i0) * (a1 - a0) for i0, i1, a0, a1 in _tap_runs(o, i, k, 1, p[0]))
-            for o, i, k, p in zip(out_hw, in_hw, (kh, kw), pads, strict=True)]
-    return winograd.worth_it((kh, kw), out_hw, ci, co, taps[0] * taps[1] * ci * co)
+    return winograd.worth_it(w_shape[:2], out_hw, w_shape[2], w_shape[3],
+                             _direct_macs(w_shape, in_hw, out_hw, stride, pads))
 
 
-def _flipped_pads(w_shape, x_hw, dy_hw, pads: Pads) -> Pads:
-    """Padding of the stride-1 backward-data as a correlation of dy with the flipped kernel:
-    ``dx[p] = sum_a dy[p + pt - a] w[a] = sum_a' dy[p - (kh-1-pt) + a'] w[kh-1-a']``, so the
-    top padding is ``kh - 1 - pt`` and the bottom what makes the output ``x_hw`` long."""
-    out = []
-    for k, n_x, n_dy, (p0, _) in zip(w_shape[:2], x_hw, dy_hw, pads, strict=True):
-        top = k - 1 - p0
-        out.append((top, n_x + k - 1 - n_dy - top))
-    return out[0], out[1]
+def _phase_taps(k: int, s: int, pt: int) -> tuple[int, list[list[tuple[int, int]]]]:
+    """The backward-data of a stride-s conv along one axis as ONE stride-1 correlation.
+
+    ``dx[P] = sum_{i, a: i s - pt + a = P} dy[i] w[a]``. Output phase f = P mod s (P = s u + f)
+    gets the taps ``a = a0 + s t`` with ``a0 = (f + pt) mod s``, from ``dy[u + d - t]``,
+    ``d = (f + pt) // s``. With a common top padding R0 = max over phases of (T - 1 - d)
+    (T: the phase's tap count) that is ``sum_r dypad[u + r] w'[r, f]`` where kernel row
+    ``r = R0 + d - t`` holds tap a of phase f (zero where a phase has no tap). Returns R0 and,
+    per phase f, the pairs (r, a).
+    """
+    phases = []
+    for f in range(s):
+        a0, d = (f + pt) % s, (f + pt) // s
+        phases.append((d, list(range(a0, k, s))))
+    live = [(d, taps) for d, taps in phases if taps]
+    r0 = max(len(taps) - 1 - d for d, taps in live)
+    return r0, [[(r0 + d - t, a) for t, a in enumerate(taps)] for d, taps in phases]
+
+
+def _phase_kernel(w: np.ndarray, stride, pads: Pads, x_hw, dy_hw):
+    """Conv backward-data (the transposed conv's forward) as a stride-1 correlation of dy
+    whose outputs are the s_h * s_w output phases side by side (see :func:`_phase_taps`):
+    ``dx[n, s_h u + f, s_w v + g, c] = out[n, u, v, (f, g, c)]``, ``out = dy (*) w'``,
+    ``w'[r, q, o, (f, g, c)] = w[a, b, c, o]`` for the taps (r, a) of phase f and (q, b) of
+    phase g. For stride 1 this is dy correlated with the flipped kernel.
+
+    w (kh, kw, C, O) -> (w' (R_h, R_w, O, s_h s_w C), pads of the correlation, its output
+    size (ceil(H / s_h), ceil(W / s_w))), or None if the correlation would need a negative
+    padding (dy rows that no dx pixel reads).
+    """
+    kh, kw, ci, co = w.shape
+    (r0h, ph), (r0w, pw) = (_phase_taps(k, s, p[0])
+                            for k, s, p in zip((kh, kw), stride, pads, strict=True))
+    rh = 1 + max(r for taps in ph for r, _ in taps)
+    rw = 1 + max(r for taps in pw for r, _ in taps)
+    (sh, sw), out_hw = stride, (-(-x_hw[0] // stride[0]), -(-x_hw[1] // stride[1]))
+    cpads = ((r0h, out_hw[0] + rh - 1 - dy_hw[0] - r0h),
+             (r0w, out_hw[1] + rw - 1 - dy_hw[1] - r0w))
+    if min(cpads[0][1], cpads[1][1]) < 0:
+        return None
+    if stride == (1, 1):  # one phase: w flipped, channels swapped (a view, no copy)
+        return w[::-1, ::-1].transpose(0, 1, 3, 2), cpads, out_hw
+    wp = np.zeros((rh, rw, co, sh, sw, ci), dtype=w.dtype)
+    for f, taps_h in enumerate(ph):
+        for g, taps_w in enumerate(pw):
+            for r, a in taps_h:
+                for q, b in taps_w:
+                    wp[r, q, :, f, g, :] = w[a, b].T
+    return wp.reshape(rh, rw, co, sh * sw * ci), cpads, out_hw
 
 
 def _conv_gather(x: np.ndarray, w: np.ndarray, stride, pads: Pads, out_hw,
@@ -414,11 +459,20 @@ def _conv_scatter(dy: np.ndarray, w: np.ndarray, x_shape, stride, pads: Pads,
     kh, kw, ci, co = w.shape
     n, ho, wo, _ = dy.shape
     sh, sw = stride
-    if stride == (1, 1):  # a correlation of dy with the flipped kernel: Winograd may pay
-        fpads = _flipped_pads(w.shape, x_shape[1:3], (ho, wo), pads)
-        wf = w[::-1, ::-1].transpose(0, 1, 3, 2)  # wf[a', b', o, c] = w[kh-1-a', kw-1-b', c, o]
-        if _winograd_ok(wf.shape, (ho, wo), x_shape[1:3], stride, fpads):
-            return winograd.correlate(dy, wf, fpads, x_shape[1:3], b)
+    if winograd.ENABLED:  # as one stride-1 correlation of dy, Winograd may pay
+        phased = _phase_kernel(w, stride, pads, x_shape[1:3], (ho, wo))
+        if phased is not None and winograd.worth_it(
+                phased[0].shape[:2], phased[2], co, phased[0].shape[3],
+                _direct_macs(w.shape, x_shape[1:3], (ho, wo), stride, pads)):
+            wp, cpads, (uh, uw) = phased
+            out = winograd.correlate(dy, wp, cpads, (uh, uw),
+                                     None if b is None else np.tile(b, sh * sw))
+            if stride == (1, 1):
+                return out
+            # depth to space: dx[n, sh u + f, sw v + g, c] = out[n, u, v, (f, g, c)]
+            tiles = out.reshape(n, uh, uw, sh, sw, ci).transpose(0, 1, 3, 2, 4, 5)
+            return np.ascontiguousarray(tiles.reshape(n, uh * sh, uw * sw, ci)
+                                        [:, :x_shape[1], :x_shape[2]])
     plan = _Plan(w.shape, x_shape[1:3], (ho, wo), stride, pads, w, transpose_w=True)
     dx = np.empty(x_shape, dtype=dy.dtype)
     (pt, _), (pl, _) = plan.eff_pads

@@ -17,12 +17,14 @@ instead of the 841 the direct sum takes over the taps that hit the map (3.3x few
 transforms give back part of it, see :func:`winograd_macs`).
 
 This is the SAME math as ``numpy_ops._conv_gather`` (a stride-1 correlation), not a new
-layer algorithm: numpy_ops uses it where it is cheaper, for the conv forward and (with the
-flipped kernel) for the conv's backward-data, so for both directions of the transposed conv
-too; :func:`weight_grad` does the weight gradient the same way (F(k, m): the tiles of dy
-play the kernel). Exact in exact arithmetic; in floating point the transforms cost accuracy: float64 agrees
-with the direct sum to ~1e-14 of the output's scale, float32 to ~1.5e-5 (the direct float32
-sum: ~5e-7). ``RAWGAN_WINOGRAD=0`` (or :data:`ENABLED` False) turns it off.
+layer algorithm: numpy_ops uses it where it is cheaper, for the stride-1 conv forward, for
+the conv's backward-data at any stride (with the flipped kernel; at stride s as one
+correlation whose outputs are the s*s output phases, ``numpy_ops._phase_kernel``), so for
+the transposed conv's forward too, and for the stride-1 weight gradient (:func:`weight_grad`,
+F(k, m): the tiles of dy play the kernel). Exact in exact arithmetic; in floating point
+the transforms cost accuracy: float64 agrees with the direct sum to ~1e-14 of the output's
+scale, float32 to ~1.5e-5 (the direct float32 sum: ~5e-7). ``RAWGAN_WINOGRAD=0`` (or
+:data:`ENABLED` False) turns it off.
 
 The interpolation points are ``0, 1, -1, 2, -2, 1/2, -1/2`` (as many as F(m, r) needs) and
 infinity; A, G and B are derived from them below, exactly, in rationals.
