@@ -794,7 +794,8 @@ def batchnorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray,
     passes: ``var = mean((x - mean)^2)``), ``y = gamma * (x - mean) * inv_std + beta`` with
     ``inv_std = 1 / sqrt(var + eps)``, and the moving statistics are updated IN PLACE:
     ``moving = momentum * moving + (1 - momentum) * batch``.
-    Inference: the moving statistics normalise and nothing is updated.
+    Inference: the moving statistics normalise (as ``x * scale + (beta - mean * scale)``,
+    ``scale = gamma * inv_std``, as TF computes it) and nothing is updated.
     """
     c = x.shape[-1]
     x2 = x.reshape(-1, c)
@@ -816,9 +817,17 @@ def batchnorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray,
     else:
         mean = moving_mean.astype(x.dtype, copy=True)
         var = moving_variance.astype(x.dtype, copy=False)
-        _by_rows(lambda r: np.subtract(x2[r], mean, out=xc[r]), x2)
     inv_std = 1 / np.sqrt(var + float(epsilon))
     scale = gamma * inv_std
+    if not training:  # constants: y = x * scale + (beta - mean * scale), two passes (as TF)
+        shift = beta - mean * scale
+
+        def affine(r) -> None:
+            np.multiply(x2[r], scale, out=xc[r])
+            xc[r] += shift
+
+        _by_rows(affine, x2)
+        return xc.reshape(x.shape), mean, inv_std
 
     def normalize(r) -> None:
         xc[r] *= scale
