@@ -219,3 +219,32 @@ def test_environment_variable_turns_it_off():
                           "from rawgan.backends import winograd; print(winograd.ENABLED)"],
                          env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_random_transposed_geometries_equal_the_direct_path(forced):
+    """Strides 1-3, kernels 1-5 (non-square), every padding mode, output_padding, odd and
+    even sizes: the transposed conv forward and backward with Winograd wherever it applies
+    equal the direct path."""
+    rng = np.random.default_rng(11)
+    checked = 0
+    while checked < 60:
+        s = int(rng.integers(1, 4))
+        kh, kw = (int(v) for v in rng.integers(1, 6, size=2))
+        h, w_ = (int(v) for v in rng.integers(1, 9, size=2))
+        padding = ["same", "valid", int(rng.integers(0, 3))][int(rng.integers(0, 3))]
+        op = int(rng.integers(0, s)) if s > 1 and rng.random() < 0.5 else None
+        c, o, n = (int(v) for v in rng.integers(1, 4, size=3))
+        x, wt = rng.standard_normal((n, h, w_, c)), rng.standard_normal((kh, kw, o, c))
+        b = rng.standard_normal(o)
+        try:
+            want = direct(ops.conv2d_transpose_forward, x, wt, b, s, padding, op)
+        except ValueError:  # an invalid geometry (e.g. output_padding vs padding)
+            continue
+        got = ops.conv2d_transpose_forward(x, wt, b, s, padding, op)
+        np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-11)
+        dy = rng.standard_normal(want.shape)
+        for g, wnt in zip(ops.conv2d_transpose_backward(dy, x, wt, s, padding, op),
+                          direct(ops.conv2d_transpose_backward, dy, x, wt, s, padding, op),
+                          strict=True):
+            np.testing.assert_allclose(g, wnt, rtol=1e-11, atol=1e-11)
+        checked += 1
