@@ -464,15 +464,11 @@ def _conv_scatter(dy: np.ndarray, w: np.ndarray, x_shape, stride, pads: Pads,
         if phased is not None and winograd.worth_it(
                 phased[0].shape[:2], phased[2], co, phased[0].shape[3],
                 _direct_macs(w.shape, x_shape[1:3], (ho, wo), stride, pads)):
-            wp, cpads, (uh, uw) = phased
-            out = winograd.correlate(dy, wp, cpads, (uh, uw),
-                                     None if b is None else np.tile(b, sh * sw))
-            if stride == (1, 1):
-                return out
+            wp, cpads, uv = phased
             # depth to space: dx[n, sh u + f, sw v + g, c] = out[n, u, v, (f, g, c)]
-            tiles = out.reshape(n, uh, uw, sh, sw, ci).transpose(0, 1, 3, 2, 4, 5)
-            return np.ascontiguousarray(tiles.reshape(n, uh * sh, uw * sw, ci)
-                                        [:, :x_shape[1], :x_shape[2]])
+            return winograd.correlate(dy, wp, cpads, uv, b,
+                                      phases=None if stride == (1, 1) else
+                                      (sh, sw, tuple(x_shape[1:3])))
     plan = _Plan(w.shape, x_shape[1:3], (ho, wo), stride, pads, w, transpose_w=True)
     dx = np.empty(x_shape, dtype=dy.dtype)
     (pt, _), (pl, _) = plan.eff_pads

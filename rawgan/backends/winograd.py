@@ -181,12 +181,16 @@ def _kernel_transform(gg: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
 
 
 def correlate(x: np.ndarray, w: np.ndarray, pads: Pads, out_hw,
-              b: np.ndarray | None = None) -> np.ndarray:
+              b: np.ndarray | None = None, phases=None) -> np.ndarray:
     """Stride-1 correlation by F(4x4, kh x kw):
     ``y[n,i,j,o] = b[o] + sum_{a,b,c} x[n, i - pt + a, j - pl + b, c] w[a,b,c,o]``.
 
     x (N, H, W, C), w (kh, kw, C, O), pads ((pt, pb), (pl, pr)) >= 0, b (O,) or None
     -> y (N, Ho, Wo, O) with ``Ho = H + pt + pb - kh + 1``.
+
+    ``phases = (sh, sw, (H', W'))``: the O channels are sh * sw phases of O / (sh sw) channels
+    each, written out depth to space, ``y'[n, sh i + f, sw j + g, c] = y[n, i, j, (f, g, c)]``,
+    cropped to (H', W') (see ``numpy_ops._phase_kernel``).
 
     ``U = G w G^T`` once; then per span of images: ``V = B^T d B`` for every input tile d
     (:meth:`_Tiling.input_transform`); ``M[p] = V[p] @ U[p]`` at each tile position p;
@@ -199,7 +203,11 @@ def correlate(x: np.ndarray, w: np.ndarray, pads: Pads, out_hw,
     aa, bb, gg = _matrices(kh, kw, x.dtype)
     u = cpu_threads.workspace().get("wino_u", (nn, c, o), x.dtype)
     _kernel_transform(gg, w, u)
-    y = np.empty((n, ho, wo, o), dtype=x.dtype)
+    if phases is None:
+        y = np.empty((n, ho, wo, o), dtype=x.dtype)
+    else:
+        sh, sw, (hf, wf) = phases
+        y = np.empty((n, hf, wf, o // (sh * sw)), dtype=x.dtype)
     step = max(1, SPAN_BYTES // (nn * tl.per_image * max(c, o) * x.itemsize))
 
     def body(_k: int, lo: int, hi: int) -> None:
@@ -215,6 +223,9 @@ def correlate(x: np.ndarray, w: np.ndarray, pads: Pads, out_hw,
             np.matmul(aa, mm.reshape(nn, -1), out=yt)          # Y = A^T M A
             tiles = yt.reshape(m, m, s, tl.th, tl.tw, o).transpose(2, 3, 0, 4, 1, 5)
             out = tiles.reshape(s, tl.th * m, tl.tw * m, o)[:, :ho, :wo]
+            if phases is not None:  # depth to space
+                out = out.reshape(s, ho, wo, sh, sw, -1).transpose(0, 1, 3, 2, 4, 5)
+                out = out.reshape(s, ho * sh, wo * sw, -1)[:, :hf, :wf]
             if b is None:
                 y[s0:s1] = out
             else:
@@ -249,7 +260,8 @@ def weight_grad(x: np.ndarray, dy: np.ndarray, k_hw, pads: Pads) -> np.ndarray:
 
     def body(_k: int, lo: int, hi: int) -> np.ndarray:
         ws = cpu_threads.workspace()
-        acc = np.zeros((nn, c, o), dtype=x.dtype)
+        acc = ws.get("wino_acc", (nn, c, o), x.dtype)  # not np.zeros: fresh pages fault
+        acc.fill(0)
         for s0 in range(lo, hi, step):
             s1 = min(hi, s0 + step)
             s, t = s1 - s0, (s1 - s0) * tl.per_image
