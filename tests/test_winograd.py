@@ -248,3 +248,16 @@ def test_random_transposed_geometries_equal_the_direct_path(forced):
                           strict=True):
             np.testing.assert_allclose(g, wnt, rtol=1e-11, atol=1e-11)
         checked += 1
+
+
+def test_fused_correlate_and_weight_grad_equal_the_separate_calls():
+    rng = np.random.default_rng(12)
+    x, w = rng.standard_normal((3, 7, 6, 4)), rng.standard_normal((5, 3, 4, 5))
+    pads = ((2, 2), (1, 1))
+    dy = rng.standard_normal((3, 7, 6, 2))
+    y, dw = winograd.correlate(x, w, pads, (7, 6), dy=dy)
+    np.testing.assert_allclose(y, winograd.correlate(x, w, pads, (7, 6)), rtol=1e-13,
+                               atol=1e-13)
+    np.testing.assert_allclose(dw, winograd.weight_grad(x, dy, (5, 3), pads), rtol=1e-13,
+                               atol=1e-13)
+    assert dw.shape == (5, 3, 4, 2)

@@ -410,9 +410,13 @@ def _conv_gather(x: np.ndarray, w: np.ndarray, stride, pads: Pads, out_hw,
     kh, kw, ci, co = w.shape
     n = x.shape[0]
     if _winograd_ok(w.shape, x.shape[1:3], out_hw, stride, pads):
-        y = winograd.correlate(x, w, pads, out_hw, b)
-        return y if dy is None else \
-            (y, _conv_weight_grad(x, dy, (kh, kw, ci, dy.shape[-1]), stride, pads))
+        if dy is None:
+            return winograd.correlate(x, w, pads, out_hw, b)
+        dw_shape = (kh, kw, ci, dy.shape[-1])
+        if _winograd_ok(dw_shape, x.shape[1:3], out_hw, stride, pads):  # one input transform
+            return winograd.correlate(x, w, pads, out_hw, b, dy=dy)
+        return winograd.correlate(x, w, pads, out_hw, b), \
+            _conv_weight_grad(x, dy, dw_shape, stride, pads)
     plan = _Plan(w.shape, x.shape[1:3], out_hw, stride, pads, w)
     y = np.empty((n, *out_hw, co), dtype=x.dtype)
 

@@ -20,8 +20,9 @@ This is the SAME math as ``numpy_ops._conv_gather`` (a stride-1 correlation), no
 layer algorithm: numpy_ops uses it where it is cheaper, for the stride-1 conv forward, for
 the conv's backward-data at any stride (with the flipped kernel; at stride s as one
 correlation whose outputs are the s*s output phases, ``numpy_ops._phase_kernel``), so for
-the transposed conv's forward too, and for the stride-1 weight gradient (:func:`weight_grad`,
-F(k, m): the tiles of dy play the kernel). Exact in exact arithmetic; in floating point
+the transposed conv's forward too, and for the stride-1 weight gradient (:func:`weight_grad`:
+the forward's transforms run backwards, sharing the input transform when a transposed conv's
+backward needs both gradients). Exact in exact arithmetic; in floating point
 the transforms cost accuracy: float64 agrees with the direct sum to ~1e-14 of the output's
 scale, float32 to ~1.5e-5 (the direct float32 sum: ~5e-7). ``RAWGAN_WINOGRAD=0`` (or
 :data:`ENABLED` False) turns it off.
@@ -129,12 +130,11 @@ def worth_it(k_hw, out_hw, c_in: int, c_out: int, direct_macs: int) -> bool:
     return winograd_macs(k_hw, out_hw, c_in, c_out) * MARGIN < direct_macs
 
 
-def _matrices(kh: int, kw: int, dtype, wgrad: bool = False):
-    """kron(A_h^T, A_w^T), kron(B_h^T, B_w^T), kron(G_h, G_w) in ``dtype``: the 2-D transforms
-    on row-major flattened tiles (``(B^T d B)_{ij} = sum_{ab} B^T_{ia} d_{ab} B^T_{jb}``), of
-    F(m, k) per axis, or of F(k, m) for the weight gradient (``wgrad``)."""
-    (ah, gh, bh), (aw, gw, bw) = ((transforms(k, M_OUT) if wgrad else transforms(M_OUT, k))
-                                  for k in (kh, kw))
+def _matrices(kh: int, kw: int, dtype):
+    """kron(A_h^T, A_w^T), kron(B_h^T, B_w^T), kron(G_h, G_w) of F(4, kh) x F(4, kw) in
+    ``dtype``: the 2-D transforms on row-major flattened tiles
+    (``(B^T d B)_{ij} = sum_{ab} B^T_{ia} d_{ab} B^T_{jb}``)."""
+    (ah, gh, bh), (aw, gw, bw) = transforms(M_OUT, kh), transforms(M_OUT, kw)
     return (np.kron(ah, aw).astype(dtype), np.kron(bh, bw).astype(dtype),
             np.kron(gh, gw).astype(dtype))
 
@@ -182,7 +182,7 @@ def _kernel_transform(gg: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
 
 
 def correlate(x: np.ndarray, w: np.ndarray, pads: Pads, out_hw,
-              b: np.ndarray | None = None, phases=None) -> np.ndarray:
+              b: np.ndarray | None = None, phases=None, dy: np.ndarray | None = None):
     """Stride-1 correlation by F(4x4, kh x kw):
     ``y[n,i,j,o] = b[o] + sum_{a,b,c} x[n, i - pt + a, j - pl + b, c] w[a,b,c,o]``.
 
@@ -192,102 +192,104 @@ def correlate(x: np.ndarray, w: np.ndarray, pads: Pads, out_hw,
     ``phases = (sh, sw, (H', W'))``: the O channels are sh * sw phases of O / (sh sw) channels
     each, written out depth to space, ``y'[n, sh i + f, sw j + g, c] = y[n, i, j, (f, g, c)]``,
     cropped to (H', W') (see ``numpy_ops._phase_kernel``).
+    ``dy`` (N, Ho, Wo, D): also return ``weight_grad(x, dy, (kh, kw), pads)`` from the same
+    input transform, ``(y, dw)`` (a transposed conv's backward needs both).
 
     ``U = G w G^T`` once; then per span of images: ``V = B^T d B`` for every input tile d
     (:meth:`_Tiling.input_transform`); ``M[p] = V[p] @ U[p]`` at each tile position p;
     ``Y = A^T M A`` (one GEMM); write the tiles' m x m outputs.
     """
     kh, kw, c, o = w.shape
-    n = x.shape[0]
-    tl = _Tiling(x.shape, (kh, kw), pads, out_hw)
-    nn, m, (ho, wo) = tl.nh * tl.nw, tl.m, out_hw
-    aa, bb, gg = _matrices(kh, kw, x.dtype)
+    nn = (kh + M_OUT - 1) * (kw + M_OUT - 1)
     u = cpu_threads.workspace().get("wino_u", (nn, c, o), x.dtype)
-    _kernel_transform(gg, w, u)
-    if phases is None:
-        y = np.empty((n, ho, wo, o), dtype=x.dtype)
-    else:
-        sh, sw, (hf, wf) = phases
-        y = np.empty((n, hf, wf, o // (sh * sw)), dtype=x.dtype)
-    step = max(1, SPAN_BYTES // (nn * tl.per_image * max(c, o) * x.itemsize))
-
-    def body(_k: int, lo: int, hi: int) -> None:
-        ws = cpu_threads.workspace()
-        for s0 in range(lo, hi, step):
-            s1 = min(hi, s0 + step)
-            s, t = s1 - s0, (s1 - s0) * tl.per_image
-            v = ws.get("wino_v", (nn, t * c), x.dtype)
-            tl.input_transform(x[s0:s1], bb, ws, v)            # V = B^T d B
-            mm = ws.get("wino_m", (nn, t, o), x.dtype)
-            np.matmul(v.reshape(nn, t, c), u, out=mm)          # M[p] = V[p] @ U[p]
-            yt = ws.get("wino_y", (m * m, t * o), x.dtype)
-            np.matmul(aa, mm.reshape(nn, -1), out=yt)          # Y = A^T M A
-            tiles = yt.reshape(m, m, s, tl.th, tl.tw, o).transpose(2, 3, 0, 4, 1, 5)
-            out = tiles.reshape(s, tl.th * m, tl.tw * m, o)[:, :ho, :wo]
-            if phases is not None:  # depth to space
-                out = out.reshape(s, ho, wo, sh, sw, -1).transpose(0, 1, 3, 2, 4, 5)
-                out = out.reshape(s, ho * sh, wo * sw, -1)[:, :hf, :wf]
-            if b is None:
-                y[s0:s1] = out
-            else:
-                np.add(out, b, out=y[s0:s1])
-
-    cpu_threads.parallel_rows(body, n, size=n * tl.per_image * nn * max(c, o),
-                              blas_single=True)
-    return y
+    _kernel_transform(_matrices(kh, kw, x.dtype)[2], w, u)
+    return _run(x, (kh, kw), pads, out_hw, u=u, b=b, phases=phases, dy=dy)
 
 
 def weight_grad(x: np.ndarray, dy: np.ndarray, k_hw, pads: Pads) -> np.ndarray:
-    """The weight gradient of :func:`correlate` by F(kh x kw, 4x4):
+    """The weight gradient of :func:`correlate`:
     ``dw[a,b,c,o] = sum_{n,i,j} x[n, i - pt + a, j - pl + b, c] dy[n,i,j,o]``.
 
     x (N, H, W, C), dy (N, Ho, Wo, O) -> dw (kh, kw, C, O).
 
-    Cut dy into the same m x m tiles as the forward (zeros past the map): each tile adds to
-    dw the correlation of its (n_h, n_w) input window d with the tile's m x m dy block e, a
-    (kh, kw) result from an m-tap "kernel": F(k, m), n = k + m - 1 points as before. So
-    ``dw = A^T [ sum over tiles (B^T d B) * (G e G^T) ] A``; with channels, at each tile
-    position p ``S[p] = V[p]^T @ E[p]``, (C, tiles) @ (tiles, O): the GEMMs run over the
-    tiles (a long inner dimension). Each worker sums its images' tiles; the partial sums are
-    added in worker order, then ``dw = A^T S A`` (one GEMM).
+    The forward of one tile is linear in the kernel g: ``Y = A^T [(G g G^T) * V] A`` with
+    ``V = B^T d B``; its adjoint gives the gradient for an output-gradient tile e (m x m,
+    the same tiles as the forward, zeros past the map):
+    ``<e, Y> = <A e A^T, (G g G^T) * V> = <G^T [(A e A^T) * V] G, g>``, so
+    ``dw = G^T [ sum over tiles (A e A^T) * V ] G``: the forward's transforms, run backwards.
+    With channels, at each tile position p ``S[p] = V[p]^T @ E[p]``, (C, tiles) @ (tiles, O):
+    GEMMs over the tiles. Each worker sums its images' tiles, the partial sums are added in
+    worker order, then ``dw = G^T S G`` (one GEMM).
     """
-    kh, kw = k_hw
-    n, _, _, c = x.shape
-    o = dy.shape[-1]
-    tl = _Tiling(x.shape, (kh, kw), pads, dy.shape[1:3])
-    nn, m = tl.nh * tl.nw, tl.m
-    aa, bb, gg = _matrices(kh, kw, x.dtype, wgrad=True)
-    step = max(1, SPAN_BYTES // (nn * tl.per_image * max(c, o) * x.itemsize))
+    return _run(x, tuple(k_hw), pads, dy.shape[1:3], dy=dy)
 
-    def body(_k: int, lo: int, hi: int) -> np.ndarray:
+
+def _run(x: np.ndarray, k_hw, pads: Pads, out_hw, u=None, b=None, phases=None, dy=None):
+    """:func:`correlate` (``u`` = the transformed kernel given) and/or :func:`weight_grad`
+    (``dy`` given), sharing each span's input transform."""
+    (kh, kw), n, c = k_hw, x.shape[0], x.shape[-1]
+    tl = _Tiling(x.shape, k_hw, pads, out_hw)
+    nn, m, (ho, wo) = tl.nh * tl.nw, tl.m, out_hw
+    aa, bb, gg = _matrices(kh, kw, x.dtype)
+    o = 0 if u is None else u.shape[-1]
+    d = 0 if dy is None else dy.shape[-1]
+    y = None
+    if u is not None:
+        sh, sw, (hf, wf) = phases if phases is not None else (1, 1, (ho, wo))
+        y = np.empty((n, hf, wf, o // (sh * sw)), dtype=x.dtype)
+    step = max(1, SPAN_BYTES // (nn * tl.per_image * max(c, o, d) * x.itemsize))
+
+    def body(_k: int, lo: int, hi: int):
         ws = cpu_threads.workspace()
-        acc = ws.get("wino_acc", (nn, c, o), x.dtype)  # not np.zeros: fresh pages fault
-        acc.fill(0)
+        acc = None
+        if dy is not None:
+            acc = ws.get("wino_acc", (nn, c, d), x.dtype)  # not np.zeros: fresh pages fault
+            acc.fill(0)
         for s0 in range(lo, hi, step):
             s1 = min(hi, s0 + step)
             s, t = s1 - s0, (s1 - s0) * tl.per_image
             v = ws.get("wino_v", (nn, t * c), x.dtype)
             tl.input_transform(x[s0:s1], bb, ws, v)            # V = B^T d B
-            ep = ws.get("wino_ep", (s, tl.th * m, tl.tw * m, o), x.dtype)
-            ep[:, tl.ho:] = 0
-            ep[:, :tl.ho, tl.wo:] = 0
-            ep[:, :tl.ho, :tl.wo] = dy[s0:s1]
-            e = ws.get("wino_e", (m, m, s, tl.th, tl.tw, o), x.dtype)
-            np.copyto(e, ep.reshape(s, tl.th, m, tl.tw, m, o).transpose(2, 4, 0, 1, 3, 5))
-            et = ws.get("wino_et", (nn, t, o), x.dtype)
-            np.matmul(gg, e.reshape(m * m, -1), out=et.reshape(nn, -1))  # E = G e G^T
-            part = ws.get("wino_s", (nn, c, o), x.dtype)
-            np.matmul(v.reshape(nn, t, c).transpose(0, 2, 1), et, out=part)  # V[p]^T E[p]
-            acc += part
+            v3 = v.reshape(nn, t, c)
+            if u is not None:
+                mm = ws.get("wino_m", (nn, t, o), x.dtype)
+                np.matmul(v3, u, out=mm)                       # M[p] = V[p] @ U[p]
+                yt = ws.get("wino_y", (m * m, t * o), x.dtype)
+                np.matmul(aa, mm.reshape(nn, -1), out=yt)      # Y = A^T M A
+                tiles = yt.reshape(m, m, s, tl.th, tl.tw, o).transpose(2, 3, 0, 4, 1, 5)
+                out = tiles.reshape(s, tl.th * m, tl.tw * m, o)[:, :ho, :wo]
+                if phases is not None:  # depth to space
+                    out = out.reshape(s, ho, wo, sh, sw, -1).transpose(0, 1, 3, 2, 4, 5)
+                    out = out.reshape(s, ho * sh, wo * sw, -1)[:, :hf, :wf]
+                if b is None:
+                    y[s0:s1] = out
+                else:
+                    np.add(out, b, out=y[s0:s1])
+            if dy is not None:
+                ep = ws.get("wino_ep", (s, tl.th * m, tl.tw * m, d), x.dtype)
+                ep[:, ho:] = 0
+                ep[:, :ho, wo:] = 0
+                ep[:, :ho, :wo] = dy[s0:s1]
+                e = ws.get("wino_e", (m, m, s, tl.th, tl.tw, d), x.dtype)
+                np.copyto(e, ep.reshape(s, tl.th, m, tl.tw, m, d).transpose(2, 4, 0, 1, 3, 5))
+                et = ws.get("wino_et", (nn, t, d), x.dtype)
+                np.matmul(aa.T, e.reshape(m * m, -1), out=et.reshape(nn, -1))  # A e A^T
+                part = ws.get("wino_s", (nn, c, d), x.dtype)
+                np.matmul(v3.transpose(0, 2, 1), et, out=part)  # S[p] += V[p]^T E[p]
+                acc += part
         return acc
 
-    parts = cpu_threads.parallel_rows(body, n, size=n * tl.per_image * nn * max(c, o),
+    parts = cpu_threads.parallel_rows(body, n, size=n * tl.per_image * nn * max(c, o, d),
                                       blas_single=True)
+    if dy is None:
+        return y
     total = parts[0]
     for p in parts[1:]:
         total += p
-    dw = np.empty((kh * kw, c * o), dtype=x.dtype)
+    dw = np.empty((kh * kw, c * d), dtype=x.dtype)
+    gt = np.ascontiguousarray(gg.T)
     cpu_threads.parallel_rows(
-        lambda _k, lo, hi: np.matmul(aa[lo:hi], total.reshape(nn, -1), out=dw[lo:hi]),
-        kh * kw, size=dw.size, blas_single=True)                # dw = A^T S A
-    return dw.reshape(kh, kw, c, o)
+        lambda _k, lo, hi: np.matmul(gt[lo:hi], total.reshape(nn, -1), out=dw[lo:hi]),
+        kh * kw, size=dw.size, blas_single=True)                # dw = G^T S G
+    dw = dw.reshape(kh, kw, c, d)
+    return dw if y is None else (y, dw)
