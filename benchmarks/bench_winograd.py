@@ -15,11 +15,8 @@ multiplies), Winograd = :func:`rawgan.backends.winograd.winograd_macs` (GEMMs + 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -28,9 +25,7 @@ import numpy as np
 from rawgan import models
 from rawgan.backends import cpu_threads, winograd
 from rawgan.backends import numpy_ops as ops
-from rawgan.bench import cpu_name
-
-REPO = Path(__file__).resolve().parent.parent
+from rawgan.bench import helpers
 
 
 def layers():
@@ -155,18 +150,10 @@ def main(argv=None) -> int:
         print(f"{r['batch']:>5}  {r['layer']:<24} {r['pass']:<4} "
               f"{'winograd' if r['winograd'] else 'direct':<8} {r['ms_default']:>10.1f} "
               f"{r['ms_direct']:>9.1f} {r['speedup']:>7.2f}x {pr:>9} {er:>8}")
-    if args.json:
-        def git(*cmd):
-            try:
-                return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True,
-                                      check=True).stdout.strip()
-            except (OSError, subprocess.CalledProcessError):
-                return None
-        info = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                "cpu": cpu_name(), "cores": os.cpu_count(), "numpy": np.__version__,
-                "threads": cpu_threads.num_threads(), "git_commit": git("rev-parse", "HEAD"),
-                "margin": winograd.MARGIN, "repeats": args.repeats,
-                "command": "python benchmarks/bench_winograd.py"}
+    if args.json:  # the machine block bench_step.py writes (date, CPU, versions, git commit)
+        info = helpers().machine_info(cpu_threads.num_threads())
+        info.update(margin=winograd.MARGIN, repeats=args.repeats,
+                    command="python benchmarks/bench_winograd.py")
         args.json.write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
         print(f"wrote {args.json}")
     return 0
