@@ -3,7 +3,8 @@
 This module is the reference every other backend is tested against, so it is
 written to be read. It is also the CPU fallback, so it is written to be fast:
 convolutions are im2col through stride tricks plus BLAS GEMMs (one per group of output
-pixels that reach the same kernel taps, so padding is never multiplied), the temporaries
+pixels that reach the same kernel taps, so padding is never multiplied) or, where it
+multiplies less, Winograd's F(4x4, kxk) (:mod:`rawgan.backends.winograd`), the temporaries
 (padded inputs, column matrices) live in reused per-thread buffers, and every op shares
 its batch rows out to the cores (:mod:`rawgan.backends.cpu_threads`; each op below is
 plain NumPy on a range of rows, ``body(rows)`` / ``body(ws, c0, c1, acc)``).
