@@ -122,8 +122,8 @@ def winograd_macs(k_hw, out_hw, c_in: int, c_out: int) -> int:
 def worth_it(k_hw, out_hw, c_in: int, c_out: int, direct_macs: int) -> bool:
     """Use :func:`correlate` for this stride-1 correlation? ``direct_macs``: the multiply-adds
     per image of the direct sum (numpy_ops counts only the taps that land on the input).
-    Measured (one core, 128 images): the DCGAN's 7x7 256 -> 128 5x5 layer, modelled at 2.1x
-    fewer, ran 1.9x faster (42 vs 79 ms)."""
+    Measured (``benchmarks/bench_winograd.py``, batch 256, 2 threads): the DCGAN's 7x7
+    256 -> 128 5x5 layer, modelled at 2.1x fewer, ran 1.7x faster; the 1.4x ones 1.2x."""
     kh, kw = k_hw
     if not ENABLED or not (2 <= kh <= MAX_R and 2 <= kw <= MAX_R):
         return False
