@@ -112,3 +112,65 @@ __device__ __forceinline__ T block_sum(T v) {
     __syncthreads();
     return total;
 }
+
+// ---------------------------------------------------------------------------------------
+// TF32 tensor cores (sm_80+): one warp-wide D += A B of a 16 x 8 x 8 tile.
+//
+//   rg_tf32(x)        x rounded to TF32 (10 explicit mantissa bits; round to nearest, ties
+//                     away from zero: cvt.rna.tf32.f32), as the bit pattern mma reads
+//   rg_mma_tf32(d, a, b)
+//                     mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, d += a b. Lane
+//                     l of the warp, g = l / 4, t = l % 4, holds (PTX ISA "matrix fragments
+//                     for mma.m16n8k8", .tf32):
+//                       a[0] A[g][t]   a[1] A[g+8][t]   a[2] A[g][t+4]   a[3] A[g+8][t+4]
+//                       b[0] B[t][g]   b[1] B[t+4][g]
+//                       d[0] D[g][2t]  d[1] D[g][2t+1]  d[2] D[g+8][2t]  d[3] D[g+8][2t+1]
+// Every thread of the block must call rg_mma_tf32 the same number of times: the CPU
+// emulator of the tests (RG_EMULATOR) computes the warp's product from fragments staged in
+// shared memory between two __syncthreads(); on a GPU it is the one instruction.
+// ---------------------------------------------------------------------------------------
+#ifdef RG_EMULATOR
+__device__ __forceinline__ u32 rg_tf32(float x) {
+    union { float f; u32 u; } v;
+    v.f = x;
+    if ((v.u & 0x7f800000u) != 0x7f800000u) v.u = (v.u + 0x1000u) & 0xffffe000u;
+    return v.u;
+}
+__device__ __forceinline__ float rg_u2f(u32 u) {
+    union { u32 u; float f; } v;
+    v.u = u;
+    return v.f;
+}
+__device__ __forceinline__ void rg_mma_tf32(float (&d)[4], const u32 (&a)[4], const u32 (&b)[2]) {
+    __shared__ float A[32][16][8];
+    __shared__ float B[32][8][8];
+    const int l = threadIdx.x % 32, w = threadIdx.x / 32, g = l / 4, t = l % 4;
+    A[w][g][t] = rg_u2f(a[0]);
+    A[w][g + 8][t] = rg_u2f(a[1]);
+    A[w][g][t + 4] = rg_u2f(a[2]);
+    A[w][g + 8][t + 4] = rg_u2f(a[3]);
+    B[w][t][g] = rg_u2f(b[0]);
+    B[w][t + 4][g] = rg_u2f(b[1]);
+    __syncthreads();
+    for (int q = 0; q < 4; ++q) {
+        const int r = g + (q >= 2 ? 8 : 0), c = 2 * t + (q & 1);
+        float s = d[q];
+        for (int k = 0; k < 8; ++k) s = fmaf(A[w][r][k], B[w][k][c], s);
+        d[q] = s;
+    }
+    __syncthreads();
+}
+#else
+__device__ __forceinline__ u32 rg_tf32(float x) {
+    u32 r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    return r;
+}
+__device__ __forceinline__ void rg_mma_tf32(float (&d)[4], const u32 (&a)[4], const u32 (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#endif

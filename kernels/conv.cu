@@ -28,7 +28,7 @@
 //   conv2d_transpose weight grad   = conv_wgrad with x := dy, dy := x
 //
 // Thread mapping: as tile_gemm.cuh; grid (M tiles, N tiles, phases or splits), 256 threads.
-// Tile configurations as gemm.cu (_f32_L/M/S/T, _f64_S/T).
+// Tile configurations as gemm.cu (_f32_L/M/S/T, _f64_S/T, _tf32_L/M/S on tensor cores).
 #include "common.cuh"
 #include "tile_gemm.cuh"
 
@@ -193,7 +193,7 @@ struct OpDgradB {
 // ---------------------------------------------------------------------------------------
 
 // y (N*Ho*Wo, O) = im2col(x) (M, K) @ w (K, O) + bias. Grid (ceil(M/BM), ceil(O/BN)).
-template <typename T, int BM, int BN, int BK, int TM, int TN>
+template <class L, typename T>
 __device__ __forceinline__ void conv_fwd_body(const T* x, const T* w, const T* bias, T* y,
                                               int N, int H, int W, int C, int Ho, int Wo,
                                               int O, int kh, int kw, int sh, int sw, int pt,
@@ -202,17 +202,16 @@ __device__ __forceinline__ void conv_fwd_body(const T* x, const T* w, const T* b
     const ConvGeom<T> g = {x, N, H, W, C, Ho, Wo, kw, sh, sw, pt, pl};
     const OpIm2col<T> a = {g, M, K, vecA != 0};
     const OpColK<T> b = {w, O, K, O, vecB != 0};  // w as (K x O): element (o, k) at w[k*O + o]
-    const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
-    T acc[TM][TN];
-    tile_mainloop<T, BM, BN, BK, TM, TN>(a, b, m0, n0, 0, K, acc);
-    const int tx = threadIdx.x % (BN / TN), ty = threadIdx.x / (BN / TN);
+    const int m0 = blockIdx.x * L::BM, n0 = blockIdx.y * L::BN;
+    T acc[L::TM][L::TN];
+    L::run(a, b, m0, n0, 0, K, acc);
 #pragma unroll
-    for (int i = 0; i < TM; ++i) {
-        const int m = m0 + ty * TM + i;
-        if (m >= M) break;
+    for (int i = 0; i < L::TM; ++i) {
+        const int m = m0 + L::row(i);
+        if (m >= M) continue;
 #pragma unroll
-        for (int j = 0; j < TN; ++j) {
-            const int o = n0 + tx * TN + j;
+        for (int j = 0; j < L::TN; ++j) {
+            const int o = n0 + L::col(j);
             if (o < O) y[(i64)m * O + o] = bias ? acc[i][j] + bias[o] : acc[i][j];
         }
     }
@@ -221,7 +220,7 @@ __device__ __forceinline__ void conv_fwd_body(const T* x, const T* w, const T* b
 // dx (N, H, W, C), one stride phase per blockIdx.z (= ph * sw + pw). Every dx element lies in
 // exactly one phase and is written exactly once (zero when its phase has no taps).
 // Grid (ceil(max_p Mp / BM), ceil(C / BN), sh * sw).
-template <typename T, int BM, int BN, int BK, int TM, int TN>
+template <class L, typename T>
 __device__ __forceinline__ void conv_dgrad_body(const T* dy, const T* w, const T* bias, T* dx,
                                                 int N, int H, int W, int C, int Ho, int Wo,
                                                 int O, int kh, int kw, int sh, int sw, int pt,
@@ -229,23 +228,22 @@ __device__ __forceinline__ void conv_dgrad_body(const T* dy, const T* w, const T
     Phase ph;
     ph.init(blockIdx.z, H, W, kh, kw, sh, sw, pt, pl);
     const int Mp = N * ph.Hp * ph.Wp, Kp = ph.ka * ph.kb * O;
-    const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+    const int m0 = blockIdx.x * L::BM, n0 = blockIdx.y * L::BN;
     if (m0 >= Mp) return;  // uniform over the block: this phase has fewer pixels
     const OpDgradA<T> a = {dy, ph, Mp, Kp, Ho, Wo, O, sh, sw, pt, pl, vecA != 0};
     const OpDgradB<T> b = {w, ph, C, Kp, O, kw, sh, sw, vecB != 0};
-    T acc[TM][TN];
-    tile_mainloop<T, BM, BN, BK, TM, TN>(a, b, m0, n0, 0, Kp, acc);
-    const int tx = threadIdx.x % (BN / TN), ty = threadIdx.x / (BN / TN);
+    T acc[L::TM][L::TN];
+    L::run(a, b, m0, n0, 0, Kp, acc);
 #pragma unroll
-    for (int i = 0; i < TM; ++i) {
-        const int m = m0 + ty * TM + i;
-        if (m >= Mp) break;
+    for (int i = 0; i < L::TM; ++i) {
+        const int m = m0 + L::row(i);
+        if (m >= Mp) continue;
         const int v = m % ph.Wp, t = m / ph.Wp, u = t % ph.Hp, n = t / ph.Hp;
         const int r = ph.rf + u * sh, s = ph.cf + v * sw;
         T* out = dx + (((i64)n * H + r) * W + s) * C;
 #pragma unroll
-        for (int j = 0; j < TN; ++j) {
-            const int c = n0 + tx * TN + j;
+        for (int j = 0; j < L::TN; ++j) {
+            const int c = n0 + L::col(j);
             if (c < C) out[c] = bias ? acc[i][j] + bias[c] : acc[i][j];
         }
     }
@@ -254,7 +252,7 @@ __device__ __forceinline__ void conv_dgrad_body(const T* dy, const T* w, const T
 // dw (kh*kw*C, O) = im2col(x)^T @ dy over pixels [z*chunk, min(P, (z+1)*chunk)), written to
 // out + z*K*O (out = dw when gridDim.z == 1, else the split-K partial buffer).
 // Grid (ceil(K/BM), ceil(O/BN), S).
-template <typename T, int BM, int BN, int BK, int TM, int TN>
+template <class L, typename T>
 __device__ __forceinline__ void conv_wgrad_body(const T* x, const T* dy, T* out, int N, int H,
                                                 int W, int C, int Ho, int Wo, int O, int kh,
                                                 int kw, int sh, int sw, int pt, int pl,
@@ -263,19 +261,18 @@ __device__ __forceinline__ void conv_wgrad_body(const T* x, const T* dy, T* out,
     const ConvGeom<T> g = {x, N, H, W, C, Ho, Wo, kw, sh, sw, pt, pl};
     const OpIm2colT<T> a = {g, K, P, vecA != 0};
     const OpColK<T> b = {dy, O, P, O, vecB != 0};  // dy as (P x O): element (o, m) at dy[m*O + o]
-    const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+    const int m0 = blockIdx.x * L::BM, n0 = blockIdx.y * L::BN;
     const int kbeg = blockIdx.z * chunk, kend = rg_min(P, kbeg + chunk);
-    T acc[TM][TN];
-    tile_mainloop<T, BM, BN, BK, TM, TN>(a, b, m0, n0, kbeg, kend, acc);
+    T acc[L::TM][L::TN];
+    L::run(a, b, m0, n0, kbeg, kend, acc);
     T* dst = out + (i64)blockIdx.z * K * O;
-    const int tx = threadIdx.x % (BN / TN), ty = threadIdx.x / (BN / TN);
 #pragma unroll
-    for (int i = 0; i < TM; ++i) {
-        const int m = m0 + ty * TM + i;
-        if (m >= K) break;
+    for (int i = 0; i < L::TM; ++i) {
+        const int m = m0 + L::row(i);
+        if (m >= K) continue;
 #pragma unroll
-        for (int j = 0; j < TN; ++j) {
-            const int o = n0 + tx * TN + j;
+        for (int j = 0; j < L::TN; ++j) {
+            const int o = n0 + L::col(j);
             if (o < O) dst[(i64)m * O + o] = acc[i][j];
         }
     }
@@ -286,29 +283,32 @@ __device__ __forceinline__ void conv_wgrad_body(const T* x, const T* dy, T* out,
         int pl
 #define RG_CONV_PASS N, H, W, C, Ho, Wo, O, kh, kw, sh, sw, pt, pl
 
-#define RG_CONV_KERNELS(SUF, T, BM, BN, BK, TM, TN)                                          \
+#define RG_CONV_KERNELS(SUF, T, LOOP)                                                        \
     extern "C" __global__ void __launch_bounds__(256)                                          \
     conv_fwd_##SUF(const T* x, const T* w, const T* bias, T* y, RG_CONV_ARGS, int vecA,        \
                    int vecB) {                                                                 \
-        conv_fwd_body<T, BM, BN, BK, TM, TN>(x, w, bias, y, RG_CONV_PASS, vecA, vecB);         \
+        conv_fwd_body<LOOP>(x, w, bias, y, RG_CONV_PASS, vecA, vecB);                          \
     }                                                                                          \
     extern "C" __global__ void __launch_bounds__(256)                                          \
     conv_dgrad_##SUF(const T* dy, const T* w, const T* bias, T* dx, RG_CONV_ARGS, int vecA,    \
                      int vecB) {                                                               \
-        conv_dgrad_body<T, BM, BN, BK, TM, TN>(dy, w, bias, dx, RG_CONV_PASS, vecA, vecB);     \
+        conv_dgrad_body<LOOP>(dy, w, bias, dx, RG_CONV_PASS, vecA, vecB);                      \
     }                                                                                          \
     extern "C" __global__ void __launch_bounds__(256)                                          \
     conv_wgrad_##SUF(const T* x, const T* dy, T* out, RG_CONV_ARGS, int chunk, int vecA,       \
                      int vecB) {                                                               \
-        conv_wgrad_body<T, BM, BN, BK, TM, TN>(x, dy, out, RG_CONV_PASS, chunk, vecA, vecB);   \
+        conv_wgrad_body<LOOP>(x, dy, out, RG_CONV_PASS, chunk, vecA, vecB);                    \
     }
 
-RG_CONV_KERNELS(f32_L, float, 128, 128, 8, 8, 8)
-RG_CONV_KERNELS(f32_M, float, 128, 64, 8, 8, 4)
-RG_CONV_KERNELS(f32_S, float, 64, 64, 8, 4, 4)
-RG_CONV_KERNELS(f32_T, float, 256, 4, 8, 4, 1)
-RG_CONV_KERNELS(f64_S, double, 64, 64, 8, 4, 4)
-RG_CONV_KERNELS(f64_T, double, 256, 4, 8, 4, 1)
+RG_CONV_KERNELS(f32_L, float, LoopF32L)
+RG_CONV_KERNELS(f32_M, float, LoopF32M)
+RG_CONV_KERNELS(f32_S, float, LoopF32S)
+RG_CONV_KERNELS(f32_T, float, LoopF32T)
+RG_CONV_KERNELS(f64_S, double, LoopF64S)
+RG_CONV_KERNELS(f64_T, double, LoopF64T)
+RG_CONV_KERNELS(tf32_L, float, LoopTf32L)
+RG_CONV_KERNELS(tf32_M, float, LoopTf32M)
+RG_CONV_KERNELS(tf32_S, float, LoopTf32S)
 
 // out[i] = sum_{s < S} part[s*n + i], s in order (deterministic split-K reduction).
 // Grid-stride, one thread per element.

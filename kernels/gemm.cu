@@ -12,8 +12,10 @@
 //   _f32_M  128 x  64, 8x4 per thread     64-channel convolutions
 //   _f32_S   64 x  64, 4x4 per thread     small problems
 //   _f32_T  256 x   4, 4x1 per thread     thin outputs (N <= 16: a logit, 1 image channel)
-//   _f64_S, _f64_T                        double (register budget: no 8x8 double blocks) Thread mapping of the epilogue: each thread writes its own
-// TM x TN block, guarded by m < M, n < N.
+//   _f64_S, _f64_T                        double (register budget: no 8x8 double blocks)
+//   _tf32_L/M/S  as _f32_L/M/S on TF32 tensor cores (mma.sync; cupy_ops.TF32 selects them)
+// The epilogue: each thread writes the elements its main loop owns (L::row, L::col; see
+// tile_gemm.cuh), guarded by m < M, n < N.
 //
 // beta == 0 never READS C, so an uninitialised (NaN-poisoned) output is fine; bias may be
 // null. vecA / vecB (host-computed) say the operand's rows are 16-byte aligned, allowing
@@ -21,20 +23,19 @@
 #include "common.cuh"
 #include "tile_gemm.cuh"
 
-template <typename T, int BM, int BN, int BK, int TM, int TN, class OA, class OB>
+template <class L, class OA, class OB, typename T>
 __device__ __forceinline__ void gemm_body(const OA& opa, const OB& opb, int M, int N, int K,
                                           T* C, int ldc, T alpha, T beta, const T* bias) {
-    const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
-    T acc[TM][TN];
-    tile_mainloop<T, BM, BN, BK, TM, TN>(opa, opb, m0, n0, 0, K, acc);
-    const int tx = threadIdx.x % (BN / TN), ty = threadIdx.x / (BN / TN);
+    const int m0 = blockIdx.x * L::BM, n0 = blockIdx.y * L::BN;
+    T acc[L::TM][L::TN];
+    L::run(opa, opb, m0, n0, 0, K, acc);
 #pragma unroll
-    for (int i = 0; i < TM; ++i) {
-        const int m = m0 + ty * TM + i;
-        if (m >= M) break;
+    for (int i = 0; i < L::TM; ++i) {
+        const int m = m0 + L::row(i);
+        if (m >= M) continue;
 #pragma unroll
-        for (int j = 0; j < TN; ++j) {
-            const int n = n0 + tx * TN + j;
+        for (int j = 0; j < L::TN; ++j) {
+            const int n = n0 + L::col(j);
             if (n < N) {
                 T v = alpha * acc[i][j];
                 if (beta != T(0)) v += beta * C[(i64)m * ldc + n];
@@ -46,32 +47,35 @@ __device__ __forceinline__ void gemm_body(const OA& opa, const OB& opb, int M, i
 }
 
 // Grid: (ceil(M / BM), ceil(N / BN)) (M on x: no 65535 limit), block: 256 threads.
-#define RG_GEMM_KERNELS(SUF, T, BM, BN, BK, TM, TN)                                        \
+#define RG_GEMM_KERNELS(SUF, T, LOOP)                                                        \
     extern "C" __global__ void __launch_bounds__(256)                                        \
     gemm_nn_##SUF(int M, int N, int K, const T* A, int lda, const T* B, int ldb, T* C,       \
                   int ldc, T alpha, T beta, const T* bias, int vecA, int vecB) {             \
         const OpRowK<T> a = {A, M, K, lda, vecA != 0};                                       \
         const OpColK<T> b = {B, N, K, ldb, vecB != 0};                                       \
-        gemm_body<T, BM, BN, BK, TM, TN>(a, b, M, N, K, C, ldc, alpha, beta, bias);          \
+        gemm_body<LOOP>(a, b, M, N, K, C, ldc, alpha, beta, bias);                           \
     }                                                                                        \
     extern "C" __global__ void __launch_bounds__(256)                                        \
     gemm_nt_##SUF(int M, int N, int K, const T* A, int lda, const T* B, int ldb, T* C,       \
                   int ldc, T alpha, T beta, const T* bias, int vecA, int vecB) {             \
         const OpRowK<T> a = {A, M, K, lda, vecA != 0};                                       \
         const OpRowK<T> b = {B, N, K, ldb, vecB != 0};                                       \
-        gemm_body<T, BM, BN, BK, TM, TN>(a, b, M, N, K, C, ldc, alpha, beta, bias);          \
+        gemm_body<LOOP>(a, b, M, N, K, C, ldc, alpha, beta, bias);                           \
     }                                                                                        \
     extern "C" __global__ void __launch_bounds__(256)                                        \
     gemm_tn_##SUF(int M, int N, int K, const T* A, int lda, const T* B, int ldb, T* C,       \
                   int ldc, T alpha, T beta, const T* bias, int vecA, int vecB) {             \
         const OpColK<T> a = {A, M, K, lda, vecA != 0};                                       \
         const OpColK<T> b = {B, N, K, ldb, vecB != 0};                                       \
-        gemm_body<T, BM, BN, BK, TM, TN>(a, b, M, N, K, C, ldc, alpha, beta, bias);          \
+        gemm_body<LOOP>(a, b, M, N, K, C, ldc, alpha, beta, bias);                           \
     }
 
-RG_GEMM_KERNELS(f32_L, float, 128, 128, 8, 8, 8)
-RG_GEMM_KERNELS(f32_M, float, 128, 64, 8, 8, 4)
-RG_GEMM_KERNELS(f32_S, float, 64, 64, 8, 4, 4)
-RG_GEMM_KERNELS(f32_T, float, 256, 4, 8, 4, 1)
-RG_GEMM_KERNELS(f64_S, double, 64, 64, 8, 4, 4)
-RG_GEMM_KERNELS(f64_T, double, 256, 4, 8, 4, 1)
+RG_GEMM_KERNELS(f32_L, float, LoopF32L)
+RG_GEMM_KERNELS(f32_M, float, LoopF32M)
+RG_GEMM_KERNELS(f32_S, float, LoopF32S)
+RG_GEMM_KERNELS(f32_T, float, LoopF32T)
+RG_GEMM_KERNELS(f64_S, double, LoopF64S)
+RG_GEMM_KERNELS(f64_T, double, LoopF64T)
+RG_GEMM_KERNELS(tf32_L, float, LoopTf32L)
+RG_GEMM_KERNELS(tf32_M, float, LoopTf32M)
+RG_GEMM_KERNELS(tf32_S, float, LoopTf32S)

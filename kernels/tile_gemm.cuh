@@ -164,3 +164,135 @@ struct OpColK {
         for (int j = 0; j < V; ++j) v[j] = (k < K && r + j < R) ? p[(i64)k * ld + r + j] : T(0);
     }
 };
+
+// ---------------------------------------------------------------------------------------
+// The same tile on TF32 tensor cores (float only, sm_80+; cupy_ops.TF32 selects it).
+//
+// The slabs are fetched and staged exactly as above (BK = 8, As[k][m], Bs[k][n]); the FMAs
+// become mma.sync m16n8k8 (rg_mma_tf32): the 8 warps of the block tile the BM x BN tile as
+// (BM / WM) x (BN / WN) warp tiles, each warp WM x WN = (WM / 16) x (WN / 8) mma tiles, and
+// one BK = 8 slab is one mma K step. Operands are rounded to TF32 (rg_tf32) as they leave
+// shared memory; products and sums are float. acc[TM][TN], TM = 2 WM / 16, TN = 2 WN / 8:
+// acc[2 i + h][2 j + e] is the mma fragment element of row g + 8 h, column 2 t + e of mma
+// tile (i, j) (g = lane / 4, t = lane % 4; see rg_mma_tf32).
+// ---------------------------------------------------------------------------------------
+template <int BM, int BN, int WM, int WN, class OA, class OB>
+__device__ __forceinline__ void tile_mainloop_tf32(const OA& opa, const OB& opb, int m0, int n0,
+                                                   int kbeg, int kend,
+                                                   float (&acc)[2 * WM / 16][2 * WN / 8]) {
+    enum { BK = 8, NT = 256, PAD = 4, MI = WM / 16, NJ = WN / 8 };
+    static_assert((BM / WM) * (BN / WN) == NT / 32, "8 warps tile the block");
+    __shared__ __align__(16) float As[2][BK][BM + PAD];
+    __shared__ __align__(16) float Bs[2][BK][BN + PAD];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int wm0 = (warp / (BN / WN)) * WM, wn0 = (warp % (BN / WN)) * WN;
+#pragma unroll
+    for (int i = 0; i < 2 * MI; ++i)
+#pragma unroll
+        for (int j = 0; j < 2 * NJ; ++j) acc[i][j] = 0.f;
+    const int nk = (kend - kbeg + BK - 1) / BK;
+    if (nk <= 0) return;  // uniform across the block
+
+    SlabRegs<float, BM, BK, NT> ra;
+    SlabRegs<float, BN, BK, NT> rb;
+    slab_fetch<float, BM, BK, NT>(opa, m0, kbeg, ra);
+    slab_fetch<float, BN, BK, NT>(opb, n0, kbeg, rb);
+    slab_stash<float, BM, BK, NT, BM + PAD, OA::KCONTIG>(As[0], ra);
+    slab_stash<float, BN, BK, NT, BN + PAD, OB::KCONTIG>(Bs[0], rb);
+    __syncthreads();
+
+    for (int s = 0; s < nk; ++s) {
+        const int cur = s & 1;
+        const bool more = s + 1 < nk;
+        if (more) {
+            slab_fetch<float, BM, BK, NT>(opa, m0, kbeg + (s + 1) * BK, ra);
+            slab_fetch<float, BN, BK, NT>(opb, n0, kbeg + (s + 1) * BK, rb);
+        }
+        u32 a[MI][4], b[NJ][2];
+#pragma unroll
+        for (int i = 0; i < MI; ++i) {
+            const int r = wm0 + i * 16 + g;
+            a[i][0] = rg_tf32(As[cur][t][r]);
+            a[i][1] = rg_tf32(As[cur][t][r + 8]);
+            a[i][2] = rg_tf32(As[cur][t + 4][r]);
+            a[i][3] = rg_tf32(As[cur][t + 4][r + 8]);
+        }
+#pragma unroll
+        for (int j = 0; j < NJ; ++j) {
+            const int c = wn0 + j * 8 + g;
+            b[j][0] = rg_tf32(Bs[cur][t][c]);
+            b[j][1] = rg_tf32(Bs[cur][t + 4][c]);
+        }
+#pragma unroll
+        for (int i = 0; i < MI; ++i)
+#pragma unroll
+            for (int j = 0; j < NJ; ++j) {
+                float d[4] = {acc[2 * i][2 * j], acc[2 * i][2 * j + 1], acc[2 * i + 1][2 * j],
+                              acc[2 * i + 1][2 * j + 1]};
+                rg_mma_tf32(d, a[i], b[j]);
+                acc[2 * i][2 * j] = d[0];
+                acc[2 * i][2 * j + 1] = d[1];
+                acc[2 * i + 1][2 * j] = d[2];
+                acc[2 * i + 1][2 * j + 1] = d[3];
+            }
+        if (more) {
+            slab_stash<float, BM, BK, NT, BM + PAD, OA::KCONTIG>(As[cur ^ 1], ra);
+            slab_stash<float, BN, BK, NT, BN + PAD, OB::KCONTIG>(Bs[cur ^ 1], rb);
+        }
+        __syncthreads();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// A main loop and its thread -> tile ownership, for the kernels' epilogues:
+//   L::run(opa, opb, m0, n0, kbeg, kend, acc)   fills acc[L::TM][L::TN];
+//   L::row(i), L::col(j)                          the tile row / column of acc[i][j].
+// SimtLoop: the FMA loop above (thread (ty, tx) owns a TM x TN block, rows ty*TM + i).
+// Tf32Loop: tile_mainloop_tf32 (rows are NOT increasing in i: epilogues test every i).
+// ---------------------------------------------------------------------------------------
+template <typename T, int BM_, int BN_, int BK_, int TM_, int TN_>
+struct SimtLoop {
+    typedef T type;
+    enum { BM = BM_, BN = BN_, BK = BK_, TM = TM_, TN = TN_ };
+    template <class OA, class OB>
+    static __device__ __forceinline__ void run(const OA& a, const OB& b, int m0, int n0,
+                                               int kbeg, int kend, T (&acc)[TM][TN]) {
+        tile_mainloop<T, BM, BN, BK, TM, TN>(a, b, m0, n0, kbeg, kend, acc);
+    }
+    static __device__ __forceinline__ int row(int i) {
+        return (int)(threadIdx.x / (BN / TN)) * TM + i;
+    }
+    static __device__ __forceinline__ int col(int j) {
+        return (int)(threadIdx.x % (BN / TN)) * TN + j;
+    }
+};
+
+template <int BM_, int BN_, int WM, int WN>
+struct Tf32Loop {
+    typedef float type;
+    enum { BM = BM_, BN = BN_, BK = 8, TM = 2 * WM / 16, TN = 2 * WN / 8 };
+    template <class OA, class OB>
+    static __device__ __forceinline__ void run(const OA& a, const OB& b, int m0, int n0,
+                                               int kbeg, int kend, float (&acc)[TM][TN]) {
+        tile_mainloop_tf32<BM, BN, WM, WN>(a, b, m0, n0, kbeg, kend, acc);
+    }
+    static __device__ __forceinline__ int row(int i) {
+        const int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4;
+        return (warp / (BN / WN)) * WM + (i / 2) * 16 + g + 8 * (i % 2);
+    }
+    static __device__ __forceinline__ int col(int j) {
+        const int warp = threadIdx.x / 32, t = threadIdx.x % 4;
+        return (warp % (BN / WN)) * WN + (j / 2) * 8 + 2 * t + (j % 2);
+    }
+};
+
+// The configurations cupy_ops launches (kernel-name suffixes _f32_L ... _tf32_S).
+typedef SimtLoop<float, 128, 128, 8, 8, 8> LoopF32L;
+typedef SimtLoop<float, 128, 64, 8, 8, 4> LoopF32M;
+typedef SimtLoop<float, 64, 64, 8, 4, 4> LoopF32S;
+typedef SimtLoop<float, 256, 4, 8, 4, 1> LoopF32T;
+typedef SimtLoop<double, 64, 64, 8, 4, 4> LoopF64S;
+typedef SimtLoop<double, 256, 4, 8, 4, 1> LoopF64T;
+typedef Tf32Loop<128, 128, 64, 32> LoopTf32L;  // 8 warps as 2 x 4, each 64 x 32
+typedef Tf32Loop<128, 64, 64, 16> LoopTf32M;   // each 64 x 16
+typedef Tf32Loop<64, 64, 32, 16> LoopTf32S;    // each 32 x 16

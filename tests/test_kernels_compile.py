@@ -343,6 +343,7 @@ int launch(void (*k)(A...), dim3 g, dim3 b, void** args, const int* sizes, int n
 """
 
 EMU_MACROS = r"""
+#define RG_EMULATOR 1
 #define __global__
 #define __device__
 #define __host__
@@ -619,6 +620,102 @@ def test_emulated_gemm_vector_and_scalar_paths_agree(emu):
     W = emu.asarray(w)
     close(cupy_ops.dense_forward(Xu, W, None), x[:, 1:] @ w, np.float32, "misaligned")
     close(cupy_ops.dense_forward(X, W, None), x[:, 1:] @ w, np.float32, "strided view")
+
+
+def tf32(a: np.ndarray) -> np.ndarray:
+    """float32 values rounded to TF32 as cvt.rna.tf32.f32 does (10 mantissa bits, round to
+    nearest, ties away from zero), as float64."""
+    bits = np.asarray(a, np.float32).view(np.uint32)
+    finite = (bits & 0x7F800000) != 0x7F800000
+    out = np.where(finite, (bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000), bits)
+    return out.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+def rel(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+@needs_gxx
+@pytest.mark.parametrize("tile", [None, "L", "M", "S"])
+def test_emulated_tf32_dense_is_the_tf32_product(emu, monkeypatch, tile):
+    """cupy_ops.TF32: the dense GEMMs on the mma.sync path (emulated fragment by fragment)
+    equal the product of the TF32-rounded operands summed in float32 (1e-6), and are within
+    the stated TF32 tolerance (3e-3; measured 4e-4) of the float64 product; thin outputs
+    (N <= 16, unless a tile is forced) and float64 stay on the FMA tiles."""
+    monkeypatch.setattr(cupy_ops, "TF32", True)
+    cupy_ops.FORCE_TILE = tile
+    rng = np.random.default_rng(11)
+
+    def check(fn, a, b):
+        """fn() computes a @ b: on the tf32 kernels exactly the rounded product, else
+        the float32 one."""
+        emu.launches.clear()
+        got = fn()
+        on_tf32 = any("tf32" in name for name in emu.launches)
+        assert on_tf32 == (tile is not None or b.shape[1] > 16), emu.launches
+        want = tf32(a) @ tf32(b) if on_tf32 else a.astype(np.float64) @ b
+        assert rel(got, want) < 1e-6
+        assert rel(got, a.astype(np.float64) @ b) < 3e-3
+
+    for n, k, m in ((3, 5, 17), (70, 36, 130), (33, 64, 72), (130, 300, 20)):
+        x, w, dy = (rand(rng, s, np.float32) for s in ((n, k), (k, m), (n, m)))
+        X, W, DY = (emu.asarray(a) for a in (x, w, dy))
+        check(lambda X=X, W=W: cupy_ops.dense_forward(X, W, None), x, w)
+        check(lambda X=X, W=W, DY=DY: cupy_ops.dense_backward(DY, X, W, need_dw=False)[0],
+              dy, w.T)
+        check(lambda X=X, W=W, DY=DY: cupy_ops.dense_backward(DY, X, W, need_dx=False)[1],
+              x.T, dy)
+    x64 = rand(rng, (20, 30), np.float64)
+    emu.launches.clear()
+    cupy_ops.dense_forward(emu.asarray(x64), emu.asarray(rand(rng, (30, 40), np.float64)),
+                           None)
+    assert not any("tf32" in name for name in emu.launches)
+
+
+@needs_gxx
+@pytest.mark.parametrize("tile", [None, "L", "S"])
+def test_emulated_tf32_conv_within_tolerance(emu, monkeypatch, tile):
+    """The implicit-GEMM convolutions (forward, stride-phase backward-data, split-K weight
+    gradient) and the transposed conv on the TF32 path: within 3e-3 of float64."""
+    monkeypatch.setattr(cupy_ops, "TF32", True)
+    cupy_ops.FORCE_TILE = tile
+    set_sms(emu, 64)  # split-K weight gradients
+    rng = np.random.default_rng(12)
+    for n, h, w_, ci, co, k, s, padding in ((2, 7, 7, 16, 24, 5, 1, "same"),
+                                           (2, 9, 8, 8, 12, 3, 2, "same"),
+                                           (1, 14, 14, 12, 16, 5, 2, "valid")):
+        x, wt, b = (rand(rng, sh, np.float32) for sh in ((n, h, w_, ci), (k, k, ci, co), (co,)))
+        x64, w64, b64 = (a.astype(np.float64) for a in (x, wt, b))
+        y64 = numpy_ops.conv2d_forward(x64, w64, b64, s, padding)
+        dy = rand(rng, y64.shape, np.float32)
+        X, WT, B, DY = (emu.asarray(a) for a in (x, wt, b, dy))
+        emu.launches.clear()
+        assert rel(cupy_ops.conv2d_forward(X, WT, B, s, padding), y64) < 3e-3
+        on_tf32 = any(name.startswith("conv_fwd_tf32") for name in emu.launches)
+        assert on_tf32 == (tile is not None or co > 16), emu.launches  # thin: FMA tile
+        got = cupy_ops.conv2d_backward(DY, X, WT, s, padding)
+        want = numpy_ops.conv2d_backward(dy.astype(np.float64), x64, w64, s, padding)
+        for g, r, what in zip(got, want, ("dx", "dw", "db"), strict=True):
+            assert rel(g, r) < 3e-3, what
+        xt = rand(rng, y64.shape[:3] + (ci,), np.float32)
+        wtt = rand(rng, (k, k, co, ci), np.float32)
+        yt = numpy_ops.conv2d_transpose_forward(xt.astype(np.float64), wtt.astype(np.float64),
+                                                None, s, padding)
+        got_t = cupy_ops.conv2d_transpose_forward(emu.asarray(xt), emu.asarray(wtt), None, s,
+                                                  padding)
+        assert rel(got_t, yt) < 3e-3
+
+
+def test_set_tf32_validates():
+    before = cupy_ops.TF32
+    try:
+        cupy_ops.set_tf32(True)
+        assert cupy_ops.TF32 is True
+        with pytest.raises(TypeError, match="True or False"):
+            cupy_ops.set_tf32("yes")
+    finally:
+        cupy_ops.TF32 = before
 
 
 # -- convolutions ----------------------------------------------------------------------

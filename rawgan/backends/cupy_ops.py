@@ -36,6 +36,15 @@ the SAME masks from the same seed; ``"device"`` (``set_dropout_rng("device")`` o
 environment variable ``RAWGAN_CUPY_DROPOUT=device``) draws one 63-bit seed from the generator
 per call and makes the mask on the GPU with Philox-4x32-10: no host-to-device copy, still
 reproducible from the model's seed, but not equal to NumPy's masks.
+
+TF32: ``TF32 = True`` (``set_tf32(True)`` or ``RAWGAN_TF32=1``) runs the float32 dense and
+convolution GEMMs with 128 x 128, 128 x 64 and 64 x 64 tiles on the tensor cores
+(mma.sync m16n8k8 .tf32, sm_80+; kernel suffixes ``_tf32_L/M/S``); thin outputs (N <= 16)
+and float64 stay on the FMA tiles. The operands are rounded to TF32 (10 mantissa bits, round
+to nearest) and the products summed in float32, so a result is within about
+``2^-11 * sum_k |a_k b_k|`` of the exact sum: a norm-relative error of ~4e-4 against
+float64 on random data in the CPU emulator (the tests allow 3e-3), where the float32 FMA
+tiles give ~1e-6. Off by default. GPU verification pending (no GPU run yet).
 """
 
 from __future__ import annotations
@@ -59,7 +68,7 @@ __all__ = [
     "tanh_forward", "tanh_backward", "sigmoid_forward", "sigmoid_backward",
     "batchnorm_forward", "batchnorm_backward", "dropout_forward", "dropout_backward",
     "adam_update", "sgd_update", "rmsprop_update", "clip_update", "gan_discriminator_loss",
-    "gan_generator_loss", "set_dropout_rng", "kernel_source",
+    "gan_generator_loss", "set_dropout_rng", "set_tf32", "kernel_source",
 ]
 
 name = "cupy"
@@ -79,6 +88,9 @@ FORCE_TILE: str | None = None
 _BK = 8            # the K slab of every tile configuration
 _THREADS = 256     # threads per block of the GEMM-shaped and elementwise kernels
 _CHUNK = 4096      # elements per block of the multi-tensor optimizer kernels
+
+#: float32 GEMMs on TF32 tensor cores (see the module docstring); off by default.
+TF32 = os.environ.get("RAWGAN_TF32", "0").strip().lower() in ("1", "true", "yes")
 
 DROPOUT_MODES = ("host", "device")
 DROPOUT_RNG = os.environ.get("RAWGAN_CUPY_DROPOUT", "host").lower()
@@ -236,6 +248,15 @@ def set_dropout_rng(mode: str) -> None:
     DROPOUT_RNG = mode
 
 
+def set_tf32(on: bool) -> None:
+    """Run the float32 dense and convolution GEMMs on TF32 tensor cores (``True``) or on the
+    float32 FMA tiles (``False``, the default)."""
+    global TF32
+    if not isinstance(on, bool):
+        raise TypeError(f"set_tf32: expected True or False, got {on!r}")
+    TF32 = on
+
+
 def _empty(shape, dtype):
     """Every output and workspace of the ops is allocated here (tests NaN-poison it)."""
     return _cupy().empty(shape, dtype=dtype)
@@ -326,6 +347,8 @@ def _tile(dtype, m: int, n: int) -> tuple[str, int, int]:
         else:
             cfg = "S"
     bm, bn = TILES[cfg]
+    if TF32 and np.dtype(dtype) == np.float32 and cfg != "T":
+        return f"tf32_{cfg}", bm, bn
     return f"{_suffix(dtype)}_{cfg}", bm, bn
 
 
