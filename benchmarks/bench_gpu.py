@@ -12,7 +12,8 @@ minimum over ``--repeats``):
 
 1. ``sgemm``: C = A @ B at 4096^3 (and the DCGAN's dense shapes) -- rawgan's gemm kernel vs
    ``cupy.matmul`` (cuBLAS, FP32: CuPy does not use TF32 unless CUPY_TF32=1) and ``torch.mm``
-   with TF32 off and on. FLOP = 2 M N K.
+   with TF32 off and on; ``rawgan_tf32`` is rawgan's mma.sync path (cupy_ops.TF32), with its
+   error against cuBLAS FP32. FLOP = 2 M N K.
 2. ``layers``: every GEMM-shaped pass of the DCGAN (forward, backward-data, backward-weights
    of each dense / conv / transposed-conv layer) at batch 64, 256, 1024 -- rawgan's kernel vs
    cuDNN through ``torch.nn.functional.conv*`` / ``torch.ops.aten.convolution_backward`` in
@@ -132,6 +133,18 @@ def set_tf32(on: bool) -> None:
     torch.backends.cudnn.allow_tf32 = on
 
 
+def rawgan_tf32(fn):
+    """``fn`` run with rawgan's TF32 tensor-core kernels (cupy_ops.TF32), then back to FP32."""
+    def run():
+        before = cupy_ops.TF32
+        cupy_ops.TF32 = True
+        try:
+            return fn()
+        finally:
+            cupy_ops.TF32 = before
+    return run
+
+
 def ratios(row: dict, ours: str = "rawgan") -> dict:
     """``ref median / rawgan median`` for every reference entry of a row."""
     base = row[ours]["median_ms"]
@@ -159,6 +172,9 @@ def bench_sgemm(args, ops) -> list[dict]:
         row["cublas_cupy"] = rate(time_cuda(lambda a=a, b=b: cp.matmul(a, b), args.warmup,
                                             args.repeats), flop)
         row["max_rel_err_vs_cublas"] = rel_err(ops.dense_forward(a, b, None), cp.matmul(a, b))
+        tf = rawgan_tf32(lambda a=a, b=b: ops.dense_forward(a, b, None))
+        row["rawgan_tf32"] = rate(time_cuda(tf, args.warmup, args.repeats), flop)
+        row["rawgan_tf32_rel_err_vs_cublas_fp32"] = rel_err(tf(), cp.matmul(a, b))
         if HAVE_TORCH:
             ta, tb = torch.as_tensor(a, device=DEV), torch.as_tensor(b, device=DEV)
             for tf32 in (False, True):
@@ -283,6 +299,8 @@ def bench_layers(args, ops) -> list[dict]:
             for pas in ("fwd", "dgrad", "wgrad"):
                 row = {"batch": n, "layer": name, "kind": kind, "pass": pas, "flop": flop}
                 row["rawgan"] = rate(time_cuda(ours[pas], args.warmup, args.repeats), flop)
+                row["rawgan_tf32"] = rate(time_cuda(rawgan_tf32(ours[pas]), args.warmup,
+                                                    args.repeats), flop)
                 row["cublas_same_gemm"] = rate(time_cuda(_cublas_gemm(*gemm[pas]), args.warmup,
                                                          args.repeats), flop)
                 for layout, passes in torch_passes.items():

@@ -200,6 +200,37 @@ def test_conv_dcgan_shapes_match_numpy(ops, case, dtype):
     check_conv_case(ops, case, dtype, np.random.default_rng(5))
 
 
+def _rel(got, want) -> float:
+    got = cp.asnumpy(got).astype(np.float64)
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+@pytest.mark.parametrize("tile", [None, "L", "M", "S"])
+def test_tf32_path_within_its_tolerance(ops, monkeypatch, tile):
+    """cupy_ops.TF32 on the real tensor cores: dense and DCGAN-sized conv passes within 3e-3
+    (norm-relative) of float64, the tolerance the module docstring states."""
+    monkeypatch.setattr(cupy_ops, "TF32", True)
+    cupy_ops.FORCE_TILE = tile
+    rng = np.random.default_rng(21)
+    for n, k, m in ((70, 36, 130), (256, 100, 12544), (4096, 512, 256)):
+        x, w, dy = (rand(rng, s, np.float32) for s in ((n, k), (k, m), (n, m)))
+        X, W, DY = (ops.asarray(a) for a in (x, w, dy))
+        assert _rel(ops.dense_forward(X, W, None), x.astype(np.float64) @ w) < 3e-3
+        dx, dw, _ = ops.dense_backward(DY, X, W)
+        assert _rel(dx, dy.astype(np.float64) @ w.T) < 3e-3
+        assert _rel(dw, x.astype(np.float64).T @ dy) < 3e-3
+    for n, h, w_, ci, co, k, s, padding, _ in DCGAN_CONVS[:4]:
+        x, wt = rand(rng, (n, h, w_, ci), np.float32), rand(rng, (k, k, ci, co), np.float32)
+        y = numpy_ops.conv2d_forward(*f64(x, wt), None, s, padding)
+        dy = rand(rng, y.shape, np.float32)
+        X, WT, DY = (ops.asarray(a) for a in (x, wt, dy))
+        assert _rel(ops.conv2d_forward(X, WT, None, s, padding), y) < 3e-3
+        got = ops.conv2d_backward(DY, X, WT, s, padding)
+        want = numpy_ops.conv2d_backward(*f64(dy, x, wt), s, padding)
+        for g, r in zip(got, want, strict=True):
+            assert _rel(g, r) < 3e-3
+
+
 @pytest.mark.parametrize("tile", ["L", "M", "S", "T"])
 @pytest.mark.parametrize("sms", [1, 1000])
 def test_conv_every_tile_with_and_without_split_k(ops, tile, sms):
