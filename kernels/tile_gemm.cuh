@@ -79,23 +79,18 @@ __device__ __forceinline__ void slab_stash(T (*S)[LD], const SlabRegs<T, ROWS, B
     }
 }
 
-// The main loop. Every thread of the block must call it (it synchronises). kbeg is a
-// multiple of BK; slabs past kend must read zeros or belong to this call (cupy_ops makes
-// split-K chunks multiples of BK, so a slab never straddles two splits).
-template <typename T, int BM, int BN, int BK, int TM, int TN, class OA, class OB>
-__device__ __forceinline__ void tile_mainloop(const OA& opa, const OB& opb, int m0, int n0,
-                                              int kbeg, int kend, T (&acc)[TM][TN]) {
-    enum { NT = (BM / TM) * (BN / TN), PAD = Vec16<T>::n };
+// The slab pipeline shared by both main loops. Every thread of the block must call it (it
+// synchronises). kbeg is a multiple of BK; slabs past kend must read zeros or belong to this
+// call (cupy_ops makes split-K chunks multiples of BK, so a slab never straddles two splits).
+// ``slab(A, B)`` multiplies out one staged slab, A[k][m] (BK x BM) and B[k][n] (BK x BN).
+template <typename T, int BM, int BN, int BK, int NT, class OA, class OB, class F>
+__device__ __forceinline__ void slab_pipeline(const OA& opa, const OB& opb, int m0, int n0,
+                                              int kbeg, int kend, const F& slab) {
+    enum { PAD = Vec16<T>::n };
     // +PAD columns: the KCONTIG (transposing) stores of neighbouring threads fall in
     // different banks; PAD = one vector keeps every row 16-byte aligned.
     __shared__ __align__(16) T As[2][BK][BM + PAD];
     __shared__ __align__(16) T Bs[2][BK][BN + PAD];
-    const int tid = threadIdx.x;
-    const int tx = tid % (BN / TN), ty = tid / (BN / TN);
-#pragma unroll
-    for (int i = 0; i < TM; ++i)
-#pragma unroll
-        for (int j = 0; j < TN; ++j) acc[i][j] = T(0);
     const int nk = (kend - kbeg + BK - 1) / BK;
     if (nk <= 0) return;  // uniform across the block
 
@@ -114,24 +109,40 @@ __device__ __forceinline__ void tile_mainloop(const OA& opa, const OB& opb, int 
             slab_fetch<T, BM, BK, NT>(opa, m0, kbeg + (t + 1) * BK, ra);
             slab_fetch<T, BN, BK, NT>(opb, n0, kbeg + (t + 1) * BK, rb);
         }
-#pragma unroll
-        for (int k = 0; k < BK; ++k) {
-            T a[TM], b[TN];
-#pragma unroll
-            for (int i = 0; i < TM; ++i) a[i] = As[cur][k][ty * TM + i];
-#pragma unroll
-            for (int j = 0; j < TN; ++j) b[j] = Bs[cur][k][tx * TN + j];
-#pragma unroll
-            for (int i = 0; i < TM; ++i)
-#pragma unroll
-                for (int j = 0; j < TN; ++j) acc[i][j] = rg_fma(a[i], b[j], acc[i][j]);
-        }
+        slab(As[cur], Bs[cur]);
         if (more) {  // buffer cur^1 was last read in slab t-1, before the previous barrier
             slab_stash<T, BM, BK, NT, BM + PAD, OA::KCONTIG>(As[cur ^ 1], ra);
             slab_stash<T, BN, BK, NT, BN + PAD, OB::KCONTIG>(Bs[cur ^ 1], rb);
         }
         __syncthreads();
     }
+}
+
+// The FMA main loop: thread (ty, tx) multiplies out its TM x TN register block of each slab.
+template <typename T, int BM, int BN, int BK, int TM, int TN, class OA, class OB>
+__device__ __forceinline__ void tile_mainloop(const OA& opa, const OB& opb, int m0, int n0,
+                                              int kbeg, int kend, T (&acc)[TM][TN]) {
+    enum { NT = (BM / TM) * (BN / TN), PAD = Vec16<T>::n };
+    const int tx = threadIdx.x % (BN / TN), ty = threadIdx.x / (BN / TN);
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = T(0);
+    slab_pipeline<T, BM, BN, BK, NT>(
+        opa, opb, m0, n0, kbeg, kend, [&](const T (*As)[BM + PAD], const T (*Bs)[BN + PAD]) {
+#pragma unroll
+            for (int k = 0; k < BK; ++k) {
+                T a[TM], b[TN];
+#pragma unroll
+                for (int i = 0; i < TM; ++i) a[i] = As[k][ty * TM + i];
+#pragma unroll
+                for (int j = 0; j < TN; ++j) b[j] = Bs[k][tx * TN + j];
+#pragma unroll
+                for (int i = 0; i < TM; ++i)
+#pragma unroll
+                    for (int j = 0; j < TN; ++j) acc[i][j] = rg_fma(a[i], b[j], acc[i][j]);
+            }
+        });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -182,65 +193,43 @@ __device__ __forceinline__ void tile_mainloop_tf32(const OA& opa, const OB& opb,
                                                    float (&acc)[2 * WM / 16][2 * WN / 8]) {
     enum { BK = 8, NT = 256, PAD = 4, MI = WM / 16, NJ = WN / 8 };
     static_assert((BM / WM) * (BN / WN) == NT / 32, "8 warps tile the block");
-    __shared__ __align__(16) float As[2][BK][BM + PAD];
-    __shared__ __align__(16) float Bs[2][BK][BN + PAD];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int wm0 = (warp / (BN / WN)) * WM, wn0 = (warp % (BN / WN)) * WN;
 #pragma unroll
     for (int i = 0; i < 2 * MI; ++i)
 #pragma unroll
         for (int j = 0; j < 2 * NJ; ++j) acc[i][j] = 0.f;
-    const int nk = (kend - kbeg + BK - 1) / BK;
-    if (nk <= 0) return;  // uniform across the block
-
-    SlabRegs<float, BM, BK, NT> ra;
-    SlabRegs<float, BN, BK, NT> rb;
-    slab_fetch<float, BM, BK, NT>(opa, m0, kbeg, ra);
-    slab_fetch<float, BN, BK, NT>(opb, n0, kbeg, rb);
-    slab_stash<float, BM, BK, NT, BM + PAD, OA::KCONTIG>(As[0], ra);
-    slab_stash<float, BN, BK, NT, BN + PAD, OB::KCONTIG>(Bs[0], rb);
-    __syncthreads();
-
-    for (int s = 0; s < nk; ++s) {
-        const int cur = s & 1;
-        const bool more = s + 1 < nk;
-        if (more) {
-            slab_fetch<float, BM, BK, NT>(opa, m0, kbeg + (s + 1) * BK, ra);
-            slab_fetch<float, BN, BK, NT>(opb, n0, kbeg + (s + 1) * BK, rb);
-        }
-        u32 a[MI][4], b[NJ][2];
+    slab_pipeline<float, BM, BN, BK, NT>(
+        opa, opb, m0, n0, kbeg, kend,
+        [&](const float (*As)[BM + PAD], const float (*Bs)[BN + PAD]) {
+            u32 a[MI][4], b[NJ][2];
 #pragma unroll
-        for (int i = 0; i < MI; ++i) {
-            const int r = wm0 + i * 16 + g;
-            a[i][0] = rg_tf32(As[cur][t][r]);
-            a[i][1] = rg_tf32(As[cur][t][r + 8]);
-            a[i][2] = rg_tf32(As[cur][t + 4][r]);
-            a[i][3] = rg_tf32(As[cur][t + 4][r + 8]);
-        }
-#pragma unroll
-        for (int j = 0; j < NJ; ++j) {
-            const int c = wn0 + j * 8 + g;
-            b[j][0] = rg_tf32(Bs[cur][t][c]);
-            b[j][1] = rg_tf32(Bs[cur][t + 4][c]);
-        }
-#pragma unroll
-        for (int i = 0; i < MI; ++i)
+            for (int i = 0; i < MI; ++i) {
+                const int r = wm0 + i * 16 + g;
+                a[i][0] = rg_tf32(As[t][r]);
+                a[i][1] = rg_tf32(As[t][r + 8]);
+                a[i][2] = rg_tf32(As[t + 4][r]);
+                a[i][3] = rg_tf32(As[t + 4][r + 8]);
+            }
 #pragma unroll
             for (int j = 0; j < NJ; ++j) {
-                float d[4] = {acc[2 * i][2 * j], acc[2 * i][2 * j + 1], acc[2 * i + 1][2 * j],
-                              acc[2 * i + 1][2 * j + 1]};
-                rg_mma_tf32(d, a[i], b[j]);
-                acc[2 * i][2 * j] = d[0];
-                acc[2 * i][2 * j + 1] = d[1];
-                acc[2 * i + 1][2 * j] = d[2];
-                acc[2 * i + 1][2 * j + 1] = d[3];
+                const int c = wn0 + j * 8 + g;
+                b[j][0] = rg_tf32(Bs[t][c]);
+                b[j][1] = rg_tf32(Bs[t + 4][c]);
             }
-        if (more) {
-            slab_stash<float, BM, BK, NT, BM + PAD, OA::KCONTIG>(As[cur ^ 1], ra);
-            slab_stash<float, BN, BK, NT, BN + PAD, OB::KCONTIG>(Bs[cur ^ 1], rb);
-        }
-        __syncthreads();
-    }
+#pragma unroll
+            for (int i = 0; i < MI; ++i)
+#pragma unroll
+                for (int j = 0; j < NJ; ++j) {
+                    float d[4] = {acc[2 * i][2 * j], acc[2 * i][2 * j + 1],
+                                  acc[2 * i + 1][2 * j], acc[2 * i + 1][2 * j + 1]};
+                    rg_mma_tf32(d, a[i], b[j]);
+                    acc[2 * i][2 * j] = d[0];
+                    acc[2 * i][2 * j + 1] = d[1];
+                    acc[2 * i + 1][2 * j] = d[2];
+                    acc[2 * i + 1][2 * j + 1] = d[3];
+                }
+        });
 }
 
 // ---------------------------------------------------------------------------------------
