@@ -29,7 +29,8 @@
 //     8x8 register blocks give 64 FMAs per 16 loads.
 // Configurations (cupy_ops picks one per call; all 256 threads, BK = 8): float L 128x128
 // (8x8 per thread), M 128x64 (8x4), S 64x64 (4x4), T 256x4 (4x1, thin outputs); double S
-// and T. Shared memory: 2 buffers * BK * (BM + BN + 2 pad) * sizeof(T) <= 17 KB.
+// and T; float L/M/S on TF32 tensor cores (tile_mainloop_tf32 below). Shared memory:
+// 2 buffers * BK * (BM + BN + 2 pad) * sizeof(T) <= 17 KB.
 #pragma once
 #include "common.cuh"
 
