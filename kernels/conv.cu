@@ -300,15 +300,7 @@ __device__ __forceinline__ void conv_wgrad_body(const T* x, const T* dy, T* out,
         conv_wgrad_body<LOOP>(x, dy, out, RG_CONV_PASS, chunk, vecA, vecB);                    \
     }
 
-RG_CONV_KERNELS(f32_L, float, LoopF32L)
-RG_CONV_KERNELS(f32_M, float, LoopF32M)
-RG_CONV_KERNELS(f32_S, float, LoopF32S)
-RG_CONV_KERNELS(f32_T, float, LoopF32T)
-RG_CONV_KERNELS(f64_S, double, LoopF64S)
-RG_CONV_KERNELS(f64_T, double, LoopF64T)
-RG_CONV_KERNELS(tf32_L, float, LoopTf32L)
-RG_CONV_KERNELS(tf32_M, float, LoopTf32M)
-RG_CONV_KERNELS(tf32_S, float, LoopTf32S)
+RG_EACH_TILE(RG_CONV_KERNELS)
 
 // out[i] = sum_{s < S} part[s*n + i], s in order (deterministic split-K reduction).
 // Grid-stride, one thread per element.

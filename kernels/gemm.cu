@@ -70,12 +70,4 @@ __device__ __forceinline__ void gemm_body(const OA& opa, const OB& opb, int M, i
         gemm_body<LOOP>(a, b, M, N, K, C, ldc, alpha, beta, bias);                           \
     }
 
-RG_GEMM_KERNELS(f32_L, float, LoopF32L)
-RG_GEMM_KERNELS(f32_M, float, LoopF32M)
-RG_GEMM_KERNELS(f32_S, float, LoopF32S)
-RG_GEMM_KERNELS(f32_T, float, LoopF32T)
-RG_GEMM_KERNELS(f64_S, double, LoopF64S)
-RG_GEMM_KERNELS(f64_T, double, LoopF64T)
-RG_GEMM_KERNELS(tf32_L, float, LoopTf32L)
-RG_GEMM_KERNELS(tf32_M, float, LoopTf32M)
-RG_GEMM_KERNELS(tf32_S, float, LoopTf32S)
+RG_EACH_TILE(RG_GEMM_KERNELS)

@@ -286,3 +286,16 @@ typedef SimtLoop<double, 256, 4, 8, 4, 1> LoopF64T;
 typedef Tf32Loop<128, 128, 64, 32> LoopTf32L;  // 8 warps as 2 x 4, each 64 x 32
 typedef Tf32Loop<128, 64, 64, 16> LoopTf32M;   // each 64 x 16
 typedef Tf32Loop<64, 64, 32, 16> LoopTf32S;    // each 32 x 16
+
+// X(suffix, element type, loop) for every configuration: gemm.cu and conv.cu instantiate
+// their kernels once per entry, so both files always offer the same set.
+#define RG_EACH_TILE(X)            \
+    X(f32_L, float, LoopF32L)      \
+    X(f32_M, float, LoopF32M)      \
+    X(f32_S, float, LoopF32S)      \
+    X(f32_T, float, LoopF32T)      \
+    X(f64_S, double, LoopF64S)     \
+    X(f64_T, double, LoopF64T)     \
+    X(tf32_L, float, LoopTf32L)    \
+    X(tf32_M, float, LoopTf32M)    \
+    X(tf32_S, float, LoopTf32S)

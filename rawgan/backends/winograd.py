@@ -130,13 +130,16 @@ def worth_it(k_hw, out_hw, c_in: int, c_out: int, direct_macs: int) -> bool:
     return winograd_macs(k_hw, out_hw, c_in, c_out) * MARGIN < direct_macs
 
 
+@functools.cache
 def _matrices(kh: int, kw: int, dtype):
     """kron(A_h^T, A_w^T), kron(B_h^T, B_w^T), kron(G_h, G_w) of F(4, kh) x F(4, kw) in
     ``dtype``: the 2-D transforms on row-major flattened tiles
     (``(B^T d B)_{ij} = sum_{ab} B^T_{ia} d_{ab} B^T_{jb}``)."""
     (ah, gh, bh), (aw, gw, bw) = transforms(M_OUT, kh), transforms(M_OUT, kw)
-    return (np.kron(ah, aw).astype(dtype), np.kron(bh, bw).astype(dtype),
-            np.kron(gh, gw).astype(dtype))
+    out = tuple(np.kron(p, q).astype(dtype) for p, q in ((ah, aw), (bh, bw), (gh, gw)))
+    for a in out:  # cached and shared: never written
+        a.flags.writeable = False
+    return out
 
 
 class _Tiling:
@@ -202,7 +205,7 @@ def correlate(x: np.ndarray, w: np.ndarray, pads: Pads, out_hw,
     kh, kw, c, o = w.shape
     nn = (kh + M_OUT - 1) * (kw + M_OUT - 1)
     u = cpu_threads.workspace().get("wino_u", (nn, c, o), x.dtype)
-    _kernel_transform(_matrices(kh, kw, x.dtype)[2], w, u)
+    _kernel_transform(_matrices(kh, kw, np.dtype(x.dtype))[2], w, u)
     return _run(x, (kh, kw), pads, out_hw, u=u, b=b, phases=phases, dy=dy)
 
 
@@ -230,7 +233,7 @@ def _run(x: np.ndarray, k_hw, pads: Pads, out_hw, u=None, b=None, phases=None, d
     (kh, kw), n, c = k_hw, x.shape[0], x.shape[-1]
     tl = _Tiling(x.shape, k_hw, pads, out_hw)
     nn, m, (ho, wo) = tl.nh * tl.nw, tl.m, out_hw
-    aa, bb, gg = _matrices(kh, kw, x.dtype)
+    aa, bb, gg = _matrices(kh, kw, np.dtype(x.dtype))
     o = 0 if u is None else u.shape[-1]
     d = 0 if dy is None else dy.shape[-1]
     y = None
