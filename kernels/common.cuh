@@ -37,6 +37,12 @@ __device__ __forceinline__ float rg_exp(float x) { return expf(x); }
 __device__ __forceinline__ double rg_exp(double x) { return exp(x); }
 __device__ __forceinline__ float rg_log1p(float x) { return log1pf(x); }
 __device__ __forceinline__ double rg_log1p(double x) { return log1p(x); }
+__device__ __forceinline__ float rg_log(float x) { return logf(x); }
+__device__ __forceinline__ double rg_log(double x) { return log(x); }
+__device__ __forceinline__ float rg_sin(float x) { return sinf(x); }
+__device__ __forceinline__ double rg_sin(double x) { return sin(x); }
+__device__ __forceinline__ float rg_cos(float x) { return cosf(x); }
+__device__ __forceinline__ double rg_cos(double x) { return cos(x); }
 __device__ __forceinline__ float rg_tanh(float x) { return tanhf(x); }
 __device__ __forceinline__ double rg_tanh(double x) { return tanh(x); }
 __device__ __forceinline__ float rg_sqrt(float x) { return sqrtf(x); }

@@ -95,6 +95,9 @@ __device__ __forceinline__ void sigmoid_bwd_body(const T* dy, const T* y, T* dx,
 //                   function of (seed, offset, index): reproducible, no state in memory.
 //                   float: 4 elements per Philox call, u = (bits >> 8) * 2^-24;
 //                   double: 2 per call, u = ((a >> 5) * 2^26 + (b >> 6)) * 2^-53.
+//                   offset = the scalar offset + *base when base is not null: base lives in
+//                   device memory, so a captured CUDA graph draws new masks on every replay
+//                   (the host rewrites *base between replays; the scalar is baked in).
 // dropout backward is mul: dx = dy * mask.
 
 template <typename T>
@@ -143,8 +146,10 @@ template <> struct PhiloxUniform<double> {
 
 template <typename T>
 __device__ __forceinline__ void dropout_philox_body(const T* x, T* y, T* mask, i64 n, u64 seed,
-                                                    u64 offset, T rate, T scale) {
+                                                    u64 offset, const u64* base, T rate,
+                                                    T scale) {
     enum { E = PhiloxUniform<T>::E };
+    if (base) offset += *base;
     const i64 groups = (n + E - 1) / E;
     RG_GRID_LOOP(g, groups) {
         u32 c[4] = {(u32)g, (u32)((u64)g >> 32), (u32)offset, (u32)(offset >> 32)};
@@ -161,6 +166,73 @@ __device__ __forceinline__ void dropout_philox_body(const T* x, T* y, T* mask, i
             }
         }
     }
+}
+
+// ---- standard normal noise (a GAN's z), on the device ---------------------------------
+//
+// z ~ N(0, 1) by Box-Muller from the same Philox-4x32-10 stream: counter (g, offset), key =
+// seed, offset += *base when base is not null (as dropout_philox). One Philox call gives two
+// (u1, u2) pairs for float (24-bit uniforms) or one pair for double (53-bit):
+//   u1 in (0, 1] (never 0: log stays finite), u2 in [0, 1),
+//   r = sqrt(-2 log u1),  z_even = r cos(2 pi u2),  z_odd = r sin(2 pi u2).
+// float: z[4g .. 4g+3] from pairs (c0, c1), (c2, c3); double: z[2g], z[2g+1] from
+// u1 = 53 bits of (c0, c1), u2 = 53 bits of (c2, c3).
+template <typename T> struct PhiloxPairs;
+template <> struct PhiloxPairs<float> {
+    enum { E = 4 };
+    __device__ __forceinline__ static void get(const u32 (&c)[4], float (&u1)[2], float (&u2)[2]) {
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+            u1[q] = (float)((c[2 * q] >> 8) + 1u) * (1.0f / 16777216.0f);
+            u2[q] = (float)(c[2 * q + 1] >> 8) * (1.0f / 16777216.0f);
+        }
+    }
+};
+template <> struct PhiloxPairs<double> {
+    enum { E = 2 };
+    __device__ __forceinline__ static void get(const u32 (&c)[4], double (&u1)[1],
+                                               double (&u2)[1]) {
+        u1[0] = ((double)(c[0] >> 5) * 67108864.0 + (double)(c[1] >> 6) + 1.0) *
+                (1.0 / 9007199254740992.0);
+        u2[0] = ((double)(c[2] >> 5) * 67108864.0 + (double)(c[3] >> 6)) *
+                (1.0 / 9007199254740992.0);
+    }
+};
+
+template <typename T>
+__device__ __forceinline__ void normal_philox_body(T* z, i64 n, u64 seed, u64 offset,
+                                                   const u64* base) {
+    enum { E = PhiloxPairs<T>::E, P = E / 2 };
+    if (base) offset += *base;
+    const T two_pi = T(6.283185307179586);
+    const i64 groups = (n + E - 1) / E;
+    RG_GRID_LOOP(g, groups) {
+        u32 c[4] = {(u32)g, (u32)((u64)g >> 32), (u32)offset, (u32)(offset >> 32)};
+        philox4x32_10(c, (u32)seed, (u32)(seed >> 32));
+        T u1[P], u2[P];
+        PhiloxPairs<T>::get(c, u1, u2);
+#pragma unroll
+        for (int q = 0; q < P; ++q) {
+            const T r = rg_sqrt(T(-2) * rg_log(u1[q]));
+            const T t = two_pi * u2[q];
+            const i64 i = g * E + 2 * q;
+            if (i < n) z[i] = r * rg_cos(t);
+            if (i + 1 < n) z[i + 1] = r * rg_sin(t);
+        }
+    }
+}
+
+// ---- copies and gradient accumulation (the graph-captured step needs no CuPy kernels) ---
+
+// y[i] = x[i]
+template <typename T>
+__device__ __forceinline__ void copy_body(const T* x, T* y, i64 n) {
+    RG_GRID_LOOP(i, n) y[i] = x[i];
+}
+// acc[i] += g[i]   (a layer ADDS its parameter gradient into grads: Layer._accumulate)
+template <typename T>
+__device__ __forceinline__ void accumulate_body(T* acc, const T* g, i64 n) {
+    RG_GRID_LOOP(i, n) acc[i] += g[i];
 }
 
 // y = a * b elementwise (dropout backward: dx = dy * mask)
@@ -213,8 +285,17 @@ __device__ __forceinline__ void mul_body(const T* a, const T* b, T* y, i64 n) {
         dropout_host_body(x, u, y, mask, n, rate, scale);                                    \
     }                                                                                        \
     extern "C" __global__ void dropout_philox_##SUF(const T* x, T* y, T* mask, i64 n,        \
-                                                    u64 seed, u64 offset, T rate, T scale) { \
-        dropout_philox_body(x, y, mask, n, seed, offset, rate, scale);                       \
+                                                    u64 seed, u64 offset, const u64* base,   \
+                                                    T rate, T scale) {                       \
+        dropout_philox_body(x, y, mask, n, seed, offset, base, rate, scale);                 \
+    }                                                                                        \
+    extern "C" __global__ void normal_philox_##SUF(T* z, i64 n, u64 seed, u64 offset,        \
+                                                   const u64* base) {                        \
+        normal_philox_body(z, n, seed, offset, base);                                        \
+    }                                                                                        \
+    extern "C" __global__ void copy_##SUF(const T* x, T* y, i64 n) { copy_body(x, y, n); }   \
+    extern "C" __global__ void accumulate_##SUF(T* acc, const T* g, i64 n) {                 \
+        accumulate_body(acc, g, n);                                                          \
     }                                                                                        \
     extern "C" __global__ void mul_##SUF(const T* a, const T* b, T* y, i64 n) {              \
         mul_body(a, b, y, n);                                                                \

@@ -13,11 +13,14 @@
 // Update rules (Keras 3 forms, rawgan/optim.py; the same operation order, so float32 results
 // match NumPy's to rounding):
 //   Adam     m += (1 - b1) (g - m);  v += (1 - b2) (g^2 - v)
-//            p -= alpha * m / (sqrt(v) + eps),   alpha = lr sqrt(1 - b2^t) / (1 - b1^t) (host)
+//            p -= alpha * m / (sqrt(v) + eps),   alpha = lr sqrt(1 - b2^t) / (1 - b1^t) (host;
+//            read from device memory *alpha_ptr when that is not null, so a captured CUDA
+//            graph takes each step's bias correction without being re-captured)
 //   SGD      momentum 0: p -= lr g
 //            else v = mu v - lr g;  p += v  (nesterov: p += mu v - lr g)
 //   RMSprop  a = rho a + (1 - rho) g^2;  p -= lr g / (sqrt(a) + eps)
 //   then, when clip > 0 (WGAN weight clipping): p = min(max(p, -clip), clip).
+//   zero     p = 0 (every gradient of a model in one launch: Sequential.zero_grad)
 // Scalars arrive already cast to T (as NumPy casts Python floats against a float32 array).
 #include "common.cuh"
 
@@ -40,9 +43,10 @@ __device__ __forceinline__ T clip_value(T p, T clip) {
 template <typename T>
 __device__ __forceinline__ void adam_body(const u64* ptrs, int nt, const i64* sizes,
                                           const int* chunk_tensor, const i64* chunk_start,
-                                          int chunk, T alpha, T one_minus_b1, T one_minus_b2,
-                                          T eps, T clip) {
+                                          int chunk, T alpha, const T* alpha_ptr,
+                                          T one_minus_b1, T one_minus_b2, T eps, T clip) {
     const Chunk ck(sizes, chunk_tensor, chunk_start, chunk);
+    if (alpha_ptr) alpha = *alpha_ptr;
     T* p = reinterpret_cast<T*>(ptrs[ck.t]);
     const T* g = reinterpret_cast<const T*>(ptrs[nt + ck.t]);
     T* m = reinterpret_cast<T*>(ptrs[2 * nt + ck.t]);
@@ -108,15 +112,26 @@ __device__ __forceinline__ void clip_body(const u64* ptrs, int nt, const i64* si
     for (i64 i = ck.start + threadIdx.x; i < ck.end; i += blockDim.x) p[i] = clip_value(p[i], clip);
 }
 
+// ptrs slot: p only. p = 0
+template <typename T>
+__device__ __forceinline__ void zero_body(const u64* ptrs, int nt, const i64* sizes,
+                                          const int* chunk_tensor, const i64* chunk_start,
+                                          int chunk) {
+    const Chunk ck(sizes, chunk_tensor, chunk_start, chunk);
+    T* p = reinterpret_cast<T*>(ptrs[ck.t]);
+    for (i64 i = ck.start + threadIdx.x; i < ck.end; i += blockDim.x) p[i] = T(0);
+}
+
 #define RG_MT_ARGS const u64 *ptrs, int nt, const i64 *sizes, const int *chunk_tensor,        \
                    const i64 *chunk_start, int chunk
 #define RG_MT_PASS ptrs, nt, sizes, chunk_tensor, chunk_start, chunk
 
 #define RG_OPTIM_KERNELS(SUF, T)                                                             \
-    extern "C" __global__ void adam_mt_##SUF(RG_MT_ARGS, T alpha, T one_minus_b1,            \
-                                             T one_minus_b2, T eps, T clip) {                \
-        adam_body(RG_MT_PASS, alpha, one_minus_b1, one_minus_b2, eps, clip);                 \
+    extern "C" __global__ void adam_mt_##SUF(RG_MT_ARGS, T alpha, const T* alpha_ptr,        \
+                                             T one_minus_b1, T one_minus_b2, T eps, T clip) { \
+        adam_body(RG_MT_PASS, alpha, alpha_ptr, one_minus_b1, one_minus_b2, eps, clip);      \
     }                                                                                        \
+    extern "C" __global__ void zero_mt_##SUF(RG_MT_ARGS) { zero_body<T>(RG_MT_PASS); }       \
     extern "C" __global__ void sgd_mt_##SUF(RG_MT_ARGS, T lr, T momentum, int nesterov,      \
                                             T clip) {                                        \
         sgd_body(RG_MT_PASS, lr, momentum, nesterov, clip);                                  \

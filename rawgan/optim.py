@@ -171,10 +171,17 @@ class Adam(Optimizer):
             if not 0.0 <= float(b) < 1.0:
                 raise ValueError(f"Adam: {nm} must be in [0, 1), got {b!r}")
         self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
+        #: A one-element device array the fused kernel reads alpha from instead of the host
+        #: value (set by rawgan.graphed.GraphedStep so that a replayed graph gets each step's
+        #: bias correction); None: the host value.
+        self.alpha_ref = None
+
+    def alpha_at(self, t: int) -> float:
+        """The step size of update ``t`` (1-based): ``lr sqrt(1 - b2^t) / (1 - b1^t)``."""
+        return self.lr * (1.0 - self.beta_2 ** t) ** 0.5 / (1.0 - self.beta_1 ** t)
 
     def step(self) -> None:
-        t = self.iterations + 1
-        self._alpha = self.lr * (1.0 - self.beta_2 ** t) ** 0.5 / (1.0 - self.beta_1 ** t)
+        self._alpha = self.alpha_at(self.iterations + 1)
         super().step()
 
     FUSED = "adam_update"
@@ -182,7 +189,8 @@ class Adam(Optimizer):
     def _fused_step(self, fused, names, params, grads):
         ms = [self._slot(n, "m", p) for n, p in zip(names, params, strict=True)]
         vs = [self._slot(n, "v", p) for n, p in zip(names, params, strict=True)]
-        fused(params, grads, ms, vs, self._alpha, self.beta_1, self.beta_2, self.epsilon,
+        alpha = self._alpha if self.alpha_ref is None else self.alpha_ref
+        fused(params, grads, ms, vs, alpha, self.beta_1, self.beta_2, self.epsilon,
               self.clip_value)
 
     def _update(self, name, p, g):

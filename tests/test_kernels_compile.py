@@ -396,6 +396,12 @@ class _EmuKernel:
         self.fn.restype = ctypes.c_int
 
     def __call__(self, grid, block, args, shared_mem=0, stream=None):
+        if self.fake.recording is not None:  # stream capture: recorded, NOT run (as CUDA)
+            self.fake.recording.append((self, grid, block, args))
+            return
+        self.run(grid, block, args)
+
+    def run(self, grid, block, args):
         bufs, sizes, arrays = [], [], []
         for a in args:  # packed as CuPy's _pointer() packs kernel arguments
             if a is None:
@@ -447,9 +453,67 @@ class _EmuModule:
         return _EmuKernel(self.fake, self.lib, name)
 
 
+class _FakeGraph:
+    """A captured CUDA graph: the launches recorded, replayed in order with the same
+    pointers and the same scalar arguments (what a real graph does)."""
+
+    def __init__(self, launches: list) -> None:
+        self.nodes = launches
+
+    def launch(self, stream=None) -> None:
+        for kernel, grid, block, args in self.nodes:
+            kernel.run(grid, block, args)
+
+
+class _FakeStream:
+    """cupy.cuda.Stream: a context manager; begin_capture() makes every kernel launch of
+    the fake module a recorded node instead of a run, end_capture() returns the graph."""
+
+    def __init__(self, fake: FakeCupy, non_blocking: bool = False) -> None:
+        self.fake = fake
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        assert self.fake.recording is None, "synchronize() during stream capture"
+
+    def record(self, event=None):
+        assert self.fake.recording is None, "event recorded across a capture boundary"
+        return types.SimpleNamespace()
+
+    def wait_event(self, event) -> None:
+        return None
+
+    def begin_capture(self, mode=None) -> None:
+        assert self.fake.recording is None, "capture already in progress"
+        self.fake.recording = []
+
+    def end_capture(self) -> _FakeGraph:
+        graph, self.fake.recording = _FakeGraph(self.fake.recording), None
+        self.fake.graphs.append(graph)
+        return graph
+
+
+class _FakeAllocator:
+    def __init__(self, *a) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
 class FakeCupy(types.ModuleType):
     """Just enough of CuPy for cupy_ops, on host memory: arrays are NumPy arrays (so the
-    emulated kernels get real host pointers), allocations are NaN-poisoned and guarded."""
+    emulated kernels get real host pointers), allocations are NaN-poisoned and guarded.
+    Stream capture records kernel launches without running them; host uploads and reads
+    during a capture raise (CuPy forbids synchronous transfers there)."""
 
     GUARD = 64  # elements of canary on each side of every allocation
 
@@ -458,13 +522,19 @@ class FakeCupy(types.ModuleType):
         self.cache_dir = cache_dir
         self.ndarray = np.ndarray
         self.launches: list[str] = []
+        self.recording: list | None = None   # launches of the capture in progress
+        self.graphs: list[_FakeGraph] = []
         self._guarded: dict[int, tuple[np.ndarray, int]] = {}
         device = types.SimpleNamespace(attributes={"MultiProcessorCount": sms},
                                        synchronize=lambda: None)
+        null_stream = _FakeStream(self)
         self.cuda = types.SimpleNamespace(
             runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
             Device=lambda *a: device,
-            get_current_stream=lambda: types.SimpleNamespace(synchronize=lambda: None))
+            get_current_stream=lambda: null_stream,
+            Stream=lambda non_blocking=False: _FakeStream(self, non_blocking),
+            MemoryPool=lambda: types.SimpleNamespace(malloc=None),
+            using_allocator=_FakeAllocator)
 
     def __getattr__(self, attr):
         return getattr(np, attr)
@@ -518,7 +588,12 @@ class FakeCupy(types.ModuleType):
         a[...] = 1
         return a
 
+    def _no_transfer(self, what: str) -> None:
+        if self.recording is not None:
+            raise RuntimeError(f"{what} during stream capture (a host transfer)")
+
     def asarray(self, a, dtype=None):
+        self._no_transfer("asarray")
         src = np.asarray(a, dtype=dtype)
         out = self._alloc(src.shape, src.dtype)
         out[...] = src
@@ -528,6 +603,7 @@ class FakeCupy(types.ModuleType):
         return self.asarray(a)
 
     def asnumpy(self, a):
+        self._no_transfer("asnumpy")
         return np.array(a)
 
     def get_array_module(self, *args):

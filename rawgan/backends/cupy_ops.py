@@ -23,8 +23,12 @@ dropout_*                       elementwise.cu (host-drawn uniforms, or device P
 
 Beyond numpy_ops' op set (the training loop may use them; they run on CuPy arrays only):
 ``adam_update``, ``sgd_update``, ``rmsprop_update``, ``clip_update`` (multi-tensor optimizer
-steps, optim.cu) and ``gan_discriminator_loss`` / ``gan_generator_loss`` (losses.cu: value
-and gradient in one launch, the loss left on the device).
+steps, optim.cu), ``gan_discriminator_loss`` / ``gan_generator_loss`` (losses.cu: value
+and gradient in one launch, the loss left on the device), and what a CUDA-graph-captured
+step (rawgan/graphed.py) needs so that it launches only rawgan kernels and never touches the
+host: ``StepRng`` / ``step_rng`` / ``standard_normal`` (Philox counters offset by a value in
+device memory), ``copy_into``, ``accumulate`` (``grads += g``) and ``zero_grads`` (every
+gradient of a model in one launch); the layers use the last two when a backend has them.
 
 Importing this module never imports CuPy: ``rawgan.backends.get("cupy")`` calls
 :func:`check_available`, which raises ``BackendUnavailable`` naming what is missing (the
@@ -68,7 +72,8 @@ __all__ = [
     "tanh_forward", "tanh_backward", "sigmoid_forward", "sigmoid_backward",
     "batchnorm_forward", "batchnorm_backward", "dropout_forward", "dropout_backward",
     "adam_update", "sgd_update", "rmsprop_update", "clip_update", "gan_discriminator_loss",
-    "gan_generator_loss", "set_dropout_rng", "set_tf32", "kernel_source",
+    "gan_generator_loss", "set_dropout_rng", "set_tf32", "kernel_source", "StepRng",
+    "step_rng", "standard_normal", "copy_into", "accumulate", "zero_grads",
 ]
 
 name = "cupy"
@@ -776,12 +781,16 @@ def dropout_forward(x, rate: float, rng: np.random.Generator, training: bool = T
     rate_t, scale = t(rate), t(1.0 / (1.0 - rate))
     y, mask = _empty(x.shape, dt), _empty(x.shape, dt)
     n = x.size
-    if DROPOUT_RNG == "device":
-        seed = np.uint64(int(rng.integers(0, 2**63 - 1, dtype=np.int64)))
+    if _STEP_RNG is not None or DROPOUT_RNG == "device":
+        if _STEP_RNG is not None:  # a graph-captured step: counters from device memory
+            seed, offset, base = _STEP_RNG.take()
+        else:
+            seed = np.uint64(int(rng.integers(0, 2**63 - 1, dtype=np.int64)))
+            offset, base = np.uint64(0), None
         if n:
             groups = -(-n // (4 if dt == np.float32 else 2))
             _launch("elementwise.cu", f"dropout_philox_{_suffix(dt)}", _grid1d(groups),
-                    (_THREADS, 1, 1), (x, y, mask, np.int64(n), seed, np.uint64(0), rate_t,
+                    (_THREADS, 1, 1), (x, y, mask, np.int64(n), seed, offset, base, rate_t,
                                        scale))
         return y, mask
     u = _cupy().asarray(rng.random(x.shape, dtype=dt))  # exactly numpy_ops' draw
@@ -799,6 +808,102 @@ def dropout_backward(dy, mask):
     _same_shape("dropout_backward", dy, mask)
     dy, mask = _c(dy), _c(mask)
     return _ew("mul", (dy, mask), dy)
+
+
+# --------------------------------------------------------------------------------------
+# device-side randomness, copies and gradient bookkeeping for a graph-captured step
+# --------------------------------------------------------------------------------------
+
+class StepRng:
+    """A Philox-4x32-10 stream for the random numbers of ONE training step, graph-safe.
+
+    Every draw (a noise batch, a dropout mask) takes the next ``offset`` of the step (0, 1,
+    2, ...: baked into a captured graph as a kernel argument) and adds ``*base``, a uint64 in
+    device memory that the host sets to ``step << 16`` before each step (or replay). Draw
+    ``d`` of step ``s`` thus uses Philox counters ``(element group, (s << 16) + d)`` and key
+    ``seed``: every step new numbers, a pure function of (seed, step), no host-to-device copy
+    inside the step. At most 2^16 draws per step.
+    """
+
+    def __init__(self, seed: int, base) -> None:
+        self.seed = np.uint64(int(seed) % 2**64)
+        self.base = base            # device uint64 array of shape (1,)
+        self.offset = 0
+
+    def take(self) -> tuple[np.uint64, np.uint64, object]:
+        """(key, offset, base pointer array) for the next draw."""
+        if self.offset >= 2**16:
+            raise ValueError("StepRng: more than 65536 random draws in one step")
+        off = self.offset
+        self.offset += 1
+        return self.seed, np.uint64(off), self.base
+
+
+#: The step RNG in effect (set by :func:`step_rng`): dropout then ignores its host
+#: Generator and draws from this stream, so the whole step can be captured as a graph.
+_STEP_RNG: StepRng | None = None
+#: True while a CUDA graph is being captured: nothing may upload host data (see _mt_table).
+_CAPTURING = False
+
+
+class step_rng:  # noqa: N801 (a context manager, used like a function)
+    """``with cupy_ops.step_rng(rng):`` route dropout (and :func:`standard_normal`) to ``rng``."""
+
+    def __init__(self, rng: StepRng | None) -> None:
+        self.rng, self.prev = rng, None
+
+    def __enter__(self) -> StepRng | None:
+        global _STEP_RNG
+        self.prev, _STEP_RNG = _STEP_RNG, self.rng
+        if self.rng is not None:
+            self.rng.offset = 0
+        return self.rng
+
+    def __exit__(self, *exc) -> None:
+        global _STEP_RNG
+        _STEP_RNG = self.prev
+
+
+def standard_normal(out, rng: StepRng) -> None:
+    """Fill ``out`` (any shape, contiguous float) with N(0, 1) draws of ``rng``, in place:
+    Box-Muller on Philox (kernels/elementwise.cu normal_philox)."""
+    dt = _dtype(out)
+    if not out.flags.c_contiguous:
+        raise ValueError("standard_normal: out must be contiguous")
+    seed, offset, base = rng.take()
+    n = out.size
+    if n:
+        groups = -(-n // (4 if dt == np.float32 else 2))
+        _launch("elementwise.cu", f"normal_philox_{_suffix(dt)}", _grid1d(groups),
+                (_THREADS, 1, 1), (out, np.int64(n), seed, offset, base))
+
+
+def copy_into(dst, src) -> None:
+    """``dst[...] = src`` (same shape and dtype, both contiguous) with rawgan's copy kernel."""
+    _dtype(dst, src)
+    _same_shape("copy_into", dst, src)
+    if not (dst.flags.c_contiguous and src.flags.c_contiguous):
+        raise ValueError("copy_into: both arrays must be contiguous")
+    if dst.size:
+        _launch("elementwise.cu", f"copy_{_suffix(dst.dtype)}", _grid1d(dst.size),
+                (_THREADS, 1, 1), (src, dst, np.int64(dst.size)))
+
+
+def accumulate(acc, g) -> None:
+    """``acc += g`` in place (a layer adding its parameter gradient into ``grads``)."""
+    _dtype(acc, g)
+    _same_shape("accumulate", acc, g)
+    if not acc.flags.c_contiguous:
+        raise ValueError("accumulate: the accumulator must be contiguous")
+    g = _c(g)
+    if acc.size:
+        _launch("elementwise.cu", f"accumulate_{_suffix(acc.dtype)}", _grid1d(acc.size),
+                (_THREADS, 1, 1), (acc, g, np.int64(acc.size)))
+
+
+def zero_grads(arrays) -> None:
+    """Set every array in ``arrays`` to 0, all in ONE launch (optim.cu zero_mt)."""
+    _mt_launch("zero_mt", (list(arrays),))
 
 
 # --------------------------------------------------------------------------------------
@@ -820,6 +925,10 @@ def _mt_table(slots):
     key = tuple(_ptr(a) for s in slots for a in s) + tuple(int(p.size) for p in params)
     table = _mt_tables.get(key)
     if table is None:
+        if _CAPTURING:
+            raise RuntimeError(
+                "multi-tensor update: its pointer table is not on the device yet and cannot "
+                "be uploaded while a CUDA graph is captured (run the step eagerly first)")
         cp = _cupy()
         ptrs = np.array([_ptr(a) for s in slots for a in s], dtype=np.uint64)
         sizes = np.array([p.size for p in params], dtype=np.int64)
@@ -845,9 +954,14 @@ def _mt_launch(kernel: str, slots, *scalars) -> None:
     if nchunks == 0:
         return
     t = dt.type
+
+    def arg(s):
+        if s is None or isinstance(s, np.int32) or hasattr(s, "shape"):  # pointers, ints
+            return s
+        return t(s)
+
     _launch("optim.cu", f"{kernel}_{_suffix(dt)}", (nchunks, 1, 1), (_THREADS, 1, 1),
-            (ptrs, _i32(len(params)), sizes, ct, cs, _i32(_CHUNK),
-             *(s if isinstance(s, np.int32) else t(s) for s in scalars)))
+            (ptrs, _i32(len(params)), sizes, ct, cs, _i32(_CHUNK), *(arg(s) for s in scalars)))
 
 
 def _clip_arg(clip_value) -> float:
@@ -860,10 +974,19 @@ def adam_update(params, grads, ms, vs, alpha: float, beta_1: float, beta_2: floa
 
         m += (1 - b1) (g - m);  v += (1 - b2) (g^2 - v);  p -= alpha m / (sqrt(v) + eps)
 
-    ``alpha = lr * sqrt(1 - b2^t) / (1 - b1^t)`` (the caller folds the bias correction in);
-    then ``p = clip(p, -clip_value, clip_value)`` when clip_value is given."""
-    _mt_launch("adam_mt", (params, grads, ms, vs), alpha, 1.0 - beta_1, 1.0 - beta_2, epsilon,
-               _clip_arg(clip_value))
+    ``alpha = lr * sqrt(1 - b2^t) / (1 - b1^t)`` (the caller folds the bias correction in):
+    a float, or a one-element device array of the params' dtype that the kernel reads (a
+    captured graph's per-step value); then ``p = clip(p, -clip_value, clip_value)`` when
+    clip_value is given."""
+    if hasattr(alpha, "shape"):
+        if alpha.size != 1 or alpha.dtype != _dtype(*params):
+            raise ValueError(f"adam_update: a device alpha must be one element of the params' "
+                             f"dtype, got shape {tuple(alpha.shape)} dtype {alpha.dtype}")
+        scalar, ptr = 0.0, alpha
+    else:
+        scalar, ptr = float(alpha), None
+    _mt_launch("adam_mt", (params, grads, ms, vs), scalar, ptr, 1.0 - beta_1, 1.0 - beta_2,
+               epsilon, _clip_arg(clip_value))
 
 
 def sgd_update(params, grads, velocities, lr: float, momentum: float = 0.0,

@@ -160,7 +160,11 @@ class Layer:
         raise NotImplementedError
 
     def _accumulate(self, key: str, g) -> None:
-        self.grads[key] += g
+        add = getattr(self.ops, "accumulate", None)  # cupy_ops: rawgan's own kernel
+        if add is None:
+            self.grads[key] += g
+        else:
+            add(self.grads[key], g)
 
     def _check_input(self, x) -> None:
         if not hasattr(x, "shape") or not hasattr(x, "dtype"):

@@ -145,8 +145,12 @@ class Sequential(Layer):
         return sum(layer.count_params() for layer in self.layers)
 
     def zero_grad(self) -> None:
-        for layer in self.layers:
-            layer.zero_grad()
+        zero = getattr(self.ops, "zero_grads", None)  # cupy_ops: every gradient, one launch
+        if zero is None:
+            for layer in self.layers:
+                layer.zero_grad()
+        else:
+            zero([g for layer in self.layers for g in layer.grads.values()])
 
     def to(self, backend: str | ModuleType) -> Sequential:
         self.ops = backends.get(backend)
