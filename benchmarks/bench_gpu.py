@@ -33,6 +33,10 @@ minimum over ``--repeats``):
        array expressions, dropout uniforms drawn on the host);
      * ``rawgan fused``: the same algorithm with the backend's multi-tensor Adam, the one-launch
        loss kernel and device Philox dropout (what the integration in the issue enables);
+     * ``rawgan graphed``: ``rawgan.graphed.GraphedStep``, the whole step captured once as a
+       CUDA graph and replayed (device noise and dropout, Adam's alpha from device memory),
+       what ``rawgan train --backend cupy --cuda-graph`` runs; each step still reads its
+       losses and D's outputs back to the host, as the torch rows read theirs;
      * ``torch eager`` (NCHW and channels_last, TF32 off and on) and ``torch cuda graph``
        (the whole step captured once and replayed), bench_step.py's twin architecture.
    The target of issue 4: batch 256 at least 2x PyTorch eager and ahead of the CUDA graph.
@@ -65,6 +69,7 @@ import cupy as cp  # noqa: E402
 
 from rawgan import backends, gan, models, optim  # noqa: E402
 from rawgan.backends import cupy_ops  # noqa: E402
+from rawgan.graphed import GraphedStep  # noqa: E402
 
 DEV = "cuda"  # the PyTorch device of the reference rows
 
@@ -540,6 +545,14 @@ def _step_row(args, ops, n) -> dict:
             args.warmup, args.step_repeats, sync)
     finally:
         ops.set_dropout_rng("host")
+    G3, D3 = models.build("dcgan", seed=0, backend=ops)
+    graphed = GraphedStep(G3, D3, optim.Adam(G3, lr=1e-4), optim.Adam(D3, lr=1e-4), "bce",
+                          batch_size=n, d_steps=1, noise_dim=100, seed=0)
+    try:
+        row["rawgan_graphed"] = time_wall(lambda: graphed([real]), args.warmup,
+                                          args.step_repeats, sync)
+    except Exception as exc:  # first GPU runs of the capture: record a failure, go on
+        row["rawgan_graphed"] = {"error": f"{type(exc).__name__}: {exc}"}
     if HAVE_TORCH:
         for cl in (False, True):
             for tf32 in (False, True):
@@ -558,6 +571,8 @@ def _step_row(args, ops, n) -> dict:
         if isinstance(v, dict) and "median_ms" in v:
             v["images_per_s"] = n / (v["median_ms"] / 1e3)
     row["ratios_vs_fused"] = ratios(row, "rawgan_fused")
+    if "median_ms" in row["rawgan_graphed"]:
+        row["ratios_vs_graphed"] = ratios(row, "rawgan_graphed")
     row["ratios_vs_library"] = ratios(row, "rawgan_library")
     return row
 

@@ -77,6 +77,10 @@ _HELP: dict[str, tuple[str, str | None]] = {
     "sync_batchnorm": ("with --distributed: batch norm uses the whole global batch's "
                        "statistics (two all-reduces per layer and step); off: each rank's "
                        "own rows", None),
+    "cuda_graph": ("with --backend cupy: capture the whole training step (noise, dropout, "
+                   "both updates) once as a CUDA graph and replay it every step "
+                   "(rawgan/graphed.py; device-side random numbers, so other draws than "
+                   "without it)", None),
     "collective_timeout": ("with --distributed: seconds a rank waits in one all-reduce or "
                            "broadcast before it reports the step and ends the job (a rank "
                            "died or hangs)", "S"),

@@ -25,9 +25,11 @@ kernel, not ``concatenate``); the losses and their gradients by losses.cu (no ho
 the logits: a NaN shows in the loss read after the replay); gradients zeroed in one launch
 and accumulated by rawgan kernels; one multi-tensor optimizer launch per model. Memory comes
 from a private CuPy memory pool, so the buffers the graph was recorded with are never handed
-to anybody else; the first ``warmup`` steps run eagerly on that pool (they compile the
-kernels and upload the optimizer's pointer tables, which cannot happen during capture), the
-next one is captured and launched, every later one only replays.
+to anybody else (nothing allocates from that pool after the capture, not even when the
+layers' caches are replaced by an eager forward pass between steps: the freed blocks stay
+in the pool, where the graph keeps using them); the first ``warmup`` steps run eagerly on
+that pool (they compile the kernels and upload the optimizer's pointer tables, which cannot
+happen during capture), the next one is captured and launched, every later one only replays.
 
 Limits: the CuPy backend only; a discriminator without batch normalization (the DCGAN and
 MLP critics); the models, the optimizers' state and the batch size must not change after
@@ -177,32 +179,30 @@ class GraphedStep:
     def __call__(self, reals: Sequence) -> gan.StepStats:
         """One training step on ``reals`` (``d_steps`` batches of ``batch_size``)."""
         cp = self.ops.xp
-        ready = cp.cuda.get_current_stream().record()  # the caller's work (e.g. its uploads)
-        with self._memory():
-            self._stream.wait_event(ready)                 # ... comes before this step
-            self._prepare(reals)
-            if self.graph is not None:                       # replay
-                self.graph.launch(stream=self._stream)
-                self.opt_d.iterations += self.d_steps        # (the body's host bookkeeping)
-                self.opt_g.iterations += 1
-                self.launches += 1
-            elif self.capture and self._eager_left == 0:     # record, then run the recording
-                self._record()
-                self.graph.launch(stream=self._stream)
-                self.launches += 1
-            else:                                            # eager (warm-up, or capture=False)
-                self._out = self._body()
-                self._eager_left = max(0, self._eager_left - 1)
-        self.step_index += 1
-        return self._stats()
-
-    def _memory(self):
-        """The private pool (and the capture stream) every run of the body allocates from."""
-        cp = self.ops.xp
         if self._pool is None:
             self._pool = cp.cuda.MemoryPool()
             self._stream = cp.cuda.Stream(non_blocking=True)
-        return _Using(cp, self._pool, self._stream)
+        ready = cp.cuda.get_current_stream().record()  # the caller's work (e.g. its uploads)
+        with self._stream:
+            self._stream.wait_event(ready)                 # ... comes before this step
+            if self.graph is not None:                     # replay: nothing is allocated, so
+                self._prepare(reals)                       # the pool's blocks stay the graph's
+                self.graph.launch(stream=self._stream)
+                self.opt_d.iterations += self.d_steps      # (the body's host bookkeeping)
+                self.opt_g.iterations += 1
+                self.launches += 1
+            else:
+                with cp.cuda.using_allocator(self._pool.malloc):
+                    self._prepare(reals)
+                    if self.capture and self._eager_left == 0:   # record, run the recording
+                        self._record()
+                        self.graph.launch(stream=self._stream)
+                        self.launches += 1
+                    else:                                  # eager (warm-up, or capture=False)
+                        self._out = self._body()
+                        self._eager_left = max(0, self._eager_left - 1)
+        self.step_index += 1
+        return self._stats()
 
     def _record(self) -> None:
         ops = self.ops
@@ -233,20 +233,3 @@ class GraphedStep:
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     e = np.exp(-np.abs(x))
     return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-
-
-class _Using:
-    """``with``: allocate from ``pool`` and launch on ``stream`` (CuPy's current stream)."""
-
-    def __init__(self, cp, pool, stream) -> None:
-        self.alloc = cp.cuda.using_allocator(pool.malloc)
-        self.stream = stream
-
-    def __enter__(self):
-        self.alloc.__enter__()
-        self.stream.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.stream.__exit__(*exc)
-        self.alloc.__exit__(*exc)

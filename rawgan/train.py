@@ -114,10 +114,10 @@ TOY_EVAL_POINTS = 2500  # generated points for the toy scatter plot and mode cov
 #: where and how it reports, not what it computes.
 RUN_KEYS = frozenset({"epochs", "max_steps", "save_every", "sample_every", "grid_size",
                       "eval_every", "eval_samples", "out", "progress", "backend", "data_dir",
-                      "download", "distributed", "collective_timeout"})
+                      "download", "distributed", "collective_timeout", "cuda_graph"})
 #: Fields added after runs were first saved: a saved config without them had these values.
 _ADDED_KEYS = {"dtype": "float32", "distributed": False, "sync_batchnorm": False,
-               "collective_timeout": distributed.DEFAULT_TIMEOUT}
+               "collective_timeout": distributed.DEFAULT_TIMEOUT, "cuda_graph": False}
 _COLLECTIVE_TIMEOUT = distributed.DEFAULT_TIMEOUT  # (the field `distributed` hides the module)
 
 CHECKPOINT = "checkpoint.h5"
@@ -194,6 +194,7 @@ class TrainConfig:
     distributed: bool = False
     sync_batchnorm: bool = False
     collective_timeout: float = _COLLECTIVE_TIMEOUT
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         for name, choices in CHOICES.items():
@@ -242,6 +243,10 @@ class TrainConfig:
         if not (math.isfinite(self.collective_timeout) and self.collective_timeout > 0):
             raise ValueError(f"collective_timeout must be a positive number of seconds, got "
                              f"{self.collective_timeout}")
+        if self.cuda_graph and (self.backend != "cupy" or self.distributed):
+            raise ValueError("cuda_graph: the graph-captured step runs on backend 'cupy' "
+                             f"without --distributed (got backend {self.backend!r}"
+                             f"{', distributed' if self.distributed else ''})")
 
     def _check_types(self) -> None:
         kinds = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
@@ -801,6 +806,13 @@ def _train(cfg: TrainConfig, resume: bool, comm: distributed.Communicator) -> di
         noise = distributed.shard_noise(noise_rng, cfg.noise_dim, comm, ops=ops, dtype=dtype)
     else:
         noise = gan.gaussian_noise(noise_rng, cfg.noise_dim, ops=ops, dtype=dtype)
+    graphed = None
+    if cfg.cuda_graph:  # the whole step as one CUDA graph (rawgan/graphed.py)
+        from .graphed import GraphedStep
+
+        key = int(np.random.SeedSequence([cfg.seed, 0x6772]).generate_state(1, np.uint64)[0])
+        graphed = GraphedStep(G, D, step_opt_g, step_opt_d, cfg.loss, cfg.batch_size,
+                              cfg.d_steps, cfg.noise_dim, seed=key, start_step=step)
     stopped = "completed"
     session_images, session_seconds = 0, 0.0
     last: gan.StepStats | None = None
@@ -823,9 +835,15 @@ def _train(cfg: TrainConfig, resume: bool, comm: distributed.Communicator) -> di
                     if ranks > 1:  # the global batch, this rank's rows of it
                         reals = [ops.asarray(distributed.shard_rows(next(batches), comm))
                                  for _ in range(cfg.d_steps)]
+                    elif graphed is not None:  # host batches: copied into the graph's buffers
+                        reals = [next(batches) for _ in range(cfg.d_steps)]
                     else:
                         reals = [ops.asarray(next(batches)) for _ in range(cfg.d_steps)]
-                    stats = gan.train_step(G, D, step_opt_g, step_opt_d, cfg.loss, reals, noise)
+                    if graphed is not None:
+                        stats = graphed(reals)
+                    else:
+                        stats = gan.train_step(G, D, step_opt_g, step_opt_d, cfg.loss, reals,
+                                               noise)
                     interrupt = sigint.requested
                     if ranks > 1:  # the global batch's means, and a Ctrl-C seen by any rank
                         buf = np.array([stats.d_loss, stats.g_loss, stats.d_real,
