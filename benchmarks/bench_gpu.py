@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import re
 import statistics
@@ -549,8 +550,11 @@ def _step_row(args, ops, n) -> dict:
     graphed = GraphedStep(G3, D3, optim.Adam(G3, lr=1e-4), optim.Adam(D3, lr=1e-4), "bce",
                           batch_size=n, d_steps=1, noise_dim=100, seed=0)
     try:
+        for _ in range(3):  # 2 eager warm-up steps and the capture, then only replays
+            graphed([real])
         row["rawgan_graphed"] = time_wall(lambda: graphed([real]), args.warmup,
                                           args.step_repeats, sync)
+        row["rawgan_graphed"]["replays"] = graphed.launches
     except Exception as exc:  # first GPU runs of the capture: record a failure, go on
         row["rawgan_graphed"] = {"error": f"{type(exc).__name__}: {exc}"}
     if HAVE_TORCH:
@@ -614,8 +618,8 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "numpy": np.__version__,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": git("rev-parse", "HEAD"),
-        "dirty": bool(git("status", "--porcelain")),
+        "commit": os.environ.get("RAWGAN_COMMIT") or git("rev-parse", "HEAD"),
+        "dirty": None if (st := git("status", "--porcelain")) is None else bool(st),
     }
 
 

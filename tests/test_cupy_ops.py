@@ -468,6 +468,16 @@ for dt in (np.float32, np.float64):
     ops.sgd_update(ps, gs, ms, 1e-2, 0.9, True)
     ops.rmsprop_update(ps, gs, [v * v for v in vs], 1e-3)
     ops.clip_update(ps, 0.01)
+    base = ops.asarray(np.array([3 << 16], dtype=np.uint64))
+    srng = ops.StepRng(5, base)
+    with ops.step_rng(srng):
+        ops.standard_normal(ops.xp.empty((7, 9), dtype=dt), srng)
+        ops.dropout_forward(z, 0.3, None)
+    acc = r(4, 6, 6, 3, dt=dt)
+    ops.copy_into(acc, z)
+    ops.accumulate(acc, z)
+    ops.zero_grads([acc, z])
+    ops.adam_update(ps, gs, ms, vs, ops.asarray(np.array([1e-3], dt)), 0.9, 0.999, 1e-7)
 ops.synchronize()
 print("SANITIZER SCRIPT DONE")
 """
@@ -517,3 +527,18 @@ def test_graphed_step_replays_match_eager_steps(ops):
         np.testing.assert_array_equal(w_graph[key], w, err_msg=key)
     assert len({s.d_loss for s in graph}) == 5
     assert all(np.isfinite([s.d_loss, s.g_loss, s.d_real, s.d_fake]).all() for s in graph)
+
+
+def test_step_rng_noise_is_box_muller_on_philox(ops):
+    """cupy_ops.standard_normal on the device vs the same Box-Muller in Python."""
+    import test_graphed
+
+    for dtype in DTYPES:
+        base = ops.asarray(np.array([9 << 16], dtype=np.uint64))
+        rng = cupy_ops.StepRng(0xDEAD_BEEF_1234, base)
+        rng.offset = 2
+        z = cp.empty((1001,), dtype)
+        cupy_ops.standard_normal(z, rng)
+        want = test_graphed.normal_reference(z.size, 0xDEAD_BEEF_1234, (9 << 16) + 2, dtype)
+        tol = 1e-6 if dtype == np.float32 else 1e-13
+        np.testing.assert_allclose(cp.asnumpy(z).astype(np.float64), want, rtol=tol, atol=tol)

@@ -203,6 +203,31 @@ def test_parallel_spans_equal_one_span(forced, monkeypatch):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
+def test_weight_grad_when_one_pool_thread_runs_several_workers(monkeypatch):
+    """Regression: each worker's partial sum is returned to the caller, so it must not live in
+    a per-THREAD buffer: a pool thread may run two workers' bodies of one call (here forced:
+    3 workers, one pool thread), and the second would zero the first's partial sum."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(8)
+    x, dy = rng.standard_normal((7, 9, 9, 4)), rng.standard_normal((7, 9, 9, 5))
+    pads = ((1, 1), (1, 1))
+    whole = winograd.weight_grad(x, dy, (3, 3), pads)
+    before = cpu_threads.num_threads()
+    one = ThreadPoolExecutor(max_workers=1)
+    monkeypatch.setattr(cpu_threads, "MIN_PARALLEL", 1)
+    monkeypatch.setattr(winograd, "SPAN_BYTES", 1)
+    cpu_threads.set_num_threads(3)
+    monkeypatch.setattr(cpu_threads, "_get_pool", lambda: one)
+    try:
+        got = winograd.weight_grad(x, dy, (3, 3), pads)
+    finally:
+        monkeypatch.undo()
+        cpu_threads.set_num_threads(before)
+        one.shutdown()
+    np.testing.assert_allclose(got, whole, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("layer, shape", [
     (lambda: Conv2D(3, 5, padding="same"), (2, 6, 5, 2)),
     (lambda: Conv2DTranspose(2, 3, padding="same"), (2, 5, 6, 3)),

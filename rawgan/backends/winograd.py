@@ -242,11 +242,13 @@ def _run(x: np.ndarray, k_hw, pads: Pads, out_hw, u=None, b=None, phases=None, d
         y = np.empty((n, hf, wf, o // (sh * sw)), dtype=x.dtype)
     step = max(1, SPAN_BYTES // (nn * tl.per_image * max(c, o, d) * x.itemsize))
 
-    def body(_k: int, lo: int, hi: int):
+    def body(k: int, lo: int, hi: int):
         ws = cpu_threads.workspace()
         acc = None
         if dy is not None:
-            acc = ws.get("wino_acc", (nn, c, d), x.dtype)  # not np.zeros: fresh pages fault
+            # returned to the caller, so one buffer per WORKER, not per thread: a pool thread
+            # may run two workers' bodies of one call (not np.zeros: fresh pages fault)
+            acc = ws.get(f"wino_acc{k}", (nn, c, d), x.dtype)
             acc.fill(0)
         for s0 in range(lo, hi, step):
             s1 = min(hi, s0 + step)

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Every GPU check of issues 4 and 5 in ONE run, sized for a session's 15 minutes of device
+# time (about 9 minutes here, each stage under its own timeout so a slow one cannot starve
+# the rest). From the repository root, with the device tool:
+#
+#   run(command="RAWGAN_COMMIT=<sha> bash benchmarks/gpu_session.sh", timeout_s=590)
+#
+# or on any CUDA machine: bash benchmarks/gpu_session.sh. Everything lands in $OUT (the
+# device tool's folder), else in benchmarks/results/gpu-session-<UTC time>/: the device,
+# each stage's log and exit status, pytest's junit XML, bench_gpu.py's JSON. Copy the JSON to
+# benchmarks/results/ and commit it with the device, the date and the commit (it holds them).
+#
+# Stages (seconds are the timeouts, not predictions):
+#   1. tests/test_cupy_ops.py           every op vs NumPy float64, TF32, the graphed step (200)
+#   2. tests/test_numba_ops.py          the Numba kernels on the real device (70)
+#   3. rawgan train --cuda-graph        a short toy run through the captured step (40)
+#   4. bench_gpu.py                     SGEMM, layers, elementwise, step at batch 64 and 256 (170)
+#   5. compute-sanitizer memcheck       every kernel and tile once (80), if installed
+# The GPU image has CuPy, Numba, PyTorch, h5py, tqdm: rawgan itself runs from the tree
+# (PYTHONPATH), nothing is installed.
+set -u
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+OUT="${OUT:-benchmarks/results/gpu-session-$(date -u +%Y%m%dT%H%M)}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+{
+    date -u +%FT%TZ
+    echo "commit ${RAWGAN_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
+    nvidia-smi -L 2>&1
+    "$PY" -c "import cupy, numpy; print('cupy', cupy.__version__, 'numpy', numpy.__version__)"
+} > "$OUT/device.txt" 2>&1
+cat "$OUT/device.txt"
+
+stage() {  # stage NAME SECONDS COMMAND...: run it, keep its log and exit status
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (timeout ${limit}s)"
+    local t0=$SECONDS
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$OUT/stages.txt"
+    tail -n 15 "$OUT/$name.log"
+}
+
+stage cupy-tests 200 "$PY" -m pytest -q -m "gpu and not slow" tests/test_cupy_ops.py \
+    --junitxml="$OUT/cupy-tests.xml"
+NUMBA_ENABLE_CUDASIM=0 stage numba-tests 70 "$PY" -m pytest -q tests/test_numba_ops.py -x \
+    --junitxml="$OUT/numba-tests.xml"
+stage train-graphed 40 "$PY" -m rawgan.cli train --backend cupy --cuda-graph --model mlp \
+    --data ring --noise-dim 2 --batch-size 256 --num-examples 25600 --epochs 1 \
+    --no-progress --out /tmp/rawgan-graphed-run
+stage bench 170 "$PY" benchmarks/bench_gpu.py --batches 64 256 --repeats 10 --step-repeats 10 \
+    --warmup 3 --json "$OUT/bench-gpu.json"
+if command -v compute-sanitizer > /dev/null; then  # every kernel once (SANITIZER_SCRIPT)
+    stage sanitizer 80 "$PY" -m pytest -q -m slow tests/test_cupy_ops.py -k memcheck
+fi
+cat "$OUT/stages.txt"
