@@ -19,6 +19,7 @@ minimum over ``--repeats``):
    cuDNN through ``torch.nn.functional.conv*`` / ``torch.ops.aten.convolution_backward`` in
    NCHW and channels_last with TF32 off and on, and vs a cuBLAS GEMM of the same implicit-GEMM
    shape (``cupy.matmul``: the ceiling an implicit GEMM could reach at cuBLAS speed).
+   A ``numba`` column times rawgan's Numba CUDA backend (issue 5) on the same tensors.
    FLOP per pass (benchmarks/README.md's convention, taps over padding included):
    dense 2 N in out; conv 2 N Ho Wo kh kw Cin Cout; transposed conv 2 N H W kh kw Cin Cout
    with (H, W) its input size. The three passes of a layer count the same.
@@ -290,11 +291,22 @@ def _cublas_gemm(m, k, n):
     return lambda: cp.matmul(a, b)
 
 
+def _numba_ops():
+    """rawgan's Numba backend on this GPU (it takes and returns CuPy arrays), or None."""
+    try:
+        return backends.get("numba")
+    except Exception as exc:  # BackendUnavailable, or numba-cuda failing to load
+        print(f"numba backend unavailable, its column is skipped: {exc}")
+        return None
+
+
 def bench_layers(args, ops) -> list[dict]:
     rows = []
+    nb = _numba_ops() if args.numba else None
     for n in args.batches:
         for name, kind, shape, co, k, s in DCGAN_LAYERS:
             ours, flop, gemm = _layer_passes(ops, n, kind, shape, co, k, s)
+            numba_passes = _layer_passes(nb, n, kind, shape, co, k, s)[0] if nb else {}
             torch_passes = {}
             if HAVE_TORCH and kind == "dense":
                 torch_passes["rowmajor"] = _torch_dense_passes(n, shape[0], co)
@@ -309,6 +321,9 @@ def bench_layers(args, ops) -> list[dict]:
                                                     args.repeats), flop)
                 row["cublas_same_gemm"] = rate(time_cuda(_cublas_gemm(*gemm[pas]), args.warmup,
                                                          args.repeats), flop)
+                if numba_passes:  # the Numba CUDA kernels (issue 5), same shapes
+                    row["numba"] = rate(time_cuda(numba_passes[pas], args.warmup,
+                                                  args.repeats), flop)
                 for layout, passes in torch_passes.items():
                     for tf32 in (False, True):
                         set_tf32(tf32)
@@ -322,7 +337,9 @@ def bench_layers(args, ops) -> list[dict]:
                 best = {k: v for k, v in row["ratios"].items() if "tf32_off" in k}
                 print(f"N={n:5d} {name:9s} {pas:5s}: rawgan {row['rawgan']['gflops']:8.0f} "
                       f"GFLOP/s  vs cuBLAS-GEMM x{row['ratios']['cublas_same_gemm']:.2f}"
-                      + "".join(f"  {k} x{v:.2f}" for k, v in best.items()))
+                      + "".join(f"  {k} x{v:.2f}" for k, v in best.items())
+                      + (f"  numba {row['numba']['gflops']:.0f} GFLOP/s" if "numba" in row
+                         else ""))
     return rows
 
 
@@ -632,6 +649,8 @@ def main(argv=None) -> int:
     p.add_argument("--sgemm-sizes", type=int, nargs="+", default=[4096, 2048, 8192],
                    help="square SGEMM sizes (the issue's target is 4096)")
     p.add_argument("--quick", action="store_true", help="batch 64 only, few repeats")
+    p.add_argument("--no-numba", dest="numba", action="store_false",
+                   help="leave out the Numba backend's column of the layer table")
     p.add_argument("--only", nargs="+", choices=["sgemm", "layers", "elementwise", "step"],
                    default=["sgemm", "layers", "elementwise", "step"])
     p.add_argument("--json", type=Path, default=None, help="output file (default: "
@@ -652,16 +671,19 @@ def main(argv=None) -> int:
               "kernel_tiles": cupy_ops.TILES}
     benches = {"sgemm": bench_sgemm, "layers": bench_layers, "elementwise": bench_elementwise,
                "step": bench_step}
-    for key in args.only:
-        print(f"\n== {key}")
-        result[key] = benches[key](args, ops)
     out = args.json
     if out is None:
         dev = re.sub(r"[^A-Za-z0-9]+", "-", info["device"]).strip("-").lower()
         out = REPO / "benchmarks" / "results" / (
             f"gpu-{dev}-{info['date'][:10]}-{str(info['commit'])[:8]}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=float) + "\n")
+    for key in args.only:
+        print(f"\n== {key}")
+        result[key] = benches[key](args, ops)
+        # rewritten after every section: a run stopped by a time limit keeps what it measured
+        tmp = out.with_suffix(".part")
+        tmp.write_text(json.dumps(result, indent=1, default=float) + "\n")
+        tmp.replace(out)
     print(f"\nwrote {out}")
     return 0
 
