@@ -93,6 +93,77 @@ def test_kernel_assembles_for_sm90(filename, tmp_path):
             r"Function properties for (\w+).*?Used (\d+) registers", res.stderr, re.S)))
 
 
+def _find_nvrtc() -> ctypes.CDLL | None:
+    """libnvrtc from the nvidia-cuda-nvrtc wheel, the CUDA toolkit, or the loader's path."""
+    names = []
+    try:
+        import nvidia.cuda_nvrtc as wheel
+
+        for d in wheel.__path__:
+            names += sorted(str(p) for p in Path(d, "lib").glob("libnvrtc.so*"))
+    except ImportError:
+        pass
+    if NVCC is not None:
+        root = Path(NVCC).resolve().parents[1]
+        names += sorted(str(p) for p in root.glob("lib*/libnvrtc.so*"))
+    names += ["libnvrtc.so", "libnvrtc.so.13", "libnvrtc.so.12"]
+    for name in names:
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    return None
+
+
+NVRTC = _find_nvrtc()
+
+
+def nvrtc_compile(source: str, name: str, options: list[str]) -> tuple[int, str, bytes]:
+    """Compile ``source`` with NVRTC as cupy.RawModule does: (status, log, PTX)."""
+    lib = NVRTC
+    prog = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0,
+                                  None, None) == 0
+    try:
+        opts = (ctypes.c_char_p * len(options))(*(o.encode() for o in options))
+        status = lib.nvrtcCompileProgram(prog, len(options), opts)
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(prog, log)
+        ptx = b""
+        if status == 0:
+            lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+            buf = ctypes.create_string_buffer(size.value)
+            lib.nvrtcGetPTX(prog, buf)
+            ptx = buf.raw
+        return status, log.value.decode(errors="replace"), ptx
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+@pytest.mark.skipif(NVRTC is None, reason="libnvrtc not found (pip install "
+                    "nvidia-cuda-nvrtc-cu12, or a CUDA toolkit)")
+@pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
+@pytest.mark.parametrize("filename", cupy_ops.KERNEL_FILES)
+def test_kernel_source_compiles_with_nvrtc(filename, arch, tmp_path):
+    """The EXACT text cupy_ops hands to cupy.RawModule (headers pasted in, no include path),
+    compiled by NVRTC with the backend's options: what a GPU machine does at first use,
+    checked without one. Its kernels are the ones nvcc builds from the file itself."""
+    src = cupy_ops.kernel_source(filename)
+    status, log, ptx = nvrtc_compile(src, filename,
+                                     [*cupy_ops.COMPILE_OPTIONS, f"--gpu-architecture={arch}"])
+    assert status == 0, f"NVRTC failed on {filename} ({arch}):\n{log}"
+    entries = set(re.findall(r"\.entry\s+(\w+)", ptx.decode(errors="replace")))
+    assert entries and not any(e.startswith("_Z") for e in entries)
+    if NVCC is not None and arch == "compute_90":
+        out = tmp_path / "nvcc.ptx"
+        subprocess.run([NVCC, "-std=c++17", f"-arch={arch.replace('compute', 'sm')}", "-ptx",
+                        "-I", str(KERNEL_DIR), str(KERNEL_DIR / filename), "-o", str(out)],
+                       check=True, capture_output=True, timeout=300)
+        assert entries == set(re.findall(r"\.entry\s+(\w+)", out.read_text()))
+
+
 def test_kernel_source_inlines_headers_once():
     for filename in cupy_ops.KERNEL_FILES:
         src = cupy_ops.kernel_source(filename)
