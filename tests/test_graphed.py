@@ -154,15 +154,20 @@ def _state(G, D, opt_g, opt_d) -> dict:
     return out
 
 
-@pytest.mark.parametrize("name,k", [("dcgan", 1), ("mlp", 2)])
-def test_replayed_graph_steps_equal_eager_steps_bit_for_bit(fake, name, k):
+@pytest.mark.parametrize("name,k,loss", [("dcgan", 1, "bce"), ("mlp", 2, "bce"),
+                                         ("mlp", 5, "wgan")])
+def test_replayed_graph_steps_equal_eager_steps_bit_for_bit(fake, name, k, loss):
     """Step 1 eager (warm-up), step 2 captured then launched, steps 3-4 replays: every
-    weight, Adam slot, BN moving statistic and reported number equals the all-eager run's."""
+    weight, optimizer slot, BN moving statistic and reported number equals the all-eager
+    run's. (WGAN: the original's RMSprop with weight clipping and 5 critic steps.)"""
     dtype = np.float32
     results = []
     for capture in (False, True):
         G, D, opt_g, opt_d = _models(cupy_ops, dtype, name)
-        step = GraphedStep(G, D, opt_g, opt_d, "bce", batch_size=2, d_steps=k,
+        if loss == "wgan":
+            opt_g = optim.RMSprop(G, lr=5e-5, clip_value=None)
+            opt_d = optim.RMSprop(D, lr=5e-5, clip_value=0.01)
+        step = GraphedStep(G, D, opt_g, opt_d, loss, batch_size=2, d_steps=k,
                            noise_dim=G.input_shape[0], seed=7, capture=capture, warmup=1)
         stats = [step(reals) for reals in _reals(4, k, D.input_shape, dtype)]
         results.append((stats, _state(G, D, opt_g, opt_d), step))
