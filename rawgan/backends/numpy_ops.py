@@ -367,7 +367,7 @@ def _phase_taps(k: int, s: int, pt: int) -> tuple[int, list[list[tuple[int, int]
     return r0, [[(r0 + d - t, a) for t, a in enumerate(taps)] for d, taps in phases]
 
 
-def _phase_kernel(w: np.ndarray, stride, pads: Pads, x_hw, dy_hw):
+def _phase_kernel(w: np.ndarray, stride, pads: Pads, x_hw, dy_hw, build: bool = True):
     """Conv backward-data (the transposed conv's forward) as a stride-1 correlation of dy
     whose outputs are the s_h * s_w output phases side by side (see :func:`_phase_taps`):
     ``dx[n, s_h u + f, s_w v + g, c] = out[n, u, v, (f, g, c)]``, ``out = dy (*) w'``,
@@ -376,7 +376,8 @@ def _phase_kernel(w: np.ndarray, stride, pads: Pads, x_hw, dy_hw):
 
     w (kh, kw, C, O) -> (w' (R_h, R_w, O, s_h s_w C), pads of the correlation, its output
     size (ceil(H / s_h), ceil(W / s_w))), or None if the correlation would need a negative
-    padding (dy rows that no dx pixel reads).
+    padding (dy rows that no dx pixel reads). ``build=False``: the shape of w' in place of
+    w' (all the cost model needs; building w' copies the kernel).
     """
     kh, kw, ci, co = w.shape
     (r0h, ph), (r0w, pw) = (_phase_taps(k, s, p[0])
@@ -388,6 +389,8 @@ def _phase_kernel(w: np.ndarray, stride, pads: Pads, x_hw, dy_hw):
              (r0w, out_hw[1] + rw - 1 - dy_hw[1] - r0w))
     if min(cpads[0][1], cpads[1][1]) < 0:
         return None
+    if not build:
+        return (rh, rw, co, sh * sw * ci), cpads, out_hw
     if stride == (1, 1):  # one phase: w flipped, channels swapped (a view, no copy)
         return w[::-1, ::-1].transpose(0, 1, 3, 2), cpads, out_hw
     wp = np.zeros((rh, rw, co, sh, sw, ci), dtype=w.dtype)
@@ -465,11 +468,11 @@ def _conv_scatter(dy: np.ndarray, w: np.ndarray, x_shape, stride, pads: Pads,
     n, ho, wo, _ = dy.shape
     sh, sw = stride
     if winograd.ENABLED:  # as one stride-1 correlation of dy, Winograd may pay
-        phased = _phase_kernel(w, stride, pads, x_shape[1:3], (ho, wo))
-        if phased is not None and winograd.worth_it(
-                phased[0].shape[:2], phased[2], co, phased[0].shape[3],
+        geo = _phase_kernel(w, stride, pads, x_shape[1:3], (ho, wo), build=False)
+        if geo is not None and winograd.worth_it(
+                geo[0][:2], geo[2], co, geo[0][3],
                 _direct_macs(w.shape, x_shape[1:3], (ho, wo), stride, pads)):
-            wp, cpads, uv = phased
+            wp, cpads, uv = _phase_kernel(w, stride, pads, x_shape[1:3], (ho, wo))
             # depth to space: dx[n, sh u + f, sw v + g, c] = out[n, u, v, (f, g, c)]
             return winograd.correlate(dy, wp, cpads, uv, b,
                                       phases=None if stride == (1, 1) else
