@@ -27,8 +27,8 @@ steps, optim.cu), ``gan_discriminator_loss`` / ``gan_generator_loss`` (losses.cu
 and gradient in one launch, the loss left on the device), and what a CUDA-graph-captured
 step (rawgan/graphed.py) needs so that it launches only rawgan kernels and never touches the
 host: ``StepRng`` / ``step_rng`` / ``standard_normal`` (Philox counters offset by a value in
-device memory), ``copy_into``, ``accumulate`` (``grads += g``) and ``zero_grads`` (every
-gradient of a model in one launch); the layers use the last two when a backend has them.
+device memory) and ``copy_into``. (``accumulate``, ``grads += g``, and ``zero_grads``, every
+gradient of a model in one launch, are numpy_ops' ops, as rawgan kernels here.)
 
 Importing this module never imports CuPy: ``rawgan.backends.get("cupy")`` calls
 :func:`check_available`, which raises ``BackendUnavailable`` naming what is missing (the

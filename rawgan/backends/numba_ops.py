@@ -864,3 +864,17 @@ def dropout_forward(x, rate: float, rng: np.random.Generator, training: bool = T
 def dropout_backward(dy, mask):
     """dL/dx = dy * mask (the same mask, scale included, as the forward)."""
     return dy if mask is None else _elementwise("multiply", dy, mask)
+
+
+def accumulate(acc, g) -> None:
+    """``acc += g`` in place (a layer adding its parameter gradient into ``grads``): array
+    arithmetic of the array module (CuPy on a GPU, NumPy in the simulator), no kernel."""
+    if acc.shape != g.shape:
+        raise ValueError(f"accumulate: shapes {tuple(acc.shape)} and {tuple(g.shape)} differ")
+    acc += g
+
+
+def zero_grads(arrays) -> None:
+    """Set every array of ``arrays`` (a model's gradients) to 0, in place."""
+    for a in arrays:
+        a.fill(0)

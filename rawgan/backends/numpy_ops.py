@@ -947,6 +947,24 @@ def dropout_backward(dy: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------
+# gradient bookkeeping (the layers' ``grads``)
+# --------------------------------------------------------------------------------------
+
+def accumulate(acc: np.ndarray, g: np.ndarray) -> None:
+    """``acc += g`` in place: a layer ADDS its parameter gradient into ``grads`` (two
+    backward passes before one update, as D's real and fake passes with batch norm)."""
+    if acc.shape != g.shape:
+        raise ValueError(f"accumulate: shapes {acc.shape} and {g.shape} differ")
+    np.add(acc, g, out=acc)
+
+
+def zero_grads(arrays) -> None:
+    """Set every array of ``arrays`` (a model's gradients) to 0, in place."""
+    for a in arrays:
+        a.fill(0)
+
+
+# --------------------------------------------------------------------------------------
 # optimizer updates: every tensor of a model in one call (rawgan.optim's rules)
 # --------------------------------------------------------------------------------------
 #

@@ -160,11 +160,7 @@ class Layer:
         raise NotImplementedError
 
     def _accumulate(self, key: str, g) -> None:
-        add = getattr(self.ops, "accumulate", None)  # cupy_ops: rawgan's own kernel
-        if add is None:
-            self.grads[key] += g
-        else:
-            add(self.grads[key], g)
+        self.ops.accumulate(self.grads[key], g)
 
     def _check_input(self, x) -> None:
         if not hasattr(x, "shape") or not hasattr(x, "dtype"):
@@ -180,8 +176,7 @@ class Layer:
 
     # -- bookkeeping ------------------------------------------------------------------------
     def zero_grad(self) -> None:
-        for g in self.grads.values():
-            g.fill(0)
+        self.ops.zero_grads(list(self.grads.values()))
 
     def to(self, backend: str | ModuleType) -> Layer:
         """Move parameters and gradients to ``backend`` (arrays in and out follow)."""

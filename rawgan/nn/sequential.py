@@ -145,12 +145,8 @@ class Sequential(Layer):
         return sum(layer.count_params() for layer in self.layers)
 
     def zero_grad(self) -> None:
-        zero = getattr(self.ops, "zero_grads", None)  # cupy_ops: every gradient, one launch
-        if zero is None:
-            for layer in self.layers:
-                layer.zero_grad()
-        else:
-            zero([g for layer in self.layers for g in layer.grads.values()])
+        # every gradient of the model in one call (one kernel launch on the CuPy backend)
+        self.ops.zero_grads([g for layer in self.layers for g in layer.grads.values()])
 
     def to(self, backend: str | ModuleType) -> Sequential:
         self.ops = backends.get(backend)
