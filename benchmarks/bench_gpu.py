@@ -38,6 +38,8 @@ minimum over ``--repeats``):
        CUDA graph and replayed (device noise and dropout, Adam's alpha from device memory),
        what ``rawgan train --backend cupy --cuda-graph`` runs; each step still reads its
        losses and D's outputs back to the host, as the torch rows read theirs;
+       ``rawgan graphed tf32``: the same on the TF32 tensor-core tiles (cupy_ops.TF32; the
+       torch rows with TF32 on are its like: cuDNN's convolutions default to TF32);
      * ``torch eager`` (NCHW and channels_last, TF32 off and on) and ``torch cuda graph``
        (the whole step captured once and replayed), bench_step.py's twin architecture.
    The target of issue 4: batch 256 at least 2x PyTorch eager and ahead of the CUDA graph.
@@ -563,17 +565,22 @@ def _step_row(args, ops, n) -> dict:
             args.warmup, args.step_repeats, sync)
     finally:
         ops.set_dropout_rng("host")
-    G3, D3 = models.build("dcgan", seed=0, backend=ops)
-    graphed = GraphedStep(G3, D3, optim.Adam(G3, lr=1e-4), optim.Adam(D3, lr=1e-4), "bce",
-                          batch_size=n, d_steps=1, noise_dim=100, seed=0)
-    try:
-        for _ in range(3):  # 2 eager warm-up steps and the capture, then only replays
-            graphed([real])
-        row["rawgan_graphed"] = time_wall(lambda: graphed([real]), args.warmup,
-                                          args.step_repeats, sync)
-        row["rawgan_graphed"]["replays"] = graphed.launches
-    except Exception as exc:  # first GPU runs of the capture: record a failure, go on
-        row["rawgan_graphed"] = {"error": f"{type(exc).__name__}: {exc}"}
+    for key, tf32 in (("rawgan_graphed", False), ("rawgan_graphed_tf32", True)):
+        # the kernels (FMA or TF32 tiles) are chosen while the step is captured, then baked in
+        before, cupy_ops.TF32 = cupy_ops.TF32, tf32
+        G3, D3 = models.build("dcgan", seed=0, backend=ops)
+        graphed = GraphedStep(G3, D3, optim.Adam(G3, lr=1e-4), optim.Adam(D3, lr=1e-4),
+                              "bce", batch_size=n, d_steps=1, noise_dim=100, seed=0)
+        try:
+            for _ in range(3):  # 2 eager warm-up steps and the capture, then only replays
+                graphed([real])
+            row[key] = time_wall(lambda g=graphed: g([real]), args.warmup,
+                                 args.step_repeats, sync)
+            row[key]["replays"] = graphed.launches
+        except Exception as exc:  # first GPU runs of the capture: record a failure, go on
+            row[key] = {"error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            cupy_ops.TF32 = before
     if HAVE_TORCH:
         for cl in (False, True):
             for tf32 in (False, True):
