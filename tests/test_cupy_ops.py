@@ -501,12 +501,15 @@ def test_compute_sanitizer_finds_no_errors(tool):
         out[-6000:]
 
 
-def test_graphed_step_replays_match_eager_steps(ops):
+@pytest.mark.parametrize("tf32", [False, True])
+def test_graphed_step_replays_match_eager_steps(ops, monkeypatch, tf32):
     """rawgan.graphed on the real GPU: 2 eager warm-up steps, 1 captured, 2 replays of a real
     CUDA graph give bit-identical weights, Adam slots and losses to 5 eager steps (every
-    kernel is deterministic: no atomics), and the graph's steps differ from each other."""
+    kernel is deterministic: no atomics), and the graph's steps differ from each other; on
+    the FMA tiles and on the TF32 tiles."""
     from rawgan.graphed import GraphedStep
 
+    monkeypatch.setattr(cupy_ops, "TF32", tf32)
     runs = []
     for capture in (False, True):
         G, D = models.build("dcgan", seed=3, backend=ops)
