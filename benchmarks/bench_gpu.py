@@ -32,9 +32,10 @@ minimum over ``--repeats``):
      * ``rawgan library``: exactly ``rawgan.gan.train_step`` on the cupy backend (what
        ``rawgan train --backend cupy`` runs today: optim.Adam and rawgan.losses as CuPy
        array expressions, dropout uniforms drawn on the host);
-     * ``rawgan fused``: the same algorithm with the backend's multi-tensor Adam, the one-launch
-       loss kernel and device Philox dropout (what the integration in the issue enables);
-     * ``rawgan graphed``: ``rawgan.graphed.GraphedStep``, the whole step captured once as a
+     * ``rawgan fused``: ``rawgan.graphed.GraphedStep(capture=False)``, the same algorithm
+       with rawgan kernels only (one-launch loss and gradient zeroing, device noise and Philox
+       dropout, no host synchronisation inside the step), run eagerly;
+     * ``rawgan graphed``: the same ``GraphedStep``, the whole step captured once as a
        CUDA graph and replayed (device noise and dropout, Adam's alpha from device memory),
        what ``rawgan train --backend cupy --cuda-graph`` runs; each step still reads its
        losses and D's outputs back to the host, as the torch rows read theirs;
@@ -447,42 +448,6 @@ def _dropout(ops, mode, x, rng):
 
 # --------------------------------------------------------------------------- 4. step
 
-class FusedAdam:
-    """rawgan.optim.Adam's update through the backend's ONE-launch multi-tensor kernel."""
-
-    def __init__(self, model, lr, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
-        self.ops = model.ops
-        _, self.params, self.grads = (list(t) for t in zip(*model.parameters(), strict=True))
-        self.m = [cp.zeros_like(p) for p in self.params]
-        self.v = [cp.zeros_like(p) for p in self.params]
-        self.lr, self.b1, self.b2, self.eps, self.t = lr, beta_1, beta_2, epsilon, 0
-
-    def step(self):
-        self.t += 1
-        alpha = self.lr * (1 - self.b2**self.t) ** 0.5 / (1 - self.b1**self.t)
-        self.ops.adam_update(self.params, self.grads, self.m, self.v, alpha, self.b1, self.b2,
-                             self.eps)
-
-
-def fused_step(ops, G, D, opt_g, opt_d, real, z):
-    """gan.train_step's algorithm (k = 1) with the one-launch loss kernels; losses stay on
-    the device (no host synchronisation inside the step)."""
-    n = real.shape[0]
-    fake = G.forward(z, training=True)
-    D.zero_grad()
-    logits = D.forward(cp.concatenate([real, fake]), training=True)
-    d_loss, d_r, d_f = ops.gan_discriminator_loss("bce", logits[:n], logits[n:])
-    D.backward(cp.concatenate([d_r, d_f]), input_grad=False)
-    opt_d.step()
-    fake_logits = D.forward(fake, training=True)
-    g_loss, d_f = ops.gan_generator_loss("bce", fake_logits)
-    dx = D.backward(d_f, param_grads=False)
-    G.zero_grad()
-    G.backward(dx, input_grad=False)
-    opt_g.step()
-    return d_loss, g_loss
-
-
 def torch_step_fns(n, channels_last, seed=0):
     """bench_step.py's twin DCGAN on the GPU: the eager step, and a CUDA-graph replay."""
     from bench_step import torch_models
@@ -555,22 +520,14 @@ def _step_row(args, ops, n) -> dict:
     row["rawgan_library"] = time_wall(
         lambda: gan.train_step(G, D, opt_g, opt_d, "bce", [real], noise),
         args.warmup, args.step_repeats, sync)
-    G2, D2 = models.build("dcgan", seed=0, backend=ops)
-    fo_g, fo_d = FusedAdam(G2, 1e-4), FusedAdam(D2, 1e-4)
-    ops.set_dropout_rng("device")
-    try:
-        row["rawgan_fused"] = time_wall(
-            lambda: fused_step(ops, G2, D2, fo_g, fo_d, real,
-                               cp.random.standard_normal((n, 100), dtype=cp.float32)),
-            args.warmup, args.step_repeats, sync)
-    finally:
-        ops.set_dropout_rng("host")
-    for key, tf32 in (("rawgan_graphed", False), ("rawgan_graphed_tf32", True)):
+    for key, capture, tf32 in (("rawgan_fused", False, False), ("rawgan_graphed", True, False),
+                               ("rawgan_graphed_tf32", True, True)):
         # the kernels (FMA or TF32 tiles) are chosen while the step is captured, then baked in
         before, cupy_ops.TF32 = cupy_ops.TF32, tf32
         G3, D3 = models.build("dcgan", seed=0, backend=ops)
         graphed = GraphedStep(G3, D3, optim.Adam(G3, lr=1e-4), optim.Adam(D3, lr=1e-4),
-                              "bce", batch_size=n, d_steps=1, noise_dim=100, seed=0)
+                              "bce", batch_size=n, d_steps=1, noise_dim=100, seed=0,
+                              capture=capture)
         try:
             for _ in range(3):  # 2 eager warm-up steps and the capture, then only replays
                 graphed([real])

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check of issues 4 and 5 in ONE run, sized for a session's 15 minutes of device
-# time (about 9 minutes here, each stage under its own timeout so a slow one cannot starve
-# the rest). From the repository root, with the device tool:
+# time (at most 560 s, the sum of the stage timeouts: each stage has its own, so a slow one
+# cannot starve the rest). From the repository root, with the device tool:
 #
 #   run(command="RAWGAN_COMMIT=<sha> bash benchmarks/gpu_session.sh", timeout_s=590)
 #

@@ -71,28 +71,19 @@ def test_conv_ops_equal_the_direct_path_in_float64(forced, case):
     correlation with the flipped kernel."""
     n, h, w_, c, o, kh, kw, padding = case
     rng = np.random.default_rng(sum(case[:7]))
-    x = rng.standard_normal((n, h, w_, c))
-    w = rng.standard_normal((kh, kw, c, o))
-    b = rng.standard_normal(o)
-    y = ops.conv2d_forward(x, w, b, 1, padding)
-    np.testing.assert_allclose(y, direct(ops.conv2d_forward, x, w, b, 1, padding),
-                               rtol=1e-12, atol=1e-12)
-    dy = rng.standard_normal(y.shape)
-    for got, want in zip(ops.conv2d_backward(dy, x, w, 1, padding),
-                         direct(ops.conv2d_backward, dy, x, w, 1, padding), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
-    # the transposed conv with the same kernel maps o channels back to c
-    wt = rng.standard_normal((kh, kw, o, c))
-    xt = rng.standard_normal((n, h, w_, c))
-    bt = rng.standard_normal(o)
-    yt = ops.conv2d_transpose_forward(xt, wt, bt, 1, padding)
-    np.testing.assert_allclose(yt, direct(ops.conv2d_transpose_forward, xt, wt, bt, 1, padding),
-                               rtol=1e-12, atol=1e-12)
-    dyt = rng.standard_normal(yt.shape)
-    for got, want in zip(ops.conv2d_transpose_backward(dyt, xt, wt, 1, padding),
-                         direct(ops.conv2d_transpose_backward, dyt, xt, wt, 1, padding),
-                         strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    # the conv (c -> o channels) and the transposed conv with a kernel mapping o back to c
+    for fwd, bwd, w_shape in ((ops.conv2d_forward, ops.conv2d_backward, (kh, kw, c, o)),
+                              (ops.conv2d_transpose_forward, ops.conv2d_transpose_backward,
+                               (kh, kw, o, c))):
+        x = rng.standard_normal((n, h, w_, c))
+        w = rng.standard_normal(w_shape)
+        b = rng.standard_normal(o)
+        y = fwd(x, w, b, 1, padding)
+        np.testing.assert_allclose(y, direct(fwd, x, w, b, 1, padding), rtol=1e-12, atol=1e-12)
+        dy = rng.standard_normal(y.shape)
+        for got, want in zip(bwd(dy, x, w, 1, padding), direct(bwd, dy, x, w, 1, padding),
+                             strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
 STRIDED = [  # (N, H, W, C, O, k, stride, padding, output_padding) of a transposed conv
