@@ -131,9 +131,10 @@ __device__ __forceinline__ T block_sum(T v) {
 //                       a[0] A[g][t]   a[1] A[g+8][t]   a[2] A[g][t+4]   a[3] A[g+8][t+4]
 //                       b[0] B[t][g]   b[1] B[t+4][g]
 //                       d[0] D[g][2t]  d[1] D[g][2t+1]  d[2] D[g+8][2t]  d[3] D[g+8][2t+1]
-// Every thread of the block must call rg_mma_tf32 the same number of times: the CPU
-// emulator of the tests (RG_EMULATOR) computes the warp's product from fragments staged in
-// shared memory between two __syncthreads(); on a GPU it is the one instruction.
+// All 32 threads of a warp call it together (.aligned). The CPU emulator of the tests
+// (RG_EMULATOR) computes the warp's product from fragments staged in shared memory between
+// two __syncwarp() (warp barriers only: no block-wide barrier that the GPU would not have);
+// on a GPU it is the one instruction.
 // ---------------------------------------------------------------------------------------
 #ifdef RG_EMULATOR
 __device__ __forceinline__ u32 rg_tf32(float x) {
@@ -157,14 +158,14 @@ __device__ __forceinline__ void rg_mma_tf32(float (&d)[4], const u32 (&a)[4], co
     A[w][g + 8][t + 4] = rg_u2f(a[3]);
     B[w][t][g] = rg_u2f(b[0]);
     B[w][t + 4][g] = rg_u2f(b[1]);
-    __syncthreads();
+    __syncwarp();
     for (int q = 0; q < 4; ++q) {
         const int r = g + (q >= 2 ? 8 : 0), c = 2 * t + (q & 1);
         float s = d[q];
         for (int k = 0; k < 8; ++k) s = fmaf(A[w][r][k], B[w][k][c], s);
         d[q] = s;
     }
-    __syncthreads();
+    __syncwarp();
 }
 #else
 __device__ __forceinline__ u32 rg_tf32(float x) {

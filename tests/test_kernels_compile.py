@@ -16,10 +16,18 @@ the kernels compute the right numbers when run in a CPU emulation of CUDA's exec
    them and size-checked against the kernel's C signature) is swapped into ``cupy_ops``, so
    the real backend code and the real kernel sources run end to end and are compared with
    ``numpy_ops``. Outputs come from a NaN-poisoned allocator with NaN guard zones around every
-   array; a launch that writes outside its arrays fails. What the emulator cannot show: data
-   races that only a truly parallel GPU exposes, warp-level behaviour, NVRTC-specific
-   diagnostics and performance; tests/test_cupy_ops.py checks those on a real GPU.
-   Skipped when g++ is absent.
+   array; a launch that writes outside its arrays fails.
+5. Races and barriers, in the same emulator: each block's shared memory starts as NaN, the
+   threads of a block run between two barriers (and the blocks of a grid run) in ascending,
+   descending or shuffled order, and every kernel must give the same bits under every
+   schedule -- a missing ``__syncthreads``, a read of another thread's write between the same
+   two barriers, or two blocks writing one element changes them (a negative control shows
+   it). A ``__syncthreads`` reached after other threads exited, threads waiting at different
+   ``__syncthreads``, or an mma (emulated with warp barriers) not reached by a whole warp is
+   an error. What the emulator still cannot show: races that need two threads interleaved
+   between barriers, warp-level behaviour beyond mma, the memory model, NVRTC-specific
+   diagnostics and performance; tests/test_cupy_ops.py and compute-sanitizer check those on
+   a real GPU. Skipped when g++ is absent.
 """
 
 from __future__ import annotations
@@ -266,6 +274,7 @@ EMU_SHIM = r"""
 // CPU emulation of CUDA's execution model (tests/test_kernels_compile.py).
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 #if !(defined(__x86_64__) && defined(__linux__))
 #include <ucontext.h>
 #endif
@@ -343,7 +352,8 @@ static void ctx_make(Ctx& c, char* stack, size_t size) {
 static inline void ctx_switch(Ctx& from, Ctx& to) { swapcontext(&from.uc, &to.uc); }
 #endif
 
-struct Fiber { Ctx ctx; int state; };  // state 0 runnable, 1 at a barrier, 2 exited
+// state 0 runnable, 1 at __syncthreads (line `site`), 2 exited, 3 at __syncwarp
+struct Fiber { Ctx ctx; int state; int site; };
 static Ctx sched;
 static std::vector<Fiber> fibers;
 static std::vector<char*> stacks;
@@ -357,11 +367,50 @@ static void fiber_entry() {
     fibers[current].state = 2;
     ctx_switch(fibers[current].ctx, sched);  // never resumed
 }
-inline void syncthreads() {
+inline void syncthreads(int site) {
     fibers[current].state = 1;
+    fibers[current].site = site;
     ctx_switch(fibers[current].ctx, sched);
 }
-// CUDA's launch limits are enforced: a launch the GPU would reject fails here too.
+inline void syncwarp() {
+    fibers[current].state = 3;
+    ctx_switch(fibers[current].ctx, sched);
+}
+
+// The schedule: the order in which the threads of a block run between two barriers, and the
+// order of the blocks. 0: ascending, 1: descending, 2: shuffled (seeded). A kernel without
+// data races gives the same bits under every schedule; one that reads a value another thread
+// writes between the same two barriers (or two blocks writing one element) does not.
+static int sched_mode = 0;
+static unsigned long long sched_seed = 0;
+static unsigned long long mix(unsigned long long z) {  // splitmix64
+    z += 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+static void order(std::vector<unsigned>& v, unsigned n, unsigned long long salt) {
+    v.resize(n);
+    for (unsigned i = 0; i < n; ++i) v[i] = sched_mode == 1 ? n - 1 - i : i;
+    if (sched_mode != 2) return;
+    unsigned long long r = mix(sched_seed ^ mix(salt));
+    for (unsigned i = n; i > 1; --i) {  // Fisher-Yates
+        r = mix(r);
+        std::swap(v[i - 1], v[r % i]);
+    }
+}
+
+// A GPU gives each block shared memory with unspecified contents; here every __shared__
+// variable is set to 0xFF bytes (NaN as float and double) when the first thread of a block
+// reaches its declaration (RGEMU_POISON, added after each declaration by _emu_build), so a
+// read before the block's own write shows instead of seeing the previous block's values.
+static unsigned long long block_gen = 0;
+
+// CUDA's launch limits are enforced: a launch the GPU would reject fails here too. Barrier
+// misuse that a GPU may hang on or silently mis-synchronise is an error (-4 .. -6):
+//   -4  __syncthreads reached by some threads after others of the block exited
+//   -5  the threads of a block wait at different __syncthreads (different source lines)
+//   -6  a __syncwarp (the emulated mma.sync) not reached by all 32 threads of the warp
 static int run_grid(dim3 g, dim3 b) {
     if (g.x < 1 || g.y < 1 || g.z < 1 || g.y > 65535 || g.z > 65535) return -2;
     const unsigned n = b.x * b.y * b.z;
@@ -370,25 +419,48 @@ static int run_grid(dim3 g, dim3 b) {
     blockDim = b;
     fibers.resize(n);
     while (stacks.size() < n) stacks.push_back((char*)malloc(STACK));
-    for (unsigned bz = 0; bz < g.z; ++bz)
-    for (unsigned by = 0; by < g.y; ++by)
-    for (unsigned bx = 0; bx < g.x; ++bx) {
-        blockIdx = {bx, by, bz};
+    const unsigned long long nblocks = (unsigned long long)g.x * g.y * g.z;
+    std::vector<unsigned> blocks, threads;
+    order(blocks, (unsigned)nblocks, 0x5EEDull);
+    for (unsigned long long ib = 0; ib < nblocks; ++ib) {
+        const unsigned long long lin = blocks[ib];
+        blockIdx = {(unsigned)(lin % g.x), (unsigned)((lin / g.x) % g.y),
+                    (unsigned)(lin / ((unsigned long long)g.x * g.y))};
+        ++block_gen;
         for (unsigned t = 0; t < n; ++t) {
             ctx_make(fibers[t].ctx, stacks[t], STACK);
             fibers[t].state = 0;
         }
-        for (;;) {  // run every runnable thread to its next barrier (or exit), then release
-            for (unsigned t = 0; t < n; ++t) {
+        for (unsigned long long epoch = 0;; ++epoch) {
+            // run every runnable thread to its next barrier (or exit), in schedule order
+            order(threads, n, (lin << 24) ^ epoch);
+            for (unsigned t : threads) {
                 if (fibers[t].state != 0) continue;
                 current = (int)t;
                 threadIdx = {t % b.x, (t / b.x) % b.y, t / (b.x * b.y)};
                 ctx_switch(sched, fibers[t].ctx);
             }
-            int waiting = 0;
-            for (unsigned t = 0; t < n; ++t)
-                if (fibers[t].state == 1) { fibers[t].state = 0; ++waiting; }
+            int released = 0;  // warps whose every thread waits at a __syncwarp go on first
+            for (unsigned w0 = 0; w0 < n; w0 += 32) {
+                const unsigned w1 = w0 + 32 < n ? w0 + 32 : n;
+                unsigned at = 0;
+                for (unsigned t = w0; t < w1; ++t) at += fibers[t].state == 3;
+                if (!at) continue;
+                if (at != w1 - w0) return -6;
+                for (unsigned t = w0; t < w1; ++t) fibers[t].state = 0;
+                ++released;
+            }
+            if (released) continue;
+            int waiting = 0, exited = 0, site = -1;
+            for (unsigned t = 0; t < n; ++t) {
+                if (fibers[t].state == 2) { ++exited; continue; }
+                if (site >= 0 && fibers[t].site != site) return -5;
+                site = fibers[t].site;
+                ++waiting;
+            }
             if (!waiting) break;
+            if (exited) return -4;
+            for (unsigned t = 0; t < n; ++t) fibers[t].state = 0;
         }
     }
     return 0;
@@ -428,16 +500,24 @@ EMU_MACROS = r"""
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
+#define RGEMU_POISON(name) do { static unsigned long long gen_ = 0;                       \
+        if (gen_ != rgemu::block_gen) { gen_ = rgemu::block_gen;                         \
+                                        memset((void*)&(name), 0xFF, sizeof(name)); } } while (0)
 #define __align__(n) __attribute__((aligned(n)))
 #define __restrict__ __restrict
-#define __syncthreads() rgemu::syncthreads()
+#define __syncthreads() rgemu::syncthreads(__LINE__)
+#define __syncwarp(...) rgemu::syncwarp()
 """
 
 _EMU_LIBS: dict[str, ctypes.CDLL] = {}
+#: a __shared__ array declaration (kernels declare one per statement, no initialiser)
+SHARED_DECL = re.compile(r"__shared__[^;{}]*?\b(?P<name>\w+)\s*(?:\[[^\]]*\]\s*)+;")
 
 
 def _emu_build(source: str, cache_dir: Path) -> tuple[ctypes.CDLL, list[str]]:
     """Compile CUDA source with the shim into a shared library; returns it and its kernels."""
+    source, decls = SHARED_DECL.subn(r"\g<0> RGEMU_POISON(\g<name>);", source)
+    assert decls == source.count("__shared__"), "a __shared__ declaration the emulator misses"
     pre = subprocess.run([GXX, "-std=c++17", "-E", "-P", "-x", "c++", "-"],
                          input=EMU_MACROS + source, capture_output=True, text=True, check=True)
     names = re.findall(r'extern\s+"C"\s+void\s+(\w+)\s*\(', pre.stdout)
@@ -446,6 +526,9 @@ def _emu_build(source: str, cache_dir: Path) -> tuple[ctypes.CDLL, list[str]]:
         f"unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, "
         f"void** a, const int* s, int na) {{ return rgemu::launch(&{n}, dim3{{gx, gy, gz}}, "
         f"dim3{{bx, by, bz}}, a, s, na); }}" for n in names)
+    reg += ('\nextern "C" __attribute__((visibility("default"))) void rgemu_schedule('
+            'int mode, unsigned long long seed) { rgemu::sched_mode = mode; '
+            'rgemu::sched_seed = seed; }')
     full = EMU_SHIM + EMU_MACROS + source + "\n" + reg + "\n"
     digest = hashlib.sha256(full.encode()).hexdigest()[:20]
     so = cache_dir / f"emu-{digest}.so"
@@ -467,11 +550,21 @@ def _emu_build(source: str, cache_dir: Path) -> tuple[ctypes.CDLL, list[str]]:
     return _EMU_LIBS[digest], names
 
 
+BARRIER_ERRORS = {  # run_grid's barrier checks (EMU_SHIM)
+    -4: "__syncthreads reached after other threads of the block exited",
+    -5: "threads of one block wait at different __syncthreads",
+    -6: "__syncwarp (mma.sync) not reached by every thread of the warp",
+}
+SCHEDULES = {"ascending": 0, "descending": 1, "shuffled": 2}
+
+
 class _EmuKernel:
     def __init__(self, fake: FakeCupy, lib: ctypes.CDLL, name: str) -> None:
         self.fake, self.name = fake, name
         self.fn = getattr(lib, f"rgemu_launch_{name}")
         self.fn.restype = ctypes.c_int
+        self.set_schedule = lib.rgemu_schedule
+        self.set_schedule.argtypes = (ctypes.c_int, ctypes.c_ulonglong)
 
     def __call__(self, grid, block, args, shared_mem=0, stream=None):
         if self.fake.recording is not None:  # stream capture: recorded, NOT run (as CUDA)
@@ -504,6 +597,7 @@ class _EmuKernel:
         argv = (ctypes.c_void_p * len(bufs))(*[ctypes.addressof(b) for b in bufs])
         szs = (ctypes.c_int * len(bufs))(*sizes)
         grid, block = (tuple(grid) + (1, 1))[:3], (tuple(block) + (1, 1))[:3]
+        self.set_schedule(*self.fake.schedule)
         rc = self.fn(*(ctypes.c_uint(int(v)) for v in (*grid, *block)), argv, szs, len(bufs))
         if rc <= -1000:
             raise TypeError(f"{self.name}: {len(bufs)} arguments given, kernel takes "
@@ -511,6 +605,9 @@ class _EmuKernel:
         if rc <= -100:
             raise TypeError(f"{self.name}: argument {-rc - 100} has the wrong size "
                             f"({sizes[-rc - 100]} bytes)")
+        if rc in BARRIER_ERRORS:
+            raise AssertionError(f"{self.name} grid={grid} block={block}: "
+                                 f"{BARRIER_ERRORS[rc]}")
         if rc:
             raise ValueError(f"{self.name}: invalid launch configuration grid={grid} "
                              f"block={block}")
@@ -602,6 +699,7 @@ class FakeCupy(types.ModuleType):
         self.launches: list[str] = []
         self.recording: list | None = None   # launches of the capture in progress
         self.graphs: list[_FakeGraph] = []
+        self.schedule = (0, 0)  # (SCHEDULES value, seed): thread and block order
         self._guarded: dict[int, tuple[np.ndarray, int]] = {}
         device = types.SimpleNamespace(attributes={"MultiProcessorCount": sms},
                                        synchronize=lambda: None)
@@ -1166,6 +1264,151 @@ def test_emulated_optimizers_match_rawgan_optim_rules(emu, dtype, clip):
     cupy_ops.clip_update(P, 0.5)
     for i in range(len(ps)):
         close(P[i], np.clip(ps[i], -0.5, 0.5), dtype, "clip")
+
+
+# -- data races and barriers: every kernel under different schedules ---------------------
+
+def _every_kernel(emu) -> dict[str, bytes]:
+    """Run every kernel family once on small shapes (every tile, split-K, TF32, both
+    dtypes) and return the bytes of every output. The inputs are the same on every call."""
+    rng = np.random.default_rng(21)
+    out: dict[str, bytes] = {}
+
+    def keep(name, *arrays):
+        for i, a in enumerate(arrays):
+            if a is not None:
+                out[f"{name}.{i}"] = np.ascontiguousarray(np.asarray(a)).tobytes()
+
+    set_sms(emu, 64)  # many SMs -> split-K weight gradients
+    runs = [(dt, t, False) for dt in DTYPES for t in ("L", "M", "S", "T")]
+    runs += [(np.float32, t, True) for t in ("L", "M", "S")]
+    for dtype, tile, tf32_on in runs:
+        cupy_ops.FORCE_TILE, cupy_ops.TF32 = tile, tf32_on
+        tag = f"{np.dtype(dtype).name}-{tile}-{'tf32' if tf32_on else 'fma'}"
+        x, w, b, dy = (emu.asarray(rand(rng, s, dtype)) for s in
+                       ((37, 45), (45, 70), (70,), (37, 70)))
+        keep(f"dense {tag}", cupy_ops.dense_forward(x, w, b), *cupy_ops.dense_backward(dy, x, w))
+        x, w = emu.asarray(rand(rng, (2, 9, 11, 4), dtype)), emu.asarray(
+            rand(rng, (3, 3, 4, 8), dtype))
+        y = cupy_ops.conv2d_forward(x, w, None, 2, "same")
+        dy = emu.asarray(rand(rng, y.shape, dtype))
+        keep(f"conv {tag}", y, *cupy_ops.conv2d_backward(dy, x, w, 2, "same"))
+        wt = emu.asarray(rand(rng, (5, 5, 3, 4), dtype))
+        yt = cupy_ops.conv2d_transpose_forward(x, wt, None, 2, "same")
+        dyt = emu.asarray(rand(rng, yt.shape, dtype))
+        keep(f"convT {tag}", yt, *cupy_ops.conv2d_transpose_backward(dyt, x, wt, 2, "same"))
+    cupy_ops.FORCE_TILE, cupy_ops.TF32 = None, False
+    cupy_ops.DROPOUT_RNG = "device"
+    for dtype in DTYPES:
+        tag = np.dtype(dtype).name
+        x, dy = emu.asarray(rand(rng, (4, 5, 5, 33), dtype)), emu.asarray(
+            rand(rng, (4, 5, 5, 33), dtype))
+        keep(f"leaky {tag}", cupy_ops.leaky_relu_forward(x, 0.3),
+             cupy_ops.leaky_relu_backward(dy, x, 0.3))
+        keep(f"tanh/sigmoid {tag}", cupy_ops.tanh_forward(x), cupy_ops.sigmoid_forward(x),
+             cupy_ops.tanh_backward(dy, x), cupy_ops.sigmoid_backward(dy, x))
+        keep(f"bias {tag}", cupy_ops.bias_add_forward(x, emu.asarray(rand(rng, (33,), dtype))),
+             cupy_ops.bias_add_backward(dy))
+        gamma, beta = emu.asarray(rand(rng, (33,), dtype)), emu.asarray(rand(rng, (33,), dtype))
+        mm, mv = emu.zeros(33, dtype), emu.ones(33, dtype)
+        y, mean, inv_std = cupy_ops.batchnorm_forward(x, gamma, beta, mm, mv, training=True)
+        keep(f"bn {tag}", y, mean, inv_std, mm, mv,
+             *cupy_ops.batchnorm_backward(dy, x, gamma, mean, inv_std, True))
+        keep(f"dropout {tag}", *cupy_ops.dropout_forward(x, 0.3, np.random.default_rng(3)))
+        z = emu.empty((5, 37), dtype)
+        cupy_ops.standard_normal(z, cupy_ops.StepRng(7, emu.asarray(np.array([3 << 16],
+                                                                             np.uint64))))
+        keep(f"normal {tag}", z)
+        r, f = emu.asarray(rand(rng, (300, 1), dtype)), emu.asarray(rand(rng, (517, 1), dtype))
+        for kind in losses.KINDS:
+            keep(f"loss {kind} {tag}", *(np.asarray(v) for v in
+                                         cupy_ops.gan_discriminator_loss(kind, r, f)),
+                 *(np.asarray(v) for v in cupy_ops.gan_generator_loss(kind, f)))
+        ps, gs = ([emu.asarray(a) for a in _tensors(rng, dtype)] for _ in range(2))
+        ms, vs = ([emu.zeros(p.shape, dtype) for p in ps] for _ in range(2))
+        cupy_ops.adam_update(ps, gs, ms, vs, 1e-2, 0.9, 0.999, 1e-7, 0.05)
+        cupy_ops.sgd_update(ps, gs, ms, 0.1, 0.9, True, None)
+        cupy_ops.rmsprop_update(ps, gs, vs, 1e-3, 0.9, 1e-7, None)
+        cupy_ops.accumulate(gs[1], ps[1])
+        cupy_ops.zero_grads(gs[2:])
+        keep(f"optim {tag}", *ps, *gs, *ms, *vs)
+    cupy_ops.DROPOUT_RNG = "host"
+    return out
+
+
+@needs_gxx
+def test_emulated_kernels_are_schedule_independent(emu):
+    """No data races: every kernel gives the same bits whether the threads of a block run
+    (between two barriers) and the blocks of a grid run in ascending, descending or shuffled
+    order. A thread reading shared memory that another thread writes between the same two
+    __syncthreads, a missing barrier between a tile's loads and its use, or two blocks
+    writing one element would change with the order (see the negative control below). Every
+    launch also passes the emulator's barrier checks (BARRIER_ERRORS)."""
+    want = _every_kernel(emu)
+    assert len(want) > 150
+    launched = set(emu.launches)
+    for mode, seed in (("descending", 0), ("shuffled", 1), ("shuffled", 2)):
+        emu.schedule = (SCHEDULES[mode], seed)
+        got = _every_kernel(emu)
+        assert got.keys() == want.keys()
+        differ = [k for k in want if got[k] != want[k]]
+        assert not differ, f"schedule {mode}/{seed} changes {differ[:8]}"
+    # the families that must have run: all tiles, split-K, TF32, every other kernel file
+    for prefix in ("gemm_nn_f32_L", "gemm_tn_f64_T", "gemm_nt_tf32_M", "conv_fwd_tf32_S",
+                   "conv_dgrad_f64_S", "conv_wgrad_f32_M", "splitk_reduce", "bn_", "adam_mt",
+                   "zero_mt", "normal_philox", "dropout_philox"):
+        assert any(n.startswith(prefix) for n in launched), (prefix, sorted(launched))
+
+
+RACY_SOURCE = r"""
+extern "C" __global__ void neighbour(const float* x, float* y, int barrier) {
+    __shared__ float s[64];
+    const int t = threadIdx.x;
+    s[t] = x[t];
+    if (barrier) __syncthreads();
+    y[t] = s[(t + 1) % 64];  // without the barrier: a read of another thread's write
+}
+extern "C" __global__ void last_writer(float* y) {
+    y[0] = (float)blockIdx.x;  // every block writes the same element
+}
+extern "C" __global__ void early_exit(float* y) {
+    if (threadIdx.x >= 32) return;
+    __syncthreads();  // threads 32.. have exited: UB on a GPU
+    y[threadIdx.x] = 1.0f;
+}
+extern "C" __global__ void split_barrier(float* y) {
+    if (threadIdx.x % 2)
+        __syncthreads();
+    else
+        __syncthreads();  // a different barrier: UB on a GPU
+    y[threadIdx.x] = 1.0f;
+}
+"""
+
+
+@needs_gxx
+def test_emulator_schedules_expose_races_and_barrier_misuse(emu):
+    """The negative control of the test above: a missing barrier and a write-write conflict
+    between blocks change with the schedule; divergent barriers are errors."""
+    mod = emu.RawModule(RACY_SOURCE, options=("-std=c++17",))
+    x = emu.asarray(np.arange(64, dtype=np.float32))
+
+    def run(kernel, grid, args, mode):
+        emu.schedule = (SCHEDULES[mode], 5)
+        mod.get_function(kernel)(grid, (64,), args)
+        return np.asarray(args[-2] if kernel == "neighbour" else args[0]).copy()
+
+    for barrier, racy in ((1, False), (0, True)):
+        outs = [run("neighbour", (1,), (x, emu.empty(64, np.float32), np.int32(barrier)), m)
+                for m in SCHEDULES]
+        assert any(not np.array_equal(outs[0], o) for o in outs[1:]) == racy
+        if not racy:
+            np.testing.assert_array_equal(outs[0], np.roll(np.arange(64, dtype=np.float32), -1))
+    outs = [run("last_writer", (5,), (emu.empty(1, np.float32),), m)[0] for m in SCHEDULES]
+    assert len(set(outs)) > 1
+    for kernel, msg in (("early_exit", "exited"), ("split_barrier", "different")):
+        with pytest.raises(AssertionError, match=msg):
+            run(kernel, (1,), (emu.empty(64, np.float32),), "ascending")
 
 
 # -- bad input -------------------------------------------------------------------------
