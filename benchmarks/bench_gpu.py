@@ -44,6 +44,10 @@ minimum over ``--repeats``):
      * ``torch eager`` (NCHW and channels_last, TF32 off and on) and ``torch cuda graph``
        (the whole step captured once and replayed), bench_step.py's twin architecture.
    The target of issue 4: batch 256 at least 2x PyTorch eager and ahead of the CUDA graph.
+5. ``profile``: where the step's GPU time goes -- every kernel launch of one rawgan step
+   timed back to back (benchmarks/profile_step.py; FP32 and TF32 tiles), grouped by kernel
+   family, against the CUDA-graph replay of the same step; and torch.profiler's per-kernel
+   times of the torch eager step (NCHW, TF32 off and on).
 
 The JSON (default ``benchmarks/results/gpu-<device>-<date>-<commit>.json``) holds the device,
 driver/runtime versions, CuPy/PyTorch versions, date, commit and dirty flag, the arguments and
@@ -573,6 +577,68 @@ def bench_step(args, ops) -> list[dict]:
     return rows
 
 
+# --------------------------------------------------------------------------- 5. profile
+
+def torch_profile(n: int, channels_last: bool, tf32: bool, steps: int = 3) -> dict:
+    """Per-kernel CUDA time of the torch eager step (torch.profiler, CUDA activity only),
+    averaged over ``steps`` steps after warm-up: what cuDNN spends where rawgan's profile
+    shows its own kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    set_tf32(tf32)
+    try:
+        eager, _ = torch_step_fns(n, channels_last)
+        for _ in range(3):
+            eager()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                eager()
+            torch.cuda.synchronize()
+    finally:
+        set_tf32(False)
+    rows = []
+    for e in prof.key_averages():
+        kind = str(getattr(e, "device_type", "CUDA"))
+        us = getattr(e, "self_device_time_total", None)
+        if us is None:
+            us = getattr(e, "self_cuda_time_total", 0.0)
+        if "CUDA" in kind and us > 0:
+            rows.append({"kernel": e.key[:160], "calls": e.count / steps,
+                         "ms": us / 1e3 / steps})
+    rows.sort(key=lambda r: -r["ms"])
+    total = sum(r["ms"] for r in rows)
+    return {"batch": n, "layout": "nhwc" if channels_last else "nchw", "tf32": tf32,
+            "kernel_ms_sum": total, "kernels": len(rows), "top": rows[:20]}
+
+
+def bench_profile(args, ops) -> list[dict]:
+    """Where each step's GPU time goes (benchmarks/profile_step.py), rawgan FP32 and TF32,
+    next to torch.profiler's per-kernel times of the torch eager step (NCHW, TF32 off/on)."""
+    from profile_step import profile_step, report
+
+    rows = []
+    for n in args.batches:
+        for tf32 in (False, True):
+            try:
+                r = profile_step(ops, n, tf32=tf32, replays=args.step_repeats)
+                print(report(r))
+            except Exception as exc:  # a failed profile must not lose the other rows
+                r = {"batch": n, "tf32": tf32, "error": f"{type(exc).__name__}: {exc}"}
+                print(f"profile N={n} tf32={tf32}: {r['error']}")
+            rows.append({"rawgan": r})
+            if HAVE_TORCH:
+                try:
+                    t = torch_profile(n, False, tf32)
+                    print(f"torch eager nchw tf32={tf32}: {t['kernels']} kernels, "
+                          f"{t['kernel_ms_sum']:.3f} ms; top: " + ", ".join(
+                              f"{k['kernel'][:40]} {k['ms']:.3f}" for k in t["top"][:4]))
+                except Exception as exc:
+                    t = {"batch": n, "tf32": tf32, "error": f"{type(exc).__name__}: {exc}"}
+                rows[-1]["torch"] = t
+    return rows
+
+
 # --------------------------------------------------------------------------- main
 
 def machine_info() -> dict:
@@ -615,8 +681,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="batch 64 only, few repeats")
     p.add_argument("--no-numba", dest="numba", action="store_false",
                    help="leave out the Numba backend's column of the layer table")
-    p.add_argument("--only", nargs="+", choices=["sgemm", "layers", "elementwise", "step"],
-                   default=["sgemm", "layers", "elementwise", "step"])
+    sections = ["sgemm", "layers", "elementwise", "step", "profile"]
+    p.add_argument("--only", nargs="+", choices=sections, default=sections)
     p.add_argument("--json", type=Path, default=None, help="output file (default: "
                    "benchmarks/results/gpu-<device>-<date>-<commit>.json)")
     args = p.parse_args(argv)
@@ -634,7 +700,7 @@ def main(argv=None) -> int:
                                         for k, v in vars(args).items()},
               "kernel_tiles": cupy_ops.TILES}
     benches = {"sgemm": bench_sgemm, "layers": bench_layers, "elementwise": bench_elementwise,
-               "step": bench_step}
+               "step": bench_step, "profile": bench_profile}
     out = args.json
     if out is None:
         dev = re.sub(r"[^A-Za-z0-9]+", "-", info["device"]).strip("-").lower()

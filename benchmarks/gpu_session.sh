@@ -14,9 +14,10 @@
 # Stages (seconds are the timeouts, not predictions):
 #   1. tests/test_cupy_ops.py           every op vs NumPy float64, TF32, the graphed step (200)
 #   2. tests/test_numba_ops.py          the Numba kernels on the real device (70)
-#   3. rawgan train --cuda-graph        a short toy run through the captured step (40)
-#   4. bench_gpu.py                     SGEMM, layers, elementwise, step at batch 64 and 256 (170)
-#   5. compute-sanitizer memcheck       every kernel and tile once (80), if installed
+#   3. rawgan train --cuda-graph        a short toy run through the captured step (30)
+#   4. bench_gpu.py                     SGEMM, layers, elementwise, step, per-kernel profile
+#                                       of the step, at batch 64 and 256 (200)
+#   5. compute-sanitizer memcheck       every kernel and tile once (60), if installed
 # The GPU image has CuPy, Numba, PyTorch, h5py, tqdm: rawgan itself runs from the tree
 # (PYTHONPATH), nothing is installed.
 set -u
@@ -45,12 +46,12 @@ stage() {  # stage NAME SECONDS COMMAND...: run it, keep its log and exit status
 
 stage cupy-tests 200 "$PY" -m pytest -q -rfE -m "gpu and not slow" tests/test_cupy_ops.py
 NUMBA_ENABLE_CUDASIM=0 stage numba-tests 70 "$PY" -m pytest -q -rfE tests/test_numba_ops.py
-stage train-graphed 40 "$PY" -m rawgan.cli train --backend cupy --cuda-graph --model mlp \
+stage train-graphed 30 "$PY" -m rawgan.cli train --backend cupy --cuda-graph --model mlp \
     --data ring --noise-dim 2 --batch-size 256 --num-examples 25600 --epochs 1 \
     --no-progress --out /tmp/rawgan-graphed-run
-stage bench 170 "$PY" benchmarks/bench_gpu.py --batches 64 256 --repeats 10 --step-repeats 10 \
+stage bench 200 "$PY" benchmarks/bench_gpu.py --batches 64 256 --repeats 10 --step-repeats 10 \
     --warmup 3 --json "$OUT/bench-gpu.json"
 if command -v compute-sanitizer > /dev/null; then  # every kernel once (SANITIZER_SCRIPT)
-    stage sanitizer 80 "$PY" -m pytest -q -m slow tests/test_cupy_ops.py -k memcheck
+    stage sanitizer 60 "$PY" -m pytest -q -m slow tests/test_cupy_ops.py -k memcheck
 fi
 cat "$OUT/summary.txt"

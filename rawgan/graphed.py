@@ -148,6 +148,16 @@ class GraphedStep:
         if len(reals) != self.d_steps:
             raise ValueError(f"GraphedStep: expected {self.d_steps} real batches, got "
                              f"{len(reals)}")
+        # the host writes first, then the copies (kernels): a profiler can hold the stream
+        # from the first launch on without a host write waiting behind it
+        alphas = np.zeros(self.d_steps + 1, dtype=self.dtype)
+        for i in range(self.d_steps):
+            if isinstance(self.opt_d, Adam):
+                alphas[i] = self.opt_d.alpha_at(self.opt_d.iterations + 1 + i)
+        if isinstance(self.opt_g, Adam):
+            alphas[self.d_steps] = self.opt_g.alpha_at(self.opt_g.iterations + 1)
+        self._set(self.alphas, alphas)
+        self._set(self.base, np.array([self.step_index << 16], dtype=np.uint64))
         for i, real in enumerate(reals):
             want = (b, *self.image_shape)
             if tuple(real.shape) != want:
@@ -158,15 +168,6 @@ class GraphedStep:
                 dst.set(np.ascontiguousarray(real, dtype=self.dtype))   # host -> device
             else:
                 ops.copy_into(dst, cp.ascontiguousarray(real.astype(self.dtype, copy=False)))
-        alphas = np.zeros(self.d_steps + 1, dtype=self.dtype)
-        for i in range(self.d_steps):
-            if isinstance(self.opt_d, Adam):
-                alphas[i] = self.opt_d.alpha_at(self.opt_d.iterations + 1 + i)
-        if isinstance(self.opt_g, Adam):
-            alphas[self.d_steps] = self.opt_g.alpha_at(self.opt_g.iterations + 1)
-        base = np.array([self.step_index << 16], dtype=np.uint64)
-        self._set(self.alphas, alphas)
-        self._set(self.base, base)
 
     @staticmethod
     def _set(dst, host: np.ndarray) -> None:

@@ -273,3 +273,62 @@ def test_rawgan_train_with_cuda_graph_runs_and_resumes(fake, monkeypatch, tmp_pa
             np.testing.assert_array_equal(b.weights[model][key], w, err_msg=f"{model} {key}")
     with pytest.raises(ValueError, match="cuda_graph"):
         TrainConfig(**{**common, "backend": "numpy"})
+
+
+# -- the step profiler (benchmarks/profile_step.py) ----------------------------------------
+
+def _profiler(fake, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.modules.pop("profile_step", None)
+    import profile_step
+
+    return profile_step
+
+
+def test_step_profiler_times_every_launch_of_the_step(fake, monkeypatch):
+    """Every rawgan launch of one eager step is recorded once, queued behind ONE spin kernel
+    (compiled and run by the emulator), and grouped by family; the shares add up; the graph
+    of the same step replays. (The times are the emulator's, so only the bookkeeping is
+    checked here, not the numbers.)"""
+    prof = _profiler(fake, monkeypatch)
+    fake.launches.clear()
+    seen = []
+    real_hook = prof.LaunchTimer._hook
+
+    def spy(self, kernel, grid, launch):
+        seen.append(kernel)
+        real_hook(self, kernel, grid, launch)
+
+    monkeypatch.setattr(prof.LaunchTimer, "_hook", spy)
+    p = prof.profile_step(cupy_ops, 2, model="mlp", replays=2)
+    assert cupy_ops.LAUNCH_HOOK is None
+    assert p["launches"] == len(seen) > 20
+    # the spin, then exactly the launches of the third eager step (as the first two)
+    assert fake.launches.count("spin") == 1
+    at = fake.launches.index("spin")
+    assert fake.launches[at + 1:at + 1 + len(seen)] == seen == fake.launches[:len(seen)]
+    fams = {r["family"]: r for r in p["families"]}
+    assert {"gemm_nn", "gemm_tn", "adam_mt", "zero_mt", "normal_philox", "gan_loss"} <= set(fams)
+    assert sum(r["launches"] for r in fams.values()) == p["launches"]
+    assert abs(sum(r["share"] for r in fams.values()) - 1.0) < 1e-9
+    assert p["sum_ms"] > 0 and p["graph_replay_ms"] > 0 and len(p["slowest"]) == 15
+    assert prof.family("gemm_nn_tf32_M") == "gemm_nn"
+    assert prof.family("conv_wgrad_f64_S") == "conv_wgrad"
+    assert prof.family("splitk_reduce_f32") == "splitk_reduce"
+    assert "launches" in prof.report(p)
+
+
+def test_step_profiler_refuses_a_drained_queue_and_a_second_hook(fake, monkeypatch):
+    from test_kernels_compile import _FakeEvent
+
+    prof = _profiler(fake, monkeypatch)
+    monkeypatch.setattr(_FakeEvent, "done", True)   # as if the spin ended too early
+    with pytest.raises(RuntimeError, match="larger hold_ms"):
+        prof.profile_step(cupy_ops, 2, model="mlp", replays=1, spin=lambda: None)
+    assert cupy_ops.LAUNCH_HOOK is None
+    with prof.LaunchTimer(fake, lambda: None), pytest.raises(RuntimeError, match="hook"):
+        with prof.LaunchTimer(fake, lambda: None):
+            pass

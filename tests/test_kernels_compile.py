@@ -41,6 +41,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 import types
 from pathlib import Path
 
@@ -405,6 +406,7 @@ static void order(std::vector<unsigned>& v, unsigned n, unsigned long long salt)
 // reaches its declaration (RGEMU_POISON, added after each declaration by _emu_build), so a
 // read before the block's own write shows instead of seeing the previous block's values.
 static unsigned long long block_gen = 0;
+static long long clock_ticks = 0;  // clock64(): one tick per call
 
 // CUDA's launch limits are enforced: a launch the GPU would reject fails here too. Barrier
 // misuse that a GPU may hang on or silently mis-synchronise is an error (-4 .. -6):
@@ -507,6 +509,7 @@ EMU_MACROS = r"""
 #define __restrict__ __restrict
 #define __syncthreads() rgemu::syncthreads(__LINE__)
 #define __syncwarp(...) rgemu::syncwarp()
+#define clock64() (++rgemu::clock_ticks)
 """
 
 _EMU_LIBS: dict[str, ctypes.CDLL] = {}
@@ -673,6 +676,28 @@ class _FakeStream:
         return graph
 
 
+class _FakeEvent:
+    """cupy.cuda.Event: the host time at record(). Emulated launches run when they are
+    enqueued, so an event is never pending; ``done`` is False only to say that there is no
+    queue that could have drained (see benchmarks/profile_step.py's check)."""
+
+    done = False
+
+    def __init__(self, *a, **kw) -> None:
+        self.t: float | None = None
+
+    def record(self, stream=None) -> None:
+        self.t = time.perf_counter()
+
+    def synchronize(self) -> None:
+        assert self.t is not None, "synchronize() on an event never recorded"
+
+
+def _elapsed_ms(start: _FakeEvent, end: _FakeEvent) -> float:
+    assert start.t is not None and end.t is not None, "elapsed time of an unrecorded event"
+    return (end.t - start.t) * 1e3
+
+
 class _FakeAllocator:
     def __init__(self, *a) -> None:
         pass
@@ -701,22 +726,40 @@ class FakeCupy(types.ModuleType):
         self.graphs: list[_FakeGraph] = []
         self.schedule = (0, 0)  # (SCHEDULES value, seed): thread and block order
         self._guarded: dict[int, tuple[np.ndarray, int]] = {}
-        device = types.SimpleNamespace(attributes={"MultiProcessorCount": sms},
+        self.__version__ = "emulated"
+        device = types.SimpleNamespace(id=0, attributes={"MultiProcessorCount": sms},
                                        synchronize=lambda: None)
+        props = {"name": b"rawgan CPU emulator", "major": 9, "minor": 0,
+                 "multiProcessorCount": sms, "totalGlobalMem": 2**30,
+                 "clockRate": 1}  # kHz: clock64() ticks once per call here
         null_stream = _FakeStream(self)
         self.cuda = types.SimpleNamespace(
-            runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
+            runtime=types.SimpleNamespace(getDeviceCount=lambda: 1,
+                                          getDeviceProperties=lambda i: dict(props),
+                                          driverGetVersion=lambda: 0,
+                                          runtimeGetVersion=lambda: 0),
             Device=lambda *a: device,
             get_current_stream=lambda: null_stream,
             Stream=lambda non_blocking=False: _FakeStream(self, non_blocking),
             MemoryPool=lambda: types.SimpleNamespace(malloc=None),
-            using_allocator=_FakeAllocator)
+            using_allocator=_FakeAllocator,
+            Event=_FakeEvent,
+            get_elapsed_time=_elapsed_ms)
+        rng = np.random.default_rng(0)
+        self.random = types.SimpleNamespace(
+            standard_normal=lambda shape, dtype=np.float64: self.asarray(
+                rng.standard_normal(shape).astype(dtype)),
+            uniform=lambda low=0.0, high=1.0, size=None, dtype=np.float64: self.asarray(
+                rng.uniform(low, high, size).astype(dtype)))
 
     def __getattr__(self, attr):
         return getattr(np, attr)
 
     def RawModule(self, code: str, options=(), **kw):  # noqa: N802 (CuPy's name)
         return _EmuModule(self, code, options)
+
+    def RawKernel(self, code: str, name: str, options=("-std=c++17",), **kw):  # noqa: N802
+        return _EmuModule(self, code, options).get_function(name)
 
     def _alloc(self, shape, dtype) -> np.ndarray:
         dtype = np.dtype(dtype)

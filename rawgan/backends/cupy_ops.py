@@ -102,6 +102,10 @@ DROPOUT_RNG = os.environ.get("RAWGAN_CUPY_DROPOUT", "host").lower()
 if DROPOUT_RNG not in DROPOUT_MODES:
     DROPOUT_RNG = "host"
 
+#: A profiler's hook (benchmarks/profile_step.py): when set, every kernel launch goes through
+#: ``LAUNCH_HOOK(kernel, grid, launch)`` with ``launch()`` doing the launch; None: direct.
+LAUNCH_HOOK = None
+
 _REPO_KERNELS = Path(__file__).resolve().parents[2] / "kernels"
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"([^"]+)"[ \t]*$', re.MULTILINE)
 _PRAGMA_ONCE = re.compile(r"^[ \t]*#[ \t]*pragma[ \t]+once[ \t]*$", re.MULTILINE)
@@ -220,7 +224,11 @@ def _function(filename: str, kernel: str):
 
 
 def _launch(filename: str, kernel: str, grid, block, args) -> None:
-    _function(filename, kernel)(tuple(grid), tuple(block), tuple(args))
+    fn = _function(filename, kernel)
+    if LAUNCH_HOOK is None:
+        fn(tuple(grid), tuple(block), tuple(args))
+    else:
+        LAUNCH_HOOK(kernel, tuple(grid), lambda: fn(tuple(grid), tuple(block), tuple(args)))
 
 
 # --------------------------------------------------------------------------------------
