@@ -132,6 +132,23 @@ def test_parallel_elementwise_and_batchnorm_equal_serial(forced):
     close(mask, mask_ref)
 
 
+def test_parallel_elementwise_ops_take_one_dimensional_inputs(forced):
+    """A 1-D x is one row whose only axis is the channel axis: the parallel path must not
+    split it as rows (bias_add_forward did, against a whole-length b: a broadcast error)."""
+    rng = np.random.default_rng(4)
+    x, dy, b = (rng.standard_normal(11) for _ in range(3))
+    for fn, args in [(ops.leaky_relu_forward, (x, 0.2)), (ops.leaky_relu_backward, (dy, x, 0.2)),
+                     (ops.tanh_forward, (x,)), (ops.tanh_backward, (dy, np.tanh(x))),
+                     (ops.bias_add_forward, (x, b)), (ops.bias_add_backward, (dy,)),
+                     (ops.dropout_backward, (dy, x)), (ops.relu_forward, (x,)),
+                     (ops.sigmoid_forward, (x,))]:
+        close(fn(*args), serial(fn, *args))
+    close(ops.bias_add_forward(x, b), x + b)
+    close(ops.bias_add_backward(dy), dy)
+    y, mask = ops.dropout_forward(x, 0.3, np.random.default_rng(5))
+    close(y, serial(ops.dropout_forward, x, 0.3, np.random.default_rng(5))[0])
+
+
 CASES = [c for c in random_cases(np.random.default_rng(99), trials=6)
          if c.layer in ("Dense", "Conv2D", "Conv2DTranspose", "BatchNormalization", "Dropout",
                         "LeakyReLU", "Tanh")]

@@ -692,7 +692,10 @@ def _by_rows(body, x: np.ndarray) -> list:
 def bias_add_forward(x: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``y = x + b`` broadcast over the last (channel) axis.  x (..., C), b (C,)."""
     y = np.empty(np.broadcast_shapes(x.shape, b.shape), dtype=np.result_type(x, b))
-    _by_rows(lambda r: np.add(x[r], b, out=y[r]), y)
+    if y.ndim < 2:  # one row: its only axis is the channel axis, not rows to share out
+        np.add(x, b, out=y)
+    else:
+        _by_rows(lambda r: np.add(x[r], b, out=y[r]), y)
     return y
 
 
