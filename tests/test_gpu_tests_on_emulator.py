@@ -5,9 +5,10 @@ emulator's fake module, so each GPU test function runs end to end -- the test's 
 NumPy reference it calls, cupy_ops and the real kernel sources in the emulator. Left out for
 time (the emulator runs a DCGAN step at batch 64 in minutes): the 4096^3 SGEMM, the DCGAN
 layer shapes, the TF32, graphed-step and training-run tests (their emulated twins are in
-tests/test_kernels_compile.py and tests/test_graphed.py) and compute-sanitizer (its script runs here without the sanitizer);
-the tests parametrized over tiles run one tile. This is not GPU verification: it finds slips in the
-GPU tests themselves (it found one in numpy_ops.bias_add_forward's parallel path).
+tests/test_kernels_compile.py and tests/test_graphed.py) and compute-sanitizer (its script
+runs here, without the sanitizer); the tests parametrized over tiles run one tile. This is
+not GPU verification: it finds slips in the GPU tests themselves (it found one in
+numpy_ops.bias_add_forward's parallel path).
 """
 
 from __future__ import annotations

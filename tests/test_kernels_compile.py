@@ -1403,6 +1403,30 @@ def test_emulated_kernels_are_schedule_independent(emu):
         assert any(n.startswith(prefix) for n in launched), (prefix, sorted(launched))
 
 
+BLOCK_SUM_TEST = r"""
+extern "C" __global__ void two_sums(const double* x, double* out) {
+    const double a = block_sum(x[threadIdx.x]);
+    const double b = block_sum(2.0 * x[threadIdx.x]);  // reuses block_sum's shared array
+    out[threadIdx.x] = a + 10.0 * b;                   // every thread uses both totals
+}
+"""
+
+
+@needs_gxx
+def test_emulated_block_sum_gives_every_thread_the_total(emu):
+    """common.cuh's block_sum contract ("every thread gets the total"), twice in a row as
+    losses.cu calls it, under every schedule: its last barrier keeps the second call from
+    overwriting the first total before every thread has read it."""
+    mod = emu.RawModule(cupy_ops.kernel_source("common.cuh") + BLOCK_SUM_TEST,
+                        options=("-std=c++17",))
+    x = emu.asarray(np.random.default_rng(0).integers(-50, 50, 256).astype(np.float64))
+    for mode in SCHEDULES:
+        emu.schedule = (SCHEDULES[mode], 3)
+        out = emu.empty(256, np.float64)
+        mod.get_function("two_sums")((1,), (256,), (x, out))
+        np.testing.assert_array_equal(out, np.full(256, 21.0 * float(np.sum(x))), err_msg=mode)
+
+
 RACY_SOURCE = r"""
 extern "C" __global__ void neighbour(const float* x, float* y, int barrier) {
     __shared__ float s[64];
