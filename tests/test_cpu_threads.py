@@ -149,6 +149,47 @@ def test_parallel_elementwise_ops_take_one_dimensional_inputs(forced):
     close(y, serial(ops.dropout_forward, x, 0.3, np.random.default_rng(5))[0])
 
 
+def test_edge_shapes_on_the_parallel_path_equal_the_serial_path(forced):
+    """Empty batches, 1-D inputs, zero-width layers (tests/edge_cases.py) through the parallel
+    path give what one thread gives (or the same error)."""
+    from edge_cases import cases
+
+    for name, op, args, kw in cases(np.random.default_rng(1)):
+        fn = getattr(ops, op)
+        outs = []
+        for run in (fn, lambda *a, fn=fn, **k: serial(fn, *a, **k)):
+            try:
+                outs.append(run(*[a.copy() if isinstance(a, np.ndarray) else a for a in args],
+                                **kw))
+            except ValueError as exc:
+                outs.append(type(exc))
+        if outs[0] is ValueError or outs[1] is ValueError:
+            assert outs[0] is outs[1], name
+            continue
+        got, want = (o if isinstance(o, tuple) else (o,) for o in outs)
+        for g, w in zip(got, want, strict=True):
+            if w is not None:
+                close(g, w)
+
+
+def test_reference_rules_for_empty_inputs():
+    """A sum over no rows is 0; batch norm refuses an empty training batch (its statistics
+    and the moving ones it updates would be NaN) and a missing channel axis."""
+    np.testing.assert_array_equal(ops.bias_add_backward(np.ones((0, 3))), np.zeros(3))
+    _, dw, db = ops.dense_backward(np.ones((0, 4)), np.ones((0, 3)), np.ones((3, 4)))
+    np.testing.assert_array_equal(dw, np.zeros((3, 4)))
+    np.testing.assert_array_equal(db, np.zeros(4))
+    mm, mv = np.zeros(3), np.ones(3)
+    with pytest.raises(ValueError, match="empty batch"):
+        ops.batchnorm_forward(np.ones((0, 3)), np.ones(3), np.zeros(3), mm, mv)
+    np.testing.assert_array_equal(mm, np.zeros(3))  # nothing was updated
+    y, _, _ = ops.batchnorm_forward(np.ones((0, 3)), np.ones(3), np.zeros(3), mm, mv,
+                                    training=False)
+    assert y.shape == (0, 3)
+    with pytest.raises(ValueError, match="channel"):
+        ops.batchnorm_forward(np.ones((4, 0)), np.ones(0), np.zeros(0), np.zeros(0), np.ones(0))
+
+
 CASES = [c for c in random_cases(np.random.default_rng(99), trials=6)
          if c.layer in ("Dense", "Conv2D", "Conv2DTranspose", "BatchNormalization", "Dropout",
                         "LeakyReLU", "Tanh")]

@@ -1309,6 +1309,17 @@ def test_emulated_optimizers_match_rawgan_optim_rules(emu, dtype, clip):
         close(P[i], np.clip(ps[i], -0.5, 0.5), dtype, "clip")
 
 
+# -- edge shapes ---------------------------------------------------------------------------
+
+@needs_gxx
+def test_emulated_ops_treat_edge_shapes_as_numpy(emu):
+    """Empty batches, 1-D inputs, zero-width layers (tests/edge_cases.py): the same values
+    as numpy_ops, or the same error (no ZeroDivisionError from a launch geometry)."""
+    from edge_cases import check_backend
+
+    assert not check_backend(cupy_ops, emu.asarray, np.asarray)
+
+
 # -- data races and barriers: every kernel under different schedules ---------------------
 
 def _every_kernel(emu) -> dict[str, bytes]:

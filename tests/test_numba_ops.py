@@ -214,6 +214,14 @@ def test_importing_rawgan_does_not_import_numba():
 # elementwise ops
 # --------------------------------------------------------------------------------------
 
+def test_edge_shapes_as_numpy():
+    """Empty batches, 1-D inputs, zero-width layers (tests/edge_cases.py): the same values
+    as numpy_ops, or the same error."""
+    from edge_cases import check_backend
+
+    assert not check_backend(nb, nb.asarray, nb.to_numpy)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_activations(dtype):
     rng = np.random.default_rng(1)

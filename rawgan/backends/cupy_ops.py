@@ -377,6 +377,9 @@ def _colsum(a2, out=None):
     """Column sums of the (M, C) matrix a2 -> (C,): colsum_partial, then colsum_final."""
     m, c = a2.shape
     out = _empty((c,), a2.dtype) if out is None else out
+    if m == 0 or c == 0:  # a sum over no rows is 0
+        out.fill(0)
+        return out
     suf = _suffix(a2.dtype)
     s, per = _splits(m, c)
     part = out if s == 1 else _empty((s, c), a2.dtype)
@@ -712,7 +715,10 @@ def batchnorm_forward(x, gamma, beta, moving_mean, moving_variance, momentum: fl
     """Batch normalization over every axis but the last; see numpy_ops.batchnorm_forward.
     Returns (y, mean, inv_std); in training the moving statistics are updated IN PLACE."""
     dt = _dtype(x, gamma, beta, moving_mean, moving_variance)
-    c = x.shape[-1]
+    c = x.shape[-1] if x.ndim else 0
+    if c == 0:
+        raise ValueError(f"batchnorm_forward: x of shape {tuple(x.shape)} has no channel axis "
+                         "(or 0 channels)")
     for a, what in ((gamma, "gamma"), (beta, "beta")):
         _check_stat(a, c, what)
     _check_stat(moving_mean, c, "moving_mean", inplace=True)

@@ -285,6 +285,11 @@ def _gemm(load_a, a, load_b, b, M: int, N: int, K: int, geo=NO_GEO, bias=None,
     The partial products (splits, M, N) are then summed by the reduction kernel.
     """
     dtype = a.dtype
+    if M == 0 or N == 0 or K == 0:  # an empty product: no kernel; a sum over K = 0 is 0
+        out = xp.zeros((M, N), dtype=dtype)
+        if bias is not None:
+            out += bias
+        return out
     tiles = -(-M // TILE) * -(-N // TILE)
     if splits is None:
         splits = 1 if K <= 8 * TILE else min(max(1, _target_blocks() // tiles),
@@ -434,6 +439,8 @@ def _reduce(term, a, b=None, mu=None, scale=None, post: float = 1.0, splits: int
     M, C = a.shape
     dtype = a.dtype
     scalar = _scalar(dtype)
+    if M == 0 or C == 0:  # a sum over no rows is 0
+        return xp.zeros((C,), dtype=dtype)
     dummy = _empty((1,), dtype)
     col_blocks = -(-C // TILE)
     if splits is None:
@@ -801,9 +808,14 @@ def batchnorm_forward(x, gamma, beta, moving_mean, moving_variance, momentum: fl
     x = _dev(x)
     gamma, beta = _dev(gamma), _dev(beta)
     scalar = _scalar(x.dtype)
-    c = x.shape[-1]
+    c = x.shape[-1] if x.ndim else 0
+    if c == 0:
+        raise ValueError(f"batchnorm_forward: x of shape {tuple(x.shape)} has no channel axis "
+                         "(or 0 channels)")
     x2 = x.reshape(-1, c)
     m = x2.shape[0]
+    if training and m == 0:
+        raise ValueError("batchnorm_forward: empty batch")
     inv_std = _empty((c,), x.dtype)
     kernels = _elementwise_kernels(scalar)
     if training:

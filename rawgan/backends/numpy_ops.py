@@ -804,9 +804,14 @@ def batchnorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray,
     Inference: the moving statistics normalise (as ``x * scale + (beta - mean * scale)``,
     ``scale = gamma * inv_std``, as TF computes it) and nothing is updated.
     """
-    c = x.shape[-1]
+    c = x.shape[-1] if x.ndim else 0
+    if c == 0:
+        raise ValueError(f"batchnorm_forward: x of shape {x.shape} has no channel axis "
+                         "(or 0 channels)")
     x2 = x.reshape(-1, c)
     m = x2.shape[0]
+    if training and m == 0:  # the batch statistics (and so the moving ones) would be NaN
+        raise ValueError("batchnorm_forward: empty batch")
     xc = np.empty_like(x2)
     if training:
         mean = _sum_partials(_by_rows(lambda r: x2[r].sum(axis=0), x2)) / m
