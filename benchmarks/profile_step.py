@@ -36,8 +36,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _p in (REPO, REPO / "benchmarks"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
 from rawgan import models, optim  # noqa: E402
 from rawgan.backends import cupy_ops  # noqa: E402
@@ -202,7 +203,12 @@ def main(argv=None) -> int:
                                      hold_ms=args.hold_ms))
             print(report(rows[-1]) + "\n")
     if args.json is not None:
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        from bench_gpu import machine_info  # the device, versions, date and commit
+
+        doc = {"machine": machine_info(), "args": {k: (str(v) if isinstance(v, Path) else v)
+                                                   for k, v in vars(args).items()},
+               "profiles": rows}
+        args.json.write_text(json.dumps(doc, indent=1) + "\n")
         print(f"wrote {args.json}")
     return 0
 

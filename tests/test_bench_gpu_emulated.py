@@ -59,3 +59,19 @@ def test_bench_gpu_runs_every_section_on_the_emulator(emu, monkeypatch, tmp_path
     assert all(p["launches"] > 50 and p["graph_replay_ms"] > 0 for p in prof)
     assert any(f["family"] == "conv_wgrad" for f in prof[0]["families"])
     assert cupy_ops.LAUNCH_HOOK is None and cupy_ops.TF32 is False
+
+
+def test_profile_step_cli_writes_its_json_with_the_machine(emu, monkeypatch, tmp_path):  # noqa: F811
+    monkeypatch.setitem(sys.modules, "cupy", emu)
+    monkeypatch.syspath_prepend(str(BENCH))
+    for mod in ("bench_gpu", "profile_step"):
+        monkeypatch.delitem(sys.modules, mod, raising=False)
+    import profile_step
+
+    out = tmp_path / "profile.json"
+    assert profile_step.main(["--batches", "2", "--model", "mlp", "--tf32", "--json",
+                              str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["machine"]["device"] == "rawgan CPU emulator" and doc["machine"]["commit"]
+    assert [(p["batch"], p["tf32"]) for p in doc["profiles"]] == [(2, False), (2, True)]
+    assert all(p["families"] and p["graph_replay_ms"] > 0 for p in doc["profiles"])
