@@ -23,11 +23,12 @@ the kernels compute the right numbers when run in a CPU emulation of CUDA's exec
    schedule -- a missing ``__syncthreads``, a read of another thread's write between the same
    two barriers, or two blocks writing one element changes them (a negative control shows
    it). A ``__syncthreads`` reached after other threads exited, threads waiting at different
-   ``__syncthreads``, or an mma (emulated with warp barriers) not reached by a whole warp is
-   an error. What the emulator still cannot show: races that need two threads interleaved
-   between barriers, warp-level behaviour beyond mma, the memory model, NVRTC-specific
-   diagnostics and performance; tests/test_cupy_ops.py and compute-sanitizer check those on
-   a real GPU. Skipped when g++ is absent.
+   ``__syncthreads``, an mma (emulated with warp barriers) not reached by a whole warp, or a
+   128-bit load from an address not 16-byte aligned (a GPU faults) is an error. What the
+   emulator still cannot show: races that need two threads interleaved between barriers,
+   warp-level behaviour beyond mma, the memory model, NVRTC-specific diagnostics and
+   performance; tests/test_cupy_ops.py and compute-sanitizer check those on a real GPU.
+   Skipped when g++ is absent.
 """
 
 from __future__ import annotations
@@ -406,6 +407,10 @@ static void order(std::vector<unsigned>& v, unsigned n, unsigned long long salt)
 // reaches its declaration (RGEMU_POISON, added after each declaration by _emu_build), so a
 // read before the block's own write shows instead of seeing the previous block's values.
 static unsigned long long block_gen = 0;
+static int fault = 0;  // the first fault of a launch (-7: a misaligned 128-bit load)
+inline void check_aligned16(const void* p) {
+    if (((unsigned long long)p & 15) && !fault) fault = -7;
+}
 static long long clock_ticks = 0;  // clock64(): one tick per call
 
 // CUDA's launch limits are enforced: a launch the GPU would reject fails here too. Barrier
@@ -413,6 +418,7 @@ static long long clock_ticks = 0;  // clock64(): one tick per call
 //   -4  __syncthreads reached by some threads after others of the block exited
 //   -5  the threads of a block wait at different __syncthreads (different source lines)
 //   -6  a __syncwarp (the emulated mma.sync) not reached by all 32 threads of the warp
+//   -7  a misaligned 128-bit load (vload, common.cuh), which faults on a GPU
 static int run_grid(dim3 g, dim3 b) {
     if (g.x < 1 || g.y < 1 || g.z < 1 || g.y > 65535 || g.z > 65535) return -2;
     const unsigned n = b.x * b.y * b.z;
@@ -424,6 +430,7 @@ static int run_grid(dim3 g, dim3 b) {
     const unsigned long long nblocks = (unsigned long long)g.x * g.y * g.z;
     std::vector<unsigned> blocks, threads;
     order(blocks, (unsigned)nblocks, 0x5EEDull);
+    fault = 0;
     for (unsigned long long ib = 0; ib < nblocks; ++ib) {
         const unsigned long long lin = blocks[ib];
         blockIdx = {(unsigned)(lin % g.x), (unsigned)((lin / g.x) % g.y),
@@ -462,8 +469,10 @@ static int run_grid(dim3 g, dim3 b) {
             }
             if (!waiting) break;
             if (exited) return -4;
+            if (fault) return fault;
             for (unsigned t = 0; t < n; ++t) fibers[t].state = 0;
         }
+        if (fault) return fault;
     }
     return 0;
 }
@@ -553,10 +562,11 @@ def _emu_build(source: str, cache_dir: Path) -> tuple[ctypes.CDLL, list[str]]:
     return _EMU_LIBS[digest], names
 
 
-BARRIER_ERRORS = {  # run_grid's barrier checks (EMU_SHIM)
+LAUNCH_FAULTS = {  # run_grid's barrier and alignment checks (EMU_SHIM)
     -4: "__syncthreads reached after other threads of the block exited",
     -5: "threads of one block wait at different __syncthreads",
     -6: "__syncwarp (mma.sync) not reached by every thread of the warp",
+    -7: "a 128-bit load from an address that is not 16-byte aligned (a GPU faults)",
 }
 SCHEDULES = {"ascending": 0, "descending": 1, "shuffled": 2}
 
@@ -608,9 +618,9 @@ class _EmuKernel:
         if rc <= -100:
             raise TypeError(f"{self.name}: argument {-rc - 100} has the wrong size "
                             f"({sizes[-rc - 100]} bytes)")
-        if rc in BARRIER_ERRORS:
+        if rc in LAUNCH_FAULTS:
             raise AssertionError(f"{self.name} grid={grid} block={block}: "
-                                 f"{BARRIER_ERRORS[rc]}")
+                                 f"{LAUNCH_FAULTS[rc]}")
         if rc:
             raise ValueError(f"{self.name}: invalid launch configuration grid={grid} "
                              f"block={block}")
@@ -1397,7 +1407,7 @@ def test_emulated_kernels_are_schedule_independent(emu):
     order. A thread reading shared memory that another thread writes between the same two
     __syncthreads, a missing barrier between a tile's loads and its use, or two blocks
     writing one element would change with the order (see the negative control below). Every
-    launch also passes the emulator's barrier checks (BARRIER_ERRORS)."""
+    launch also passes the emulator's barrier and alignment checks (LAUNCH_FAULTS)."""
     want = _every_kernel(emu)
     assert len(want) > 150
     launched = set(emu.launches)
@@ -1454,6 +1464,11 @@ extern "C" __global__ void early_exit(float* y) {
     __syncthreads();  // threads 32.. have exited: UB on a GPU
     y[threadIdx.x] = 1.0f;
 }
+extern "C" __global__ void misaligned(const float* x, float* y) {
+    float v[4];
+    vload(x + threadIdx.x % 2, v);  // x + 1 is 4-byte aligned only
+    y[threadIdx.x] = v[0];
+}
 extern "C" __global__ void split_barrier(float* y) {
     if (threadIdx.x % 2)
         __syncthreads();
@@ -1467,8 +1482,10 @@ extern "C" __global__ void split_barrier(float* y) {
 @needs_gxx
 def test_emulator_schedules_expose_races_and_barrier_misuse(emu):
     """The negative control of the test above: a missing barrier and a write-write conflict
-    between blocks change with the schedule; divergent barriers are errors."""
-    mod = emu.RawModule(RACY_SOURCE, options=("-std=c++17",))
+    between blocks change with the schedule; divergent barriers and a misaligned 128-bit
+    load are errors."""
+    mod = emu.RawModule(cupy_ops.kernel_source("common.cuh") + RACY_SOURCE,
+                        options=("-std=c++17",))
     x = emu.asarray(np.arange(64, dtype=np.float32))
 
     def run(kernel, grid, args, mode):
@@ -1487,6 +1504,9 @@ def test_emulator_schedules_expose_races_and_barrier_misuse(emu):
     for kernel, msg in (("early_exit", "exited"), ("split_barrier", "different")):
         with pytest.raises(AssertionError, match=msg):
             run(kernel, (1,), (emu.empty(64, np.float32),), "ascending")
+    with pytest.raises(AssertionError, match="16-byte aligned"):
+        mod.get_function("misaligned")((1,), (64,), (emu.asarray(np.zeros(80, np.float32)),
+                                                     emu.empty(64, np.float32)))
 
 
 # -- bad input -------------------------------------------------------------------------
