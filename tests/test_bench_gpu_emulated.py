@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 from test_kernels_compile import emu, emu_cache, needs_gxx  # noqa: F401 (fixtures)
 
 from rawgan.backends import cupy_ops
@@ -32,11 +33,17 @@ def _walk(obj, path=""):
             yield from _walk(v, f"{path}[{i}]")
 
 
-def test_bench_gpu_runs_every_section_on_the_emulator(emu, monkeypatch, tmp_path):  # noqa: F811
+@pytest.fixture
+def bench(emu, monkeypatch):  # noqa: F811
+    """benchmarks/ importable, with the emulator's fake module as ``cupy``."""
     monkeypatch.setitem(sys.modules, "cupy", emu)
     monkeypatch.syspath_prepend(str(BENCH))
     for mod in ("bench_gpu", "profile_step"):
         monkeypatch.delitem(sys.modules, mod, raising=False)
+    return emu
+
+
+def test_bench_gpu_runs_every_section_on_the_emulator(bench, tmp_path):
     import bench_gpu
 
     out = tmp_path / "bench.json"
@@ -61,11 +68,7 @@ def test_bench_gpu_runs_every_section_on_the_emulator(emu, monkeypatch, tmp_path
     assert cupy_ops.LAUNCH_HOOK is None and cupy_ops.TF32 is False
 
 
-def test_profile_step_cli_writes_its_json_with_the_machine(emu, monkeypatch, tmp_path):  # noqa: F811
-    monkeypatch.setitem(sys.modules, "cupy", emu)
-    monkeypatch.syspath_prepend(str(BENCH))
-    for mod in ("bench_gpu", "profile_step"):
-        monkeypatch.delitem(sys.modules, mod, raising=False)
+def test_profile_step_cli_writes_its_json_with_the_machine(bench, tmp_path):
     import profile_step
 
     out = tmp_path / "profile.json"
