@@ -1,5 +1,5 @@
 """Edge shapes every backend must treat as the NumPy reference does: empty batches, 1-D
-inputs, zero-width layers, single elements. Shared by tests/test_layers.py (numpy_ops),
+inputs, zero-width layers, single elements. Shared by tests/test_cpu_threads.py (numpy_ops),
 tests/test_kernels_compile.py (cupy_ops on the CPU emulator) and tests/test_numba_ops.py
 (numba_ops in the CUDA simulator).
 
@@ -12,6 +12,8 @@ moving ones it updates, would be NaN).
 from __future__ import annotations
 
 import numpy as np
+
+from rawgan.backends.numpy_ops import conv_geometry
 
 
 def cases(rng: np.random.Generator):
@@ -41,22 +43,15 @@ def cases(rng: np.random.Generator):
                             ((1, 1, 1, 1), (1, 1, 1, 1), 1, "valid"),
                             ((1, 2, 2, 1), (3, 3, 1, 2), 2, "same")):
         x, w, wt = r(*xs), r(*ws), r(ws[0], ws[1], ws[3], ws[2])
-        y = np.zeros((xs[0], *_conv_hw(xs, ws, st, pad), ws[3]))
+        ho, wo, _ = conv_geometry(xs[1], xs[2], ws[0], ws[1], st, pad)
         out.append((f"conv2d_forward {xs}", "conv2d_forward", (x, w, r(ws[3]), st, pad), {}))
         out.append((f"conv2d_backward {xs}", "conv2d_backward",
-                    (rng.standard_normal(y.shape), x, w, st, pad), {}))
+                    (r(xs[0], ho, wo, ws[3]), x, w, st, pad), {}))
         out.append((f"conv2d_transpose_forward {xs}", "conv2d_transpose_forward",
                     (x, wt, None, st, pad), {}))
     out.append(("batchnorm_forward 0 channels", "batchnorm_forward",
                 (np.zeros((3, 0)), np.zeros(0), np.zeros(0), np.zeros(0), np.ones(0)), {}))
     return out
-
-
-def _conv_hw(xs, ws, st, pad):
-    h, w = xs[1], xs[2]
-    if pad == "same":
-        return -(-h // st), -(-w // st)
-    return (h - ws[0]) // st + 1, (w - ws[1]) // st + 1
 
 
 def check_backend(ops, to_device, to_host, tol: float = 1e-9) -> list[str]:
