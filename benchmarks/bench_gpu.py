@@ -41,6 +41,8 @@ minimum over ``--repeats``):
        losses and D's outputs back to the host, as the torch rows read theirs;
        ``rawgan graphed tf32``: the same on the TF32 tensor-core tiles (cupy_ops.TF32; the
        torch rows with TF32 on are its like: cuDNN's convolutions default to TF32);
+       ``rawgan graphed unfused``: the graphed step with ``Sequential.fuse = False``, every
+       LeakyReLU its own kernel (``ratios_vs_graphed`` then reads the fusion's gain);
      * ``torch eager`` (NCHW and channels_last, TF32 off and on) and ``torch cuda graph``
        (the whole step captured once and replayed), bench_step.py's twin architecture.
    The target of issue 4: batch 256 at least 2x PyTorch eager and ahead of the CUDA graph.
@@ -524,11 +526,14 @@ def _step_row(args, ops, n) -> dict:
     row["rawgan_library"] = time_wall(
         lambda: gan.train_step(G, D, opt_g, opt_d, "bce", [real], noise),
         args.warmup, args.step_repeats, sync)
-    for key, capture, tf32 in (("rawgan_fused", False, False), ("rawgan_graphed", True, False),
-                               ("rawgan_graphed_tf32", True, True)):
+    for key, capture, tf32, fuse in (("rawgan_fused", False, False, True),
+                                     ("rawgan_graphed", True, False, True),
+                                     ("rawgan_graphed_unfused", True, False, False),
+                                     ("rawgan_graphed_tf32", True, True, True)):
         # the kernels (FMA or TF32 tiles) are chosen while the step is captured, then baked in
         before, cupy_ops.TF32 = cupy_ops.TF32, tf32
         G3, D3 = models.build("dcgan", seed=0, backend=ops)
+        G3.fuse = D3.fuse = fuse
         graphed = GraphedStep(G3, D3, optim.Adam(G3, lr=1e-4), optim.Adam(D3, lr=1e-4),
                               "bce", batch_size=n, d_steps=1, noise_dim=100, seed=0,
                               capture=capture)

@@ -9,8 +9,13 @@
 //     inv_std = 1 / sqrt(var + eps)
 //     moving_mean = momentum * moving_mean + (1 - momentum) * mean      (in place)
 //     moving_var  = momentum * moving_var  + (1 - momentum) * var       (in place)
-//     y = (x - mean) * (gamma * inv_std) + beta
+//     y = (x - mean) * (gamma * inv_std) + beta           (one fma: bn_affine)
 //   forward (inference): mean = moving_mean, inv_std = 1 / sqrt(moving_var + eps); same y.
+//   fused LeakyReLU (act != 0): bn_apply writes z = leaky(y, slope) instead of y, and the
+//   backward takes dz = dL/dz, turning it into dy = dz * (y > 0 ? 1 : slope) as it reads it,
+//   with y RECOMPUTED from x by bn_affine (bitwise the forward's y: the same fma). The
+//   LeakyReLU after a batch norm (three of them in the DCGAN generator) then costs no pass
+//   over memory of its own, forward or backward.
 //   backward, xhat = (x - mean) * inv_std:
 //     dbeta = sum_r dy;   dgamma = sum_r dy * xhat
 //     training:  dx = (dy - (xhat * dgamma/m + dbeta/m)) * (gamma * inv_std)
@@ -25,6 +30,23 @@
 // and bn_bwd_partial (both sums in one read of x and dy) -> bn_bwd_final -> bn_bwd_dx.
 // Partials are reduced in a fixed order: deterministic.
 #include "common.cuh"
+
+// y = (x - mean) * scale + beta, scale = gamma * inv_std, as one explicit fma, so that the
+// backward's recomputation is bitwise the forward's.
+template <typename T>
+__device__ __forceinline__ T bn_affine(T x, T mean, T scale, T beta) {
+    return rg_fma(x - mean, scale, beta);
+}
+// dL/dy from the gradient g arriving at channel c of row element x: g itself, or, with the
+// LeakyReLU folded in (act != 0), g * leaky'(y) with y = bn_affine(x, ...).
+template <typename T>
+struct BnGrad {
+    const T* gamma; const T* beta; int act; T slope;
+    __device__ __forceinline__ T operator()(T g, T x, int c, T mean, T inv_std) const {
+        return act ? rg_leaky_grad(g, bn_affine(x, mean, gamma[c] * inv_std, beta[c]), slope)
+                   : g;
+    }
+};
 
 template <typename T>
 struct BnSum {
@@ -41,15 +63,16 @@ struct BnSqDev {
         acc[0] += d * d;
     }
 };
-// acc[0] += dy (-> dbeta), acc[1] += dy * xhat (-> dgamma)
+// acc[0] += dy (-> dbeta), acc[1] += dy * xhat (-> dgamma); dy = grad(incoming gradient)
 template <typename T>
 struct BnBwd {
-    const T* dy; const T* x; const T* mean; const T* inv_std; int C;
+    const T* dy; const T* x; const T* mean; const T* inv_std; int C; BnGrad<T> grad;
     __device__ __forceinline__ void operator()(int r, int c, T (&acc)[2]) const {
         const i64 i = (i64)r * C + c;
-        const T g = dy[i];
+        const T xv = x[i];
+        const T g = grad(dy[i], xv, c, mean[c], inv_std[c]);
         acc[0] += g;
-        acc[1] += g * ((x[i] - mean[c]) * inv_std[c]);
+        acc[1] += g * ((xv - mean[c]) * inv_std[c]);
     }
 };
 
@@ -89,14 +112,15 @@ __device__ __forceinline__ void bn_infer_stats_body(const T* moving_mean, const 
     }
 }
 
-// y = (x - mean) * (gamma * inv_std) + beta
+// y = (x - mean) * (gamma * inv_std) + beta;  with act != 0, leaky(y, slope) instead
 template <typename T>
 __device__ __forceinline__ void bn_apply_body(const T* x, const T* mean, const T* inv_std,
                                               const T* gamma, const T* beta, T* y, i64 n,
-                                              int C) {
+                                              int C, int act, T slope) {
     RG_GRID_LOOP(i, n) {
         const int c = (int)(i % C);
-        y[i] = (x[i] - mean[c]) * (gamma[c] * inv_std[c]) + beta[c];
+        const T v = bn_affine(x[i], mean[c], gamma[c] * inv_std[c], beta[c]);
+        y[i] = act ? rg_leaky(v, slope) : v;
     }
 }
 
@@ -119,15 +143,18 @@ template <typename T>
 __device__ __forceinline__ void bn_bwd_dx_body(const T* dy, const T* x, const T* mean,
                                                const T* inv_std, const T* gamma,
                                                const T* dgamma, const T* dbeta, T* dx, i64 n,
-                                               int C, T m, int training) {
+                                               int C, T m, int training,
+                                               const BnGrad<T>& grad) {
     RG_GRID_LOOP(i, n) {
         const int c = (int)(i % C);
         const T scale = gamma[c] * inv_std[c];
+        const T xv = x[i];
+        const T g = grad(dy[i], xv, c, mean[c], inv_std[c]);
         if (training) {
-            const T xhat = (x[i] - mean[c]) * inv_std[c];
-            dx[i] = (dy[i] - (xhat * (dgamma[c] / m) + dbeta[c] / m)) * scale;
+            const T xhat = (xv - mean[c]) * inv_std[c];
+            dx[i] = (g - (xhat * (dgamma[c] / m) + dbeta[c] / m)) * scale;
         } else {
-            dx[i] = dy[i] * scale;
+            dx[i] = g * scale;
         }
     }
 }
@@ -160,13 +187,14 @@ __device__ __forceinline__ void bn_bwd_dx_body(const T* dy, const T* x, const T*
     }                                                                                        \
     extern "C" __global__ void bn_apply_##SUF(const T* x, const T* mean, const T* inv_std,   \
                                               const T* gamma, const T* beta, T* y, i64 n,    \
-                                              int C) {                                       \
-        bn_apply_body(x, mean, inv_std, gamma, beta, y, n, C);                               \
+                                              int C, int act, T slope) {                     \
+        bn_apply_body(x, mean, inv_std, gamma, beta, y, n, C, act, slope);                   \
     }                                                                                        \
     extern "C" __global__ void __launch_bounds__(256)                                        \
     bn_bwd_partial_##SUF(const T* dy, const T* x, const T* mean, const T* inv_std, int M,    \
-                         int C, int rows_per, T* part) {                                     \
-        const BnBwd<T> f = {dy, x, mean, inv_std, C};                                        \
+                         int C, int rows_per, T* part, const T* gamma, const T* beta,        \
+                         int act, T slope) {                                                 \
+        const BnBwd<T> f = {dy, x, mean, inv_std, C, {gamma, beta, act, slope}};             \
         colreduce_partial<T, 2>(M, C, rows_per, part, f);                                    \
     }                                                                                        \
     extern "C" __global__ void bn_bwd_final_##SUF(const T* part, int S, int C, T* dgamma,    \
@@ -175,8 +203,11 @@ __device__ __forceinline__ void bn_bwd_dx_body(const T* dy, const T* x, const T*
     }                                                                                        \
     extern "C" __global__ void bn_bwd_dx_##SUF(                                              \
         const T* dy, const T* x, const T* mean, const T* inv_std, const T* gamma,            \
-        const T* dgamma, const T* dbeta, T* dx, i64 n, int C, T m, int training) {           \
-        bn_bwd_dx_body(dy, x, mean, inv_std, gamma, dgamma, dbeta, dx, n, C, m, training);   \
+        const T* dgamma, const T* dbeta, T* dx, i64 n, int C, T m, int training,             \
+        const T* beta, int act, T slope) {                                                   \
+        const BnGrad<T> grad = {gamma, beta, act, slope};                                    \
+        bn_bwd_dx_body(dy, x, mean, inv_std, gamma, dgamma, dbeta, dx, n, C, m, training,    \
+                       grad);                                                                \
     }
 
 RG_BN_KERNELS(f32, float)

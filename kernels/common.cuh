@@ -63,6 +63,16 @@ __device__ __forceinline__ double rg_fma(double a, double b, double c) { return 
 template <typename T> __device__ __forceinline__ T rg_min(T a, T b) { return b < a ? b : a; }
 template <typename T> __device__ __forceinline__ T rg_max(T a, T b) { return a < b ? b : a; }
 
+// LeakyReLU, written once for the elementwise kernel and every fused epilogue:
+//   z = v if v > 0 else slope * v;   dL/dv = dL/dz * (1 if v > 0 else slope)
+// For slope >= 0, z > 0 exactly when v > 0, so the backward may test z in place of v.
+template <typename T> __device__ __forceinline__ T rg_leaky(T v, T slope) {
+    return v > T(0) ? v : slope * v;
+}
+template <typename T> __device__ __forceinline__ T rg_leaky_grad(T dz, T v, T slope) {
+    return v > T(0) ? dz : slope * dz;
+}
+
 // Grid-stride loop over [0, n): thread t of the grid visits t, t + gridDim*blockDim, ...
 #define RG_GRID_LOOP(i, n)                                                              \
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n);                     \

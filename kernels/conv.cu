@@ -8,7 +8,7 @@
 //
 // Three kernels, each a tiled GEMM (main loop and tiling in tile_gemm.cuh):
 //
-//   conv_fwd    y[m, o]  = sum_k A[m, k] W[k, o] (+ bias[o])           implicit GEMM
+//   conv_fwd    y[m, o]  = act(sum_k A[m, k] W[k, o] (+ bias[o]))      implicit GEMM
 //               m = (n, i, j) output pixel, k = (a, b, c) tap x channel,
 //               A[m, k] = x[n, i*sh - pt + a, j*sw - pl + b, c]  (address computed per load)
 //   conv_dgrad  dx[n, r, s, c] = sum_{a, b, o} dy[n, (r+pt-a)/sh, (s+pl-b)/sw, o] w[a, b, c, o]
@@ -27,7 +27,9 @@
 //   conv2d_transpose backward-data = conv_fwd   with x := dy
 //   conv2d_transpose weight grad   = conv_wgrad with x := dy, dy := x
 //
-// Thread mapping: as tile_gemm.cuh; grid (M tiles, N tiles, phases or splits), 256 threads.
+// act: the LeakyReLU fused into the epilogue when act != 0 (BiasLeaky, tile_gemm.cuh), the
+// identity otherwise; conv_fwd and conv_dgrad take it, so conv2d and conv2d_transpose forwards
+// both fuse. Thread mapping: as tile_gemm.cuh; grid (M tiles, N tiles, phases or splits), 256 threads.
 // Tile configurations as gemm.cu (_f32_L/M/S/T, _f64_S/T, _tf32_L/M/S on tensor cores).
 #include "common.cuh"
 #include "tile_gemm.cuh"
@@ -192,9 +194,10 @@ struct OpDgradB {
 
 // ---------------------------------------------------------------------------------------
 
-// y (N*Ho*Wo, O) = im2col(x) (M, K) @ w (K, O) + bias. Grid (ceil(M/BM), ceil(O/BN)).
+// y (N*Ho*Wo, O) = act(im2col(x) (M, K) @ w (K, O) + bias). Grid (ceil(M/BM), ceil(O/BN)).
 template <class L, typename T>
-__device__ __forceinline__ void conv_fwd_body(const T* x, const T* w, const T* bias, T* y,
+__device__ __forceinline__ void conv_fwd_body(const T* x, const T* w, const BiasLeaky<T>& epi,
+                                              T* y,
                                               int N, int H, int W, int C, int Ho, int Wo,
                                               int O, int kh, int kw, int sh, int sw, int pt,
                                               int pl, int vecA, int vecB) {
@@ -212,7 +215,7 @@ __device__ __forceinline__ void conv_fwd_body(const T* x, const T* w, const T* b
 #pragma unroll
         for (int j = 0; j < L::TN; ++j) {
             const int o = n0 + L::col(j);
-            if (o < O) y[(i64)m * O + o] = bias ? acc[i][j] + bias[o] : acc[i][j];
+            if (o < O) y[(i64)m * O + o] = epi(acc[i][j], o);
         }
     }
 }
@@ -221,7 +224,8 @@ __device__ __forceinline__ void conv_fwd_body(const T* x, const T* w, const T* b
 // exactly one phase and is written exactly once (zero when its phase has no taps).
 // Grid (ceil(max_p Mp / BM), ceil(C / BN), sh * sw).
 template <class L, typename T>
-__device__ __forceinline__ void conv_dgrad_body(const T* dy, const T* w, const T* bias, T* dx,
+__device__ __forceinline__ void conv_dgrad_body(const T* dy, const T* w,
+                                                const BiasLeaky<T>& epi, T* dx,
                                                 int N, int H, int W, int C, int Ho, int Wo,
                                                 int O, int kh, int kw, int sh, int sw, int pt,
                                                 int pl, int vecA, int vecB) {
@@ -244,7 +248,7 @@ __device__ __forceinline__ void conv_dgrad_body(const T* dy, const T* w, const T
 #pragma unroll
         for (int j = 0; j < L::TN; ++j) {
             const int c = n0 + L::col(j);
-            if (c < C) out[c] = bias ? acc[i][j] + bias[c] : acc[i][j];
+            if (c < C) out[c] = epi(acc[i][j], c);
         }
     }
 }
@@ -286,13 +290,15 @@ __device__ __forceinline__ void conv_wgrad_body(const T* x, const T* dy, T* out,
 #define RG_CONV_KERNELS(SUF, T, LOOP)                                                        \
     extern "C" __global__ void __launch_bounds__(256)                                          \
     conv_fwd_##SUF(const T* x, const T* w, const T* bias, T* y, RG_CONV_ARGS, int vecA,        \
-                   int vecB) {                                                                 \
-        conv_fwd_body<LOOP>(x, w, bias, y, RG_CONV_PASS, vecA, vecB);                          \
+                   int vecB, int act, T slope) {                                               \
+        const BiasLeaky<T> epi = {bias, act, slope};                                           \
+        conv_fwd_body<LOOP>(x, w, epi, y, RG_CONV_PASS, vecA, vecB);                           \
     }                                                                                          \
     extern "C" __global__ void __launch_bounds__(256)                                          \
     conv_dgrad_##SUF(const T* dy, const T* w, const T* bias, T* dx, RG_CONV_ARGS, int vecA,    \
-                     int vecB) {                                                               \
-        conv_dgrad_body<LOOP>(dy, w, bias, dx, RG_CONV_PASS, vecA, vecB);                      \
+                     int vecB, int act, T slope) {                                             \
+        const BiasLeaky<T> epi = {bias, act, slope};                                           \
+        conv_dgrad_body<LOOP>(dy, w, epi, dx, RG_CONV_PASS, vecA, vecB);                       \
     }                                                                                          \
     extern "C" __global__ void __launch_bounds__(256)                                          \
     conv_wgrad_##SUF(const T* x, const T* dy, T* out, RG_CONV_ARGS, int chunk, int vecA,       \

@@ -30,14 +30,11 @@ struct SumOf {
 // LeakyReLU: y = x if x > 0 else alpha*x;  dx = dy * (1 if x > 0 else alpha)
 template <typename T>
 __device__ __forceinline__ void leaky_fwd_body(const T* x, T* y, i64 n, T alpha) {
-    RG_GRID_LOOP(i, n) {
-        const T v = x[i];
-        y[i] = v > T(0) ? v : alpha * v;
-    }
+    RG_GRID_LOOP(i, n) y[i] = rg_leaky(x[i], alpha);
 }
 template <typename T>
 __device__ __forceinline__ void leaky_bwd_body(const T* dy, const T* x, T* dx, i64 n, T alpha) {
-    RG_GRID_LOOP(i, n) dx[i] = x[i] > T(0) ? dy[i] : alpha * dy[i];
+    RG_GRID_LOOP(i, n) dx[i] = rg_leaky_grad(dy[i], x[i], alpha);
 }
 
 // ReLU: y = max(x, 0) (NaN propagates, as np.maximum);  dx = dy where x > 0 else 0

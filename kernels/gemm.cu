@@ -1,6 +1,8 @@
 // rawgan CUDA kernels: dense-layer GEMMs.
 //
-//   C[m, n] = alpha * sum_k op(A)[m, k] * op(B)[k, n]  (+ beta * C[m, n])  (+ bias[n])
+//   C[m, n] = act(alpha * sum_k op(A)[m, k] * op(B)[k, n]  (+ beta * C[m, n])  (+ bias[n]))
+//   act = LeakyReLU(slope) when act != 0 (the fused epilogue, BiasLeaky in tile_gemm.cuh),
+//   else the identity
 //
 // row-major, lda/ldb/ldc the row strides. The three layouts a dense layer needs:
 //   gemm_nn  A (M x K),  B (K x N)    y  = x @ w (+ b)           forward
@@ -15,7 +17,7 @@
 //   _f64_S, _f64_T                        double (register budget: no 8x8 double blocks)
 //   _tf32_L/M/S  as _f32_L/M/S on TF32 tensor cores (mma.sync; cupy_ops.TF32 selects them)
 // The epilogue: each thread writes the elements its main loop owns (L::row, L::col; see
-// tile_gemm.cuh), guarded by m < M, n < N.
+// tile_gemm.cuh), guarded by m < M, n < N, through BiasLeaky (bias, then the activation).
 //
 // beta == 0 never READS C, so an uninitialised (NaN-poisoned) output is fine; bias may be
 // null. vecA / vecB (host-computed) say the operand's rows are 16-byte aligned, allowing
@@ -25,7 +27,8 @@
 
 template <class L, class OA, class OB, typename T>
 __device__ __forceinline__ void gemm_body(const OA& opa, const OB& opb, int M, int N, int K,
-                                          T* C, int ldc, T alpha, T beta, const T* bias) {
+                                          T* C, int ldc, T alpha, T beta,
+                                          const BiasLeaky<T>& epi) {
     const int m0 = blockIdx.x * L::BM, n0 = blockIdx.y * L::BN;
     T acc[L::TM][L::TN];
     L::run(opa, opb, m0, n0, 0, K, acc);
@@ -39,8 +42,7 @@ __device__ __forceinline__ void gemm_body(const OA& opa, const OB& opb, int M, i
             if (n < N) {
                 T v = alpha * acc[i][j];
                 if (beta != T(0)) v += beta * C[(i64)m * ldc + n];
-                if (bias) v += bias[n];
-                C[(i64)m * ldc + n] = v;
+                C[(i64)m * ldc + n] = epi(v, n);
             }
         }
     }
@@ -50,24 +52,30 @@ __device__ __forceinline__ void gemm_body(const OA& opa, const OB& opb, int M, i
 #define RG_GEMM_KERNELS(SUF, T, LOOP)                                                        \
     extern "C" __global__ void __launch_bounds__(256)                                        \
     gemm_nn_##SUF(int M, int N, int K, const T* A, int lda, const T* B, int ldb, T* C,       \
-                  int ldc, T alpha, T beta, const T* bias, int vecA, int vecB) {             \
+                  int ldc, T alpha, T beta, const T* bias, int vecA, int vecB, int act,      \
+                  T slope) {                                                                 \
         const OpRowK<T> a = {A, M, K, lda, vecA != 0};                                       \
         const OpColK<T> b = {B, N, K, ldb, vecB != 0};                                       \
-        gemm_body<LOOP>(a, b, M, N, K, C, ldc, alpha, beta, bias);                           \
+        const BiasLeaky<T> epi = {bias, act, slope};                                         \
+        gemm_body<LOOP>(a, b, M, N, K, C, ldc, alpha, beta, epi);                            \
     }                                                                                        \
     extern "C" __global__ void __launch_bounds__(256)                                        \
     gemm_nt_##SUF(int M, int N, int K, const T* A, int lda, const T* B, int ldb, T* C,       \
-                  int ldc, T alpha, T beta, const T* bias, int vecA, int vecB) {             \
+                  int ldc, T alpha, T beta, const T* bias, int vecA, int vecB, int act,      \
+                  T slope) {                                                                 \
         const OpRowK<T> a = {A, M, K, lda, vecA != 0};                                       \
         const OpRowK<T> b = {B, N, K, ldb, vecB != 0};                                       \
-        gemm_body<LOOP>(a, b, M, N, K, C, ldc, alpha, beta, bias);                           \
+        const BiasLeaky<T> epi = {bias, act, slope};                                         \
+        gemm_body<LOOP>(a, b, M, N, K, C, ldc, alpha, beta, epi);                            \
     }                                                                                        \
     extern "C" __global__ void __launch_bounds__(256)                                        \
     gemm_tn_##SUF(int M, int N, int K, const T* A, int lda, const T* B, int ldb, T* C,       \
-                  int ldc, T alpha, T beta, const T* bias, int vecA, int vecB) {             \
+                  int ldc, T alpha, T beta, const T* bias, int vecA, int vecB, int act,      \
+                  T slope) {                                                                 \
         const OpColK<T> a = {A, M, K, lda, vecA != 0};                                       \
         const OpColK<T> b = {B, N, K, ldb, vecB != 0};                                       \
-        gemm_body<LOOP>(a, b, M, N, K, C, ldc, alpha, beta, bias);                           \
+        const BiasLeaky<T> epi = {bias, act, slope};                                         \
+        gemm_body<LOOP>(a, b, M, N, K, C, ldc, alpha, beta, epi);                            \
     }
 
 RG_EACH_TILE(RG_GEMM_KERNELS)

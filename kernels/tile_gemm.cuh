@@ -276,6 +276,20 @@ struct Tf32Loop {
     }
 };
 
+// The forward epilogue of gemm.cu and conv.cu: v (+ bias[n]), then, when act != 0, the
+// LeakyReLU that follows the layer, z = v > 0 ? v : slope * v, applied in registers. This is
+// the epilogue FUSION: the pre-activation never makes the round trip through memory that a
+// separate leaky_relu_fwd launch costs (a read and a write of the whole output).
+// rawgan.nn.Sequential fuses Dense / Conv2D / Conv2DTranspose + LeakyReLU this way.
+template <typename T>
+struct BiasLeaky {
+    const T* bias; int act; T slope;
+    __device__ __forceinline__ T operator()(T v, int n) const {
+        if (bias) v += bias[n];
+        return act ? rg_leaky(v, slope) : v;
+    }
+};
+
 // The configurations cupy_ops launches (kernel-name suffixes _f32_L ... _tf32_S).
 typedef SimtLoop<float, 128, 128, 8, 8, 8> LoopF32L;
 typedef SimtLoop<float, 128, 64, 8, 8, 4> LoopF32M;

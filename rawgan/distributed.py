@@ -636,6 +636,8 @@ class SyncBatchNorm(BatchNormalization):
     """
 
     comm: Communicator
+    fuses_leaky_relu = False  # its own forward and backward (all-reduces) fuse nothing
+    folds_leaky_relu_backward = False
 
     @property
     def kind(self) -> str:

@@ -291,6 +291,8 @@ class Recorder:
             raise RuntimeError("Recorder: already active (a recorder is not re-entrant)")
         try:
             for mname, model in self.models.items():
+                if hasattr(model, "fuse"):  # each layer's own output is recorded: no fusion
+                    self._patch(model, "fuse", lambda fuse: False)
                 for layer in model.layers:
                     if self.record_activations:
                         self._patch(layer, "forward", self._wrap_forward(mname, layer))

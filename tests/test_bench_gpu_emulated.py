@@ -58,7 +58,8 @@ def test_bench_gpu_runs_every_section_on_the_emulator(bench, tmp_path):
     assert not errors, [(p, v) for p, v in _walk(res) if p.endswith("/error")]
     assert len(res["layers"]) == 7 * 3 and len(res["elementwise"]) == 11
     step = res["step"][0]
-    for key in ("rawgan_library", "rawgan_fused", "rawgan_graphed", "rawgan_graphed_tf32"):
+    for key in ("rawgan_library", "rawgan_fused", "rawgan_graphed", "rawgan_graphed_unfused",
+                "rawgan_graphed_tf32"):
         assert step[key]["images_per_s"] > 0, key
     assert step["rawgan_graphed"]["replays"] >= 1
     prof = [r["rawgan"] for r in res["profile"]]

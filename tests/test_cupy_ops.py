@@ -418,6 +418,86 @@ def test_dcgan_training_tracks_numpy(ops, dtype, steps, rtol):
             close(w_got[k], w_want[k], k)
 
 
+def _bits(a) -> bytes:
+    return cp.asnumpy(a).tobytes()
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+@pytest.mark.parametrize("batch", [2, 64], ids=["batch2", "batch64"])
+def test_fused_leaky_relu_is_bitwise_the_separate_kernels(ops, monkeypatch, batch, tf32):
+    """The DCGAN's layer shapes with the LeakyReLU fused (GEMM epilogues, the batch norm's
+    apply and folded backward) give the bits of the separate kernels, and (FP32) match the
+    float64 NumPy reference; tests/test_fusion.py runs the same on the CPU emulator."""
+    monkeypatch.setattr(cupy_ops, "TF32", tf32)
+    rng = np.random.default_rng(17)
+    A, a = ops.asarray, 0.3
+    lk = ops.leaky_relu_forward
+    x, w = rand(rng, (batch, 100), np.float32), rand(rng, (100, 12544), np.float32) * 0.1
+    fused = ops.dense_forward(A(x), A(w), None, leaky_alpha=a)
+    assert _bits(fused) == _bits(lk(ops.dense_forward(A(x), A(w), None), a))
+    if not tf32:
+        close(fused, numpy_ops.dense_forward(*f64(x, w), None, leaky_alpha=a), "dense")
+    for hw, ci, co, stride in ((28, 1, 64, 2), (14, 64, 128, 2)):  # the critic's convs
+        x, w = rand(rng, (batch, hw, hw, ci), np.float32), rand(rng, (5, 5, ci, co), np.float32)
+        b = rand(rng, (co,), np.float32)
+        fused = ops.conv2d_forward(A(x), A(w), A(b), stride, "same", leaky_alpha=a)
+        assert _bits(fused) == _bits(lk(ops.conv2d_forward(A(x), A(w), A(b), stride, "same"),
+                                        a)), ("conv", hw)
+        if not tf32:
+            close(fused, numpy_ops.conv2d_forward(*f64(x, w, b), stride, "same",
+                                                  leaky_alpha=a), f"conv {hw}")
+    for hw, ci, co, stride in ((7, 256, 128, 1), (7, 128, 64, 2)):  # the generator's convTs
+        x, w = rand(rng, (batch, hw, hw, ci), np.float32), rand(rng, (5, 5, co, ci), np.float32)
+        fused = ops.conv2d_transpose_forward(A(x), A(w), None, stride, "same", leaky_alpha=a)
+        assert _bits(fused) == _bits(lk(ops.conv2d_transpose_forward(A(x), A(w), None, stride,
+                                                                     "same"), a)), ("convT", hw)
+        if not tf32:
+            close(fused, numpy_ops.conv2d_transpose_forward(*f64(x, w), None, stride, "same",
+                                                            leaky_alpha=a), f"convT {hw}")
+    for shape in ((batch, 12544), (batch, 7, 7, 128), (batch, 14, 14, 64)):
+        c = shape[-1]
+        x, dz = rand(rng, shape, np.float32) * 2 + 0.5, rand(rng, shape, np.float32)
+        gamma, beta = rand(rng, (c,), np.float32), rand(rng, (c,), np.float32) * 0.3
+        for training in (True, False):
+            stats = [A(np.zeros(c, np.float32)), A(np.ones(c, np.float32))]
+            z, mean, inv_std = ops.batchnorm_forward(A(x), A(gamma), A(beta), *stats, 0.99,
+                                                     1e-3, training, leaky_alpha=a)
+            stats = [A(np.zeros(c, np.float32)), A(np.ones(c, np.float32))]
+            y, _, _ = ops.batchnorm_forward(A(x), A(gamma), A(beta), *stats, 0.99, 1e-3,
+                                            training)
+            assert _bits(z) == _bits(lk(y, a)), ("bn", shape, training)
+            got = ops.batchnorm_backward(A(dz), A(x), A(gamma), mean, inv_std, training,
+                                         leaky_alpha=a, beta=A(beta))
+            want = ops.batchnorm_backward(ops.leaky_relu_backward(A(dz), y, a), A(x), A(gamma),
+                                          mean, inv_std, training)
+            for g, wnt, what in zip(got, want, ("dx", "dgamma", "dbeta"), strict=True):
+                assert _bits(g) == _bits(wnt), ("bn backward", what, shape, training)
+            ref_stats = [np.zeros(c), np.ones(c)]
+            _, mr, ir = numpy_ops.batchnorm_forward(*f64(x, gamma, beta), *ref_stats, 0.99,
+                                                    1e-3, training)
+            wb = numpy_ops.batchnorm_backward(*f64(dz, x, gamma), mr, ir, training,
+                                              leaky_alpha=a, beta=beta.astype(np.float64))
+            for g, r, what in zip(got, wb, ("dx", "dgamma", "dbeta"), strict=True):
+                close(g, r, f"bn {what} {shape} training={training}")
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_fused_dcgan_training_step_is_bitwise_unfused(ops, monkeypatch, tf32):
+    """The DCGAN at batch 64, forward and backward, fused (the default) and not."""
+    monkeypatch.setattr(cupy_ops, "TF32", tf32)
+
+    def run(fuse):
+        G, D = models.build("dcgan", seed=5, backend=ops)
+        G.fuse = D.fuse = fuse
+        z = ops.asarray(np.random.default_rng(6).standard_normal((64, 100)).astype(np.float32))
+        logit = D.forward(G.forward(z))
+        G.backward(D.backward(cp.ones_like(logit)), input_grad=False)
+        grads = [g for m in (G, D) for _, _, g in m.parameters()]
+        return [_bits(a) for a in (logit, *grads, *G.weights().values())]
+
+    assert run(True) == run(False)
+
+
 def test_mlp_training_tracks_numpy(ops):
     got, _ = _train(ops, np.float64, 5, 32, model="mlp")
     want, _ = _train(numpy_ops, np.float64, 5, 32, model="mlp")

@@ -26,7 +26,7 @@ from test_kernels_compile import emu, emu_cache, needs_gxx  # noqa: F401 (fixtur
 TESTS = Path(__file__).resolve().parent
 
 DESELECT = ("4096", "dcgan_shapes", "sanitizer", "tf32_path", "graphed_step_replays",
-            "dcgan_training", "dense_matches_numpy[float", "every_tile_with")
+            "dcgan_training", "dense_matches_numpy[float", "every_tile_with", "batch64")
 ONE_EACH = ("dense_matches_numpy[float32-S]", "every_tile_with_and_without_split_k[1000-M]")
 
 

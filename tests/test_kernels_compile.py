@@ -1351,7 +1351,8 @@ def _every_kernel(emu) -> dict[str, bytes]:
         tag = f"{np.dtype(dtype).name}-{tile}-{'tf32' if tf32_on else 'fma'}"
         x, w, b, dy = (emu.asarray(rand(rng, s, dtype)) for s in
                        ((37, 45), (45, 70), (70,), (37, 70)))
-        keep(f"dense {tag}", cupy_ops.dense_forward(x, w, b), *cupy_ops.dense_backward(dy, x, w))
+        keep(f"dense {tag}", cupy_ops.dense_forward(x, w, b), *cupy_ops.dense_backward(dy, x, w),
+             cupy_ops.dense_forward(x, w, b, leaky_alpha=0.3))
         x, w = emu.asarray(rand(rng, (2, 9, 11, 4), dtype)), emu.asarray(
             rand(rng, (3, 3, 4, 8), dtype))
         y = cupy_ops.conv2d_forward(x, w, None, 2, "same")
@@ -1360,7 +1361,8 @@ def _every_kernel(emu) -> dict[str, bytes]:
         wt = emu.asarray(rand(rng, (5, 5, 3, 4), dtype))
         yt = cupy_ops.conv2d_transpose_forward(x, wt, None, 2, "same")
         dyt = emu.asarray(rand(rng, yt.shape, dtype))
-        keep(f"convT {tag}", yt, *cupy_ops.conv2d_transpose_backward(dyt, x, wt, 2, "same"))
+        keep(f"convT {tag}", yt, *cupy_ops.conv2d_transpose_backward(dyt, x, wt, 2, "same"),
+             cupy_ops.conv2d_transpose_forward(x, wt, None, 2, "same", leaky_alpha=0.3))
     cupy_ops.FORCE_TILE, cupy_ops.TF32 = None, False
     cupy_ops.DROPOUT_RNG = "device"
     for dtype in DTYPES:
@@ -1377,7 +1379,10 @@ def _every_kernel(emu) -> dict[str, bytes]:
         mm, mv = emu.zeros(33, dtype), emu.ones(33, dtype)
         y, mean, inv_std = cupy_ops.batchnorm_forward(x, gamma, beta, mm, mv, training=True)
         keep(f"bn {tag}", y, mean, inv_std, mm, mv,
-             *cupy_ops.batchnorm_backward(dy, x, gamma, mean, inv_std, True))
+             *cupy_ops.batchnorm_backward(dy, x, gamma, mean, inv_std, True),
+             cupy_ops.batchnorm_forward(x, gamma, beta, mm, mv, leaky_alpha=0.3)[0],
+             *cupy_ops.batchnorm_backward(dy, x, gamma, mean, inv_std, True, leaky_alpha=0.3,
+                                          beta=beta))
         keep(f"dropout {tag}", *cupy_ops.dropout_forward(x, 0.3, np.random.default_rng(3)))
         z = emu.empty((5, 37), dtype)
         cupy_ops.standard_normal(z, cupy_ops.StepRng(7, emu.asarray(np.array([3 << 16],

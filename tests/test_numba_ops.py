@@ -466,6 +466,39 @@ def test_batchnorm(dtype, shape, training):
         assert_close(g, r, dtype, f"batchnorm_backward {nm}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_leaky_relu_ops_match_numpy(dtype):
+    """``leaky_alpha=``: the forwards return LeakyReLU(op), the batch norm's backward folds
+    the LeakyReLU's in (this backend composes its kernels; cupy_ops fuses them)."""
+    rng = np.random.default_rng(41)
+    x, w, b = randn(rng, (3, 5), dtype), randn(rng, (5, 4), dtype), randn(rng, (4,), dtype)
+    assert_close(nb.dense_forward(x, w, b, leaky_alpha=0.2),
+                 ref.dense_forward(x, w, b, leaky_alpha=0.2), dtype, "dense")
+    x, w = randn(rng, (1, 5, 4, 2), dtype), randn(rng, (3, 3, 2, 3), dtype)
+    assert_close(nb.conv2d_forward(x, w, b[:3], 2, "same", leaky_alpha=0.2),
+                 ref.conv2d_forward(x, w, b[:3], 2, "same", leaky_alpha=0.2), dtype, "conv")
+    wt = randn(rng, (3, 3, 3, 2), dtype)
+    assert_close(nb.conv2d_transpose_forward(x, wt, None, 2, "same", leaky_alpha=0.2),
+                 ref.conv2d_transpose_forward(x, wt, None, 2, "same", leaky_alpha=0.2), dtype,
+                 "convT")
+    x, dz = randn(rng, (4, 3), dtype), randn(rng, (4, 3), dtype)
+    gamma, beta = randn(rng, (3,), dtype), randn(rng, (3,), dtype) * 0.3
+    for training in (True, False):
+        mm, mv = np.zeros(3, dtype), np.ones(3, dtype)
+        z, mean, inv_std = nb.batchnorm_forward(x, gamma, beta, nb.asarray(mm.copy()),
+                                                nb.asarray(mv.copy()), 0.9, 1e-3, training,
+                                                leaky_alpha=0.2)
+        z_r, mean_r, inv_r = ref.batchnorm_forward(x, gamma, beta, mm, mv, 0.9, 1e-3, training,
+                                                   leaky_alpha=0.2)
+        assert_close(z, z_r, dtype, "bn forward")
+        got = nb.batchnorm_backward(dz, x, gamma, mean, inv_std, training, leaky_alpha=0.2,
+                                    beta=beta)
+        want = ref.batchnorm_backward(dz, x, gamma, mean_r, inv_r, training, leaky_alpha=0.2,
+                                      beta=beta)
+        for g, r, nm in zip(got, want, ("dx", "dgamma", "dbeta"), strict=True):
+            assert_close(g, r, dtype, f"bn backward {nm} training={training}")
+
+
 # --------------------------------------------------------------------------------------
 # a DCGAN-shaped training step, tiny channel counts, against the NumPy backend
 # --------------------------------------------------------------------------------------

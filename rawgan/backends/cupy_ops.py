@@ -21,6 +21,13 @@ batchnorm_*                     batchnorm.cu
 dropout_*                       elementwise.cu (host-drawn uniforms, or device Philox)
 ==============================  =========================================================
 
+Fusion (``leaky_alpha=``, as numpy_ops): the dense, conv2d and conv2d_transpose forwards
+apply a following LeakyReLU in the GEMM epilogue (tile_gemm.cuh ``BiasLeaky``), and
+batchnorm_forward in bn_apply; batchnorm_backward folds that LeakyReLU's backward into its
+own two passes, recomputing the batch norm's output from x for the slope. Each fusion saves
+a launch and a read and a write of the activation; the results are bitwise those of the
+separate kernels.
+
 Beyond numpy_ops' op set (the training loop may use them; they run on CuPy arrays only):
 ``adam_update``, ``sgd_update``, ``rmsprop_update``, ``clip_update`` (multi-tensor optimizer
 steps, optim.cu), ``gan_discriminator_loss`` / ``gan_generator_loss`` (losses.cu: value
@@ -61,7 +68,13 @@ from pathlib import Path
 import numpy as np
 
 from . import BackendUnavailable
-from .numpy_ops import conv_geometry, conv_pads, conv_transpose_geometry, pair
+from .numpy_ops import (
+    conv_geometry,
+    conv_pads,
+    conv_transpose_geometry,
+    leaky_fold_beta,
+    pair,
+)
 
 __all__ = [
     "asarray", "to_numpy", "synchronize", "check_available", "pair", "conv_pads",
@@ -395,20 +408,31 @@ def _colsum(a2, out=None):
 # GEMM launchers
 # --------------------------------------------------------------------------------------
 
-def _gemm(layout: str, a, b, m: int, n: int, k: int, lda: int, ldb: int, out, bias=None):
-    """out (m, n) = op(a) @ op(b) (+ bias); layout nn / nt / tn as in kernels/gemm.cu."""
+def _act(leaky_alpha, dtype) -> tuple[np.int32, object]:
+    """The kernels' ``(act, slope)`` arguments: the fused LeakyReLU, or none."""
+    if leaky_alpha is None:
+        return np.int32(0), dtype.type(0)
+    return np.int32(1), dtype.type(float(leaky_alpha))
+
+
+def _gemm(layout: str, a, b, m: int, n: int, k: int, lda: int, ldb: int, out, bias=None,
+          leaky_alpha=None):
+    """out (m, n) = act(op(a) @ op(b) (+ bias)); layout nn / nt / tn as in kernels/gemm.cu,
+    act the LeakyReLU(leaky_alpha) in the epilogue, or none."""
     if m == 0 or n == 0:
         return out
     if k == 0:
         out.fill(0)
         if bias is not None:
             out += bias
+        if leaky_alpha is not None:
+            out[...] = leaky_relu_forward(out, leaky_alpha)
         return out
     suf, bm, bn = _tile(out.dtype, m, n)
     t = out.dtype.type
     _launch("gemm.cu", f"gemm_{layout}_{suf}", (-(-m // bm), -(-n // bn), 1), (_THREADS, 1, 1),
             (_i32(m), _i32(n), _i32(k), a, _i32(lda), b, _i32(ldb), out, _i32(n), t(1), t(0),
-             bias, _vec(a, lda), _vec(b, ldb)))
+             bias, _vec(a, lda), _vec(b, ldb), *_act(leaky_alpha, out.dtype)))
     return out
 
 
@@ -429,8 +453,8 @@ def _check_conv(x, w, c_axis_of_w: int, what: str) -> None:
                          f"expects {w.shape[c_axis_of_w]}")
 
 
-def _conv_fwd(x, w, bias, stride, pads, out_hw):
-    """y (N, Ho, Wo, O) = conv(x, w) + bias, implicit GEMM (kernels/conv.cu conv_fwd)."""
+def _conv_fwd(x, w, bias, stride, pads, out_hw, leaky_alpha=None):
+    """y (N, Ho, Wo, O) = act(conv(x, w) + bias), implicit GEMM (kernels/conv.cu conv_fwd)."""
     n, _, _, c = x.shape
     kh, kw, _, o = w.shape
     y = _empty((n, out_hw[0], out_hw[1], o), x.dtype)
@@ -442,12 +466,13 @@ def _conv_fwd(x, w, bias, stride, pads, out_hw):
     suf, bm, bn = _tile(x.dtype, m, o)
     _launch("conv.cu", f"conv_fwd_{suf}", (-(-m // bm), -(-o // bn), 1), (_THREADS, 1, 1),
             (x, w, bias, y, *_conv_args(x.shape, w.shape, out_hw, stride, pads),
-             _vec(x, c), _vec(w, o)))
+             _vec(x, c), _vec(w, o), *_act(leaky_alpha, x.dtype)))
     return y
 
 
-def _conv_dgrad(dy, w, bias, x_shape, stride, pads):
-    """dx (x_shape) = the conv's backward-data of dy, by stride phase (conv.cu conv_dgrad)."""
+def _conv_dgrad(dy, w, bias, x_shape, stride, pads, leaky_alpha=None):
+    """dx (x_shape) = act(the conv's backward-data of dy (+ bias)), by stride phase
+    (conv.cu conv_dgrad)."""
     n, h, wd, c = x_shape
     _, ho, wo, o = dy.shape
     sh, sw = stride
@@ -461,7 +486,7 @@ def _conv_dgrad(dy, w, bias, x_shape, stride, pads):
     _launch("conv.cu", f"conv_dgrad_{suf}", (-(-m_max // bm), -(-c // bn), sh * sw),
             (_THREADS, 1, 1),
             (dy, w, bias, dx, *_conv_args(x_shape, w.shape, (ho, wo), stride, pads),
-             _vec(dy, o), _vec(w, o)))
+             _vec(dy, o), _vec(w, o), *_act(leaky_alpha, dy.dtype)))
     return dx
 
 
@@ -499,8 +524,9 @@ def _conv_wgrad(x, dy, w_shape, stride, pads):
 # dense
 # --------------------------------------------------------------------------------------
 
-def dense_forward(x, w, b):
-    """``y = x @ w + b``.  x (N, in), w (in, out), b (out,) or None -> y (N, out)."""
+def dense_forward(x, w, b, leaky_alpha=None):
+    """``y = x @ w + b``.  x (N, in), w (in, out), b (out,) or None -> y (N, out);
+    ``leaky_alpha``: LeakyReLU(y) in the GEMM epilogue."""
     dt = _dtype(x, w, b)
     x, w, b = _c(x), _c(w), _c(b)
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
@@ -509,7 +535,7 @@ def dense_forward(x, w, b):
     n, k = x.shape
     m = w.shape[1]
     y = _empty((n, m), dt)
-    return _gemm("nn", x, w, n, m, k, k, m, y, bias=b)
+    return _gemm("nn", x, w, n, m, k, k, m, y, bias=b, leaky_alpha=leaky_alpha)
 
 
 def dense_backward(dy, x, w, need_dx: bool = True, need_dw: bool = True):
@@ -533,15 +559,16 @@ def dense_backward(dy, x, w, need_dx: bool = True, need_dw: bool = True):
 # conv2d and its adjoint, the transposed conv2d: three kernels, used in both directions
 # --------------------------------------------------------------------------------------
 
-def conv2d_forward(x, w, b, stride=1, padding="valid"):
+def conv2d_forward(x, w, b, stride=1, padding="valid", leaky_alpha=None):
     """2-D convolution (cross-correlation).  x (N, H, W, c_in), w (kh, kw, c_in, c_out),
-    b (c_out,) or None -> y (N, Ho, Wo, c_out). Kernel: conv_fwd (implicit GEMM)."""
+    b (c_out,) or None -> y (N, Ho, Wo, c_out). Kernel: conv_fwd (implicit GEMM), with
+    LeakyReLU(leaky_alpha) in its epilogue when given."""
     _dtype(x, w, b)
     _check_conv(x, w, 2, "conv2d_forward")
     stride = pair(stride, "strides")
     ho, wo, pads = conv_geometry(x.shape[1], x.shape[2], w.shape[0], w.shape[1], stride,
                                  padding)
-    return _conv_fwd(_c(x), _c(w), _c(b), stride, pads, (ho, wo))
+    return _conv_fwd(_c(x), _c(w), _c(b), stride, pads, (ho, wo), leaky_alpha)
 
 
 def conv2d_backward(dy, x, w, stride=1, padding="valid", need_dx: bool = True,
@@ -565,16 +592,18 @@ def conv2d_backward(dy, x, w, stride=1, padding="valid", need_dx: bool = True,
     return dx, dw, db
 
 
-def conv2d_transpose_forward(x, w, b, stride=1, padding="valid", output_padding=None):
+def conv2d_transpose_forward(x, w, b, stride=1, padding="valid", output_padding=None,
+                             leaky_alpha=None):
     """Transposed 2-D convolution = the conv's backward-data (conv_dgrad) with dy := x.
-    x (N, H, W, c_in), w (kh, kw, c_out, c_in), b (c_out,) or None -> y (N, Ho, Wo, c_out)."""
+    x (N, H, W, c_in), w (kh, kw, c_out, c_in), b (c_out,) or None -> y (N, Ho, Wo, c_out);
+    ``leaky_alpha``: LeakyReLU in the epilogue."""
     _dtype(x, w, b)
     _check_conv(x, w, 3, "conv2d_transpose_forward")
     stride = pair(stride, "strides")
     kh, kw, co, _ = w.shape
     n, h, wd, _ = x.shape
     ho, wo, pads = conv_transpose_geometry(h, wd, kh, kw, stride, padding, output_padding)
-    return _conv_dgrad(_c(x), _c(w), _c(b), (n, ho, wo, co), stride, pads)
+    return _conv_dgrad(_c(x), _c(w), _c(b), (n, ho, wo, co), stride, pads, leaky_alpha)
 
 
 def conv2d_transpose_backward(dy, x, w, stride=1, padding="valid", output_padding=None,
@@ -711,9 +740,10 @@ def _check_stat(a, c: int, what: str, inplace: bool = False) -> None:
 
 
 def batchnorm_forward(x, gamma, beta, moving_mean, moving_variance, momentum: float = 0.99,
-                      epsilon: float = 1e-3, training: bool = True):
+                      epsilon: float = 1e-3, training: bool = True, leaky_alpha=None):
     """Batch normalization over every axis but the last; see numpy_ops.batchnorm_forward.
-    Returns (y, mean, inv_std); in training the moving statistics are updated IN PLACE."""
+    Returns (y, mean, inv_std); in training the moving statistics are updated IN PLACE.
+    ``leaky_alpha``: bn_apply writes LeakyReLU(y) instead of y."""
     dt = _dtype(x, gamma, beta, moving_mean, moving_variance)
     c = x.shape[-1] if x.ndim else 0
     if c == 0:
@@ -750,32 +780,40 @@ def batchnorm_forward(x, gamma, beta, moving_mean, moving_variance, momentum: fl
     y = _empty(x.shape, dt)
     if y.size:
         _launch("batchnorm.cu", f"bn_apply_{suf}", _grid1d(y.size), (_THREADS, 1, 1),
-                (x, mean, inv_std, gamma, beta, y, np.int64(y.size), _i32(c)))
+                (x, mean, inv_std, gamma, beta, y, np.int64(y.size), _i32(c),
+                 *_act(leaky_alpha, dt)))
     return y, mean, inv_std
 
 
-def batchnorm_backward(dy, x, gamma, mean, inv_std, training: bool = True):
-    """Gradients of :func:`batchnorm_forward` -> (dx, dgamma, dbeta); see numpy_ops."""
-    dt = _dtype(dy, x, gamma, mean, inv_std)
+def batchnorm_backward(dy, x, gamma, mean, inv_std, training: bool = True, leaky_alpha=None,
+                       beta=None):
+    """Gradients of :func:`batchnorm_forward` -> (dx, dgamma, dbeta); see numpy_ops. With
+    ``leaky_alpha`` (and ``beta``) dy is dL/dz of the fused z = LeakyReLU(y): both passes turn
+    it into dL/dy as they read it, y recomputed from x (batchnorm.cu BnGrad)."""
+    beta = leaky_fold_beta("batchnorm_backward", leaky_alpha, beta)
+    dt = _dtype(dy, x, gamma, mean, inv_std, beta)
     _same_shape("batchnorm_backward", dy, x)
     c = x.shape[-1]
-    for a, what in ((gamma, "gamma"), (mean, "mean"), (inv_std, "inv_std")):
-        _check_stat(a, c, what)
-    dy, x, gamma, mean, inv_std = _c(dy), _c(x), _c(gamma), _c(mean), _c(inv_std)
+    for a, what in ((gamma, "gamma"), (mean, "mean"), (inv_std, "inv_std"), (beta, "beta")):
+        if a is not None:
+            _check_stat(a, c, what)
+    dy, x, gamma, mean, inv_std, beta = (_c(dy), _c(x), _c(gamma), _c(mean), _c(inv_std),
+                                         _c(beta))
+    fold = (beta, *_act(leaky_alpha, dt))
     m = x.size // c
     suf = _suffix(dt)
     dgamma, dbeta = _empty((c,), dt), _empty((c,), dt)
     s, per = _splits(max(m, 1), c)
     part = _empty((2, s, c), dt)
     _launch("batchnorm.cu", f"bn_bwd_partial_{suf}", (-(-c // 32), s, 1), (32, 8, 1),
-            (dy, x, mean, inv_std, _i32(m), _i32(c), _i32(per), part))
+            (dy, x, mean, inv_std, _i32(m), _i32(c), _i32(per), part, gamma, *fold))
     _launch("batchnorm.cu", f"bn_bwd_final_{suf}", _grid1d(c), (_THREADS, 1, 1),
             (part, _i32(s), _i32(c), dgamma, dbeta))
     dx = _empty(x.shape, dt)
     if dx.size:
         _launch("batchnorm.cu", f"bn_bwd_dx_{suf}", _grid1d(dx.size), (_THREADS, 1, 1),
                 (dy, x, mean, inv_std, gamma, dgamma, dbeta, dx, np.int64(dx.size), _i32(c),
-                 dt.type(m), np.int32(bool(training))))
+                 dt.type(m), np.int32(bool(training)), *fold))
     return dx, dgamma, dbeta
 
 

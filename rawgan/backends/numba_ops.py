@@ -53,7 +53,7 @@ import math
 
 import numpy as np
 
-from .numpy_ops import Padding, conv_geometry, conv_transpose_geometry, pair
+from .numpy_ops import Padding, conv_geometry, conv_transpose_geometry, leaky_fold_beta, pair
 
 try:  # numba is only imported when backend "numba" is asked for (rawgan.backends.get)
     from numba import cuda
@@ -599,14 +599,20 @@ def _elementwise(kernel_name: str, *arrays, args=(), out_count: int = 1, shape=N
 # dense
 # --------------------------------------------------------------------------------------
 
-def dense_forward(x, w, b):
+def _then_leaky(y, leaky_alpha):
+    """The ``leaky_alpha=`` of the forward ops, as numpy_ops._then_leaky: this backend runs
+    the LeakyReLU kernel after the op (it does not fuse; kernels/*.cu do)."""
+    return y if leaky_alpha is None else leaky_relu_forward(y, leaky_alpha)
+
+
+def dense_forward(x, w, b, leaky_alpha=None):
     """``y = x @ w + b``.  x (N, in), w (in, out), b (out,) or None -> y (N, out).
 
-    One tiled GEMM, the bias added as it stores.
+    One tiled GEMM, the bias added as it stores. ``leaky_alpha``: LeakyReLU(y) instead.
     """
     x, w = _dev(x), _dev(w)
-    return _gemm(load_plain, x, load_plain, w, x.shape[0], w.shape[1], x.shape[1],
-                 bias=None if b is None else _dev(b))
+    return _then_leaky(_gemm(load_plain, x, load_plain, w, x.shape[0], w.shape[1], x.shape[1],
+                             bias=None if b is None else _dev(b)), leaky_alpha)
 
 
 def dense_backward(dy, x, w, need_dx: bool = True, need_dw: bool = True):
@@ -656,18 +662,19 @@ def _conv_weight_grad(x, dy, w_shape, geo):
     return dw.reshape(w_shape)
 
 
-def conv2d_forward(x, w, b, stride=1, padding: Padding = "valid"):
+def conv2d_forward(x, w, b, stride=1, padding: Padding = "valid", leaky_alpha=None):
     """2-D convolution (cross-correlation), NHWC.
 
     x (N, H, W, c_in), w (kh, kw, c_in, c_out), b (c_out,) or None -> y (N, Ho, Wo, c_out):
     ``y[n,i,j,o] = b[o] + sum_{a,b,c} x[n, i*sh - pt + a, j*sw - pl + b, c] * w[a,b,c,o]``
     as an implicit GEMM (the im2col matrix is read on the fly, never stored).
+    ``leaky_alpha``: LeakyReLU(y) instead.
     """
     x, w = _dev(x), _dev(w)
     stride = pair(stride, "strides")
     ho, wo, pads = conv_geometry(x.shape[1], x.shape[2], w.shape[0], w.shape[1], stride, padding)
-    return _conv(x, w, _geo(x.shape, (ho, wo), w.shape, stride, pads),
-                 None if b is None else _dev(b))
+    return _then_leaky(_conv(x, w, _geo(x.shape, (ho, wo), w.shape, stride, pads),
+                             None if b is None else _dev(b)), leaky_alpha)
 
 
 def conv2d_backward(dy, x, w, stride=1, padding: Padding = "valid", need_dx: bool = True,
@@ -692,13 +699,13 @@ def conv2d_backward(dy, x, w, stride=1, padding: Padding = "valid", need_dx: boo
 
 
 def conv2d_transpose_forward(x, w, b, stride=1, padding: Padding = "valid",
-                             output_padding=None):
+                             output_padding=None, leaky_alpha=None):
     """Transposed 2-D convolution: the backward-data of :func:`conv2d_forward`.
 
     x (N, H, W, c_in), w (kh, kw, c_out, c_in) [Keras], b (c_out,) or None
     -> y (N, Ho, Wo, c_out), sizes from :func:`conv_transpose_geometry`.
     ``y = conv2d_backward_data(dy=x)`` of the conv (Ho, Wo, c_out) -> (H, W, c_in) with
-    kernel w: the same gather kernel, bias added as it stores.
+    kernel w: the same gather kernel, bias added as it stores. ``leaky_alpha``: LeakyReLU(y).
     """
     x, w = _dev(x), _dev(w)
     stride = pair(stride, "strides")
@@ -706,7 +713,8 @@ def conv2d_transpose_forward(x, w, b, stride=1, padding: Padding = "valid",
     n, h, wd, _ = x.shape
     ho, wo, pads = conv_transpose_geometry(h, wd, kh, kw, stride, padding, output_padding)
     geo = _geo((n, ho, wo, co), (h, wd), (kh, kw), stride, pads)
-    return _conv_backward_data(x, w, (n, ho, wo, co), geo, None if b is None else _dev(b))
+    return _then_leaky(_conv_backward_data(x, w, (n, ho, wo, co), geo,
+                                           None if b is None else _dev(b)), leaky_alpha)
 
 
 def conv2d_transpose_backward(dy, x, w, stride=1, padding: Padding = "valid",
@@ -794,7 +802,7 @@ def sigmoid_backward(dy, y):
 # --------------------------------------------------------------------------------------
 
 def batchnorm_forward(x, gamma, beta, moving_mean, moving_variance, momentum: float = 0.99,
-                      epsilon: float = 1e-3, training: bool = True):
+                      epsilon: float = 1e-3, training: bool = True, leaky_alpha=None):
     """Batch normalization over every axis but the last (N, or N, H, W).
 
     x (..., C), gamma/beta/moving_* (C,) -> (y, mean, inv_std), mean/inv_std (C,).
@@ -804,6 +812,7 @@ def batchnorm_forward(x, gamma, beta, moving_mean, moving_variance, momentum: fl
     must be this backend's arrays):
     ``moving = momentum * moving + (1 - momentum) * batch``.
     Inference: the moving statistics normalise and nothing is updated.
+    ``leaky_alpha``: LeakyReLU(y) in place of y.
     """
     x = _dev(x)
     gamma, beta = _dev(gamma), _dev(beta)
@@ -829,19 +838,26 @@ def batchnorm_forward(x, gamma, beta, moving_mean, moving_variance, momentum: fl
         kernels["bn_statistics"][_grid_1d(c)](var, inv_std, mean, mean, var,
                                                scalar(momentum), scalar(epsilon), False)
     y = _elementwise("bn_normalize", x, mean, inv_std, gamma, beta, shape=x.shape)
-    return y, mean, inv_std
+    return _then_leaky(y, leaky_alpha), mean, inv_std
 
 
-def batchnorm_backward(dy, x, gamma, mean, inv_std, training: bool = True):
+def batchnorm_backward(dy, x, gamma, mean, inv_std, training: bool = True, leaky_alpha=None,
+                       beta=None):
     """Gradients of :func:`batchnorm_forward`.  dy, x (..., C) -> dx (..., C), dgamma, dbeta (C,).
 
     With ``xhat = (x - mean) * inv_std`` over the m rows of a channel (reduction kernels):
     dL/dbeta = sum dy;   dL/dgamma = sum dy * xhat;
     training: dL/dx = gamma * inv_std / m * (m * dy - dL/dbeta - xhat * dL/dgamma);
     inference: dL/dx = gamma * inv_std * dy.
+    ``leaky_alpha`` and ``beta``: dy is dL/dz of z = LeakyReLU(y); dL/dy = leaky_relu_backward(
+    dy, y) first, y recomputed by the forward's bn_normalize kernel (numpy_ops says why).
     """
+    beta = leaky_fold_beta("batchnorm_backward", leaky_alpha, beta)
     dy, x = _dev(dy), _dev(x)
     gamma, mean, inv_std = _dev(gamma), _dev(mean), _dev(inv_std)
+    if beta is not None:
+        y = _elementwise("bn_normalize", x, mean, inv_std, gamma, _dev(beta), shape=x.shape)
+        dy = leaky_relu_backward(dy, y, leaky_alpha)
     c = x.shape[-1]
     dy2, x2 = dy.reshape(-1, c), x.reshape(-1, c)
     dbeta = _reduce(term_sum, dy2)

@@ -557,10 +557,13 @@ def _sum_partials(parts: list):
 # dense
 # --------------------------------------------------------------------------------------
 
-def dense_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
+def dense_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None,
+                  leaky_alpha: float | None = None) -> np.ndarray:
     """``y = x @ w + b``.  x (N, in), w (in, out), b (out,) or None -> y (N, out).
 
-    The rows of x are shared out to the workers (one GEMM each, BLAS single-threaded)."""
+    The rows of x are shared out to the workers (one GEMM each, BLAS single-threaded).
+    ``leaky_alpha``: return ``leaky_relu_forward(y, leaky_alpha)`` instead (the fusion the GPU
+    backends do in the GEMM epilogue; see :func:`_then_leaky`)."""
     y = np.empty((x.shape[0], w.shape[1]), dtype=np.result_type(x, w))
 
     def body(k: int, lo: int, hi: int) -> None:
@@ -569,7 +572,7 @@ def dense_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndar
             y[lo:hi] += b
 
     cpu_threads.parallel_rows(body, x.shape[0], size=x.size + y.size, blas_single=True)
-    return y
+    return _then_leaky(y, leaky_alpha)
 
 
 def dense_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, need_dx: bool = True,
@@ -602,16 +605,17 @@ def dense_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, need_dx: bool =
 # --------------------------------------------------------------------------------------
 
 def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride=1,
-                   padding: Padding = "valid") -> np.ndarray:
+                   padding: Padding = "valid", leaky_alpha: float | None = None) -> np.ndarray:
     """2-D convolution (cross-correlation, as Keras/PyTorch).
 
     x (N, H, W, c_in), w (kh, kw, c_in, c_out), b (c_out,) or None -> y (N, Ho, Wo, c_out):
     ``y[n,i,j,o] = b[o] + sum_{a,b,c} xpad[n, i*sh + a, j*sw + b, c] * w[a,b,c,o]``
     (xpad: x with zero padding; the zeros are skipped, see :func:`_conv_gather`).
+    ``leaky_alpha``: LeakyReLU(y) instead, as :func:`_then_leaky`.
     """
     stride = pair(stride, "strides")
     ho, wo, pads = conv_geometry(x.shape[1], x.shape[2], w.shape[0], w.shape[1], stride, padding)
-    return _conv_gather(x, w, stride, pads, (ho, wo), b=b)
+    return _then_leaky(_conv_gather(x, w, stride, pads, (ho, wo), b=b), leaky_alpha)
 
 
 def conv2d_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, stride=1,
@@ -635,7 +639,8 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, stride=1,
 
 
 def conv2d_transpose_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride=1,
-                             padding: Padding = "valid", output_padding=None) -> np.ndarray:
+                             padding: Padding = "valid", output_padding=None,
+                             leaky_alpha: float | None = None) -> np.ndarray:
     """Transposed 2-D convolution: the adjoint (backward-data) of :func:`conv2d_forward`.
 
     x (N, H, W, c_in), w (kh, kw, c_out, c_in) [Keras layout], b (c_out,) or None
@@ -643,12 +648,13 @@ def conv2d_transpose_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None,
     ``y = conv2d_backward_data(dy=x)`` for the conv with kernel ``w`` that maps
     (Ho, Wo, c_out) to (H, W, c_in): every input pixel scatters ``x[n,i,j,:] @ w[a,b]^T``
     to output pixel ``(i*sh + a - pt, j*sw + b - pl)``. No zeros are inserted or multiplied.
+    ``leaky_alpha``: LeakyReLU(y) instead, as :func:`_then_leaky`.
     """
     stride = pair(stride, "strides")
     kh, kw, co, ci = w.shape
     n, h, wd, _ = x.shape
     ho, wo, pads = conv_transpose_geometry(h, wd, kh, kw, stride, padding, output_padding)
-    return _conv_scatter(x, w, (n, ho, wo, co), stride, pads, b=b)
+    return _then_leaky(_conv_scatter(x, w, (n, ho, wo, co), stride, pads, b=b), leaky_alpha)
 
 
 def conv2d_transpose_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, stride=1,
@@ -745,6 +751,33 @@ def leaky_relu_backward(dy: np.ndarray, x: np.ndarray, alpha: float = 0.3) -> np
     return slope
 
 
+def _then_leaky(y: np.ndarray, leaky_alpha: float | None) -> np.ndarray:
+    """``y`` unchanged (``leaky_alpha`` None) or ``leaky_relu_forward(y, leaky_alpha)``.
+
+    The reference of the forward FUSION: ``dense_forward``, ``conv2d_forward``,
+    ``conv2d_transpose_forward`` and ``batchnorm_forward`` take ``leaky_alpha`` and return the
+    LeakyReLU of their output, which the GPU backends compute in the same kernel (in the
+    GEMM epilogue, in the batch norm's apply pass) without writing the pre-activation to
+    memory and reading it back. Here it is the same two ops in a row, so a fused model is
+    bitwise the unfused one. The LeakyReLU's backward needs no pre-activation: for alpha >= 0,
+    ``z = leaky(y) > 0`` exactly when ``y > 0``, so ``leaky_relu_backward(dz, z, alpha)`` is
+    exact (``rawgan.nn.Sequential`` relies on it).
+    """
+    return y if leaky_alpha is None else leaky_relu_forward(y, leaky_alpha)
+
+
+def leaky_fold_beta(what: str, leaky_alpha: float | None, beta):
+    """``beta`` checked for a backward that folds in a LeakyReLU (None when nothing is folded)."""
+    if leaky_alpha is None:
+        return None
+    if beta is None:
+        raise ValueError(f"{what}: leaky_alpha given without beta (the batch norm's output, "
+                         f"whose sign picks the LeakyReLU slope, is recomputed from x and beta)")
+    if not float(leaky_alpha) >= 0.0:
+        raise ValueError(f"{what}: leaky_alpha must be >= 0, got {leaky_alpha!r}")
+    return beta
+
+
 def relu_forward(x: np.ndarray) -> np.ndarray:
     """``y = max(x, 0)``."""
     return np.maximum(x, 0)
@@ -791,9 +824,33 @@ def sigmoid_backward(dy: np.ndarray, y: np.ndarray) -> np.ndarray:
 # batch normalization
 # --------------------------------------------------------------------------------------
 
+def _bn_affine(x2: np.ndarray, mean, scale, beta, training: bool, out: np.ndarray,
+               centered: bool = False) -> np.ndarray:
+    """The batch norm's output into ``out``, row-parallel: training ``(x - mean) * scale +
+    beta`` (``centered``: ``out`` already holds ``x - mean``); inference ``x * scale +
+    (beta - mean * scale)`` (constants folded, as TF). Written once: the backward that folds
+    in a LeakyReLU recomputes y with it, bitwise the forward's."""
+    if training:
+        def rows(r) -> None:
+            if not centered:
+                np.subtract(x2[r], mean, out=out[r])
+            out[r] *= scale
+            out[r] += beta
+    else:
+        shift = beta - mean * scale
+
+        def rows(r) -> None:
+            np.multiply(x2[r], scale, out=out[r])
+            out[r] += shift
+
+    _by_rows(rows, x2)
+    return out
+
+
 def batchnorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray,
                       moving_mean: np.ndarray, moving_variance: np.ndarray,
-                      momentum: float = 0.99, epsilon: float = 1e-3, training: bool = True):
+                      momentum: float = 0.99, epsilon: float = 1e-3, training: bool = True,
+                      leaky_alpha: float | None = None):
     """Batch normalization over every axis but the last (N for 2-D, N,H,W for 4-D input).
 
     x (..., C), gamma/beta/moving_* (C,) -> (y, mean, inv_std), mean/inv_std (C,).
@@ -803,6 +860,7 @@ def batchnorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray,
     ``moving = momentum * moving + (1 - momentum) * batch``.
     Inference: the moving statistics normalise (as ``x * scale + (beta - mean * scale)``,
     ``scale = gamma * inv_std``, as TF computes it) and nothing is updated.
+    ``leaky_alpha``: return LeakyReLU(y) in place of y (:func:`_then_leaky`).
     """
     c = x.shape[-1] if x.ndim else 0
     if c == 0:
@@ -830,27 +888,13 @@ def batchnorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray,
         mean = moving_mean.astype(x.dtype, copy=True)
         var = moving_variance.astype(x.dtype, copy=False)
     inv_std = 1 / np.sqrt(var + float(epsilon))
-    scale = gamma * inv_std
-    if not training:  # constants: y = x * scale + (beta - mean * scale), two passes (as TF)
-        shift = beta - mean * scale
-
-        def affine(r) -> None:
-            np.multiply(x2[r], scale, out=xc[r])
-            xc[r] += shift
-
-        _by_rows(affine, x2)
-        return xc.reshape(x.shape), mean, inv_std
-
-    def normalize(r) -> None:
-        xc[r] *= scale
-        xc[r] += beta
-
-    _by_rows(normalize, xc)
-    return xc.reshape(x.shape), mean, inv_std
+    _bn_affine(x2, mean, gamma * inv_std, beta, training, xc, centered=training)
+    return _then_leaky(xc.reshape(x.shape), leaky_alpha), mean, inv_std
 
 
 def batchnorm_backward(dy: np.ndarray, x: np.ndarray, gamma: np.ndarray, mean: np.ndarray,
-                       inv_std: np.ndarray, training: bool = True):
+                       inv_std: np.ndarray, training: bool = True,
+                       leaky_alpha: float | None = None, beta: np.ndarray | None = None):
     """Gradients of :func:`batchnorm_forward`.  dy, x (..., C) -> dx (..., C), dgamma, dbeta (C,).
 
     With ``xhat = (x - mean) * inv_std`` over the m = N(*H*W) rows of a channel:
@@ -858,9 +902,16 @@ def batchnorm_backward(dy: np.ndarray, x: np.ndarray, gamma: np.ndarray, mean: n
     training (mean and var depend on x):
     dL/dx = gamma * inv_std / m * (m * dy - dL/dbeta - xhat * dL/dgamma);
     inference (statistics are constants): dL/dx = gamma * inv_std * dy.
+    Folded LeakyReLU (``leaky_alpha`` and ``beta`` given; the forward returned z = leaky(y)):
+    dy arrives as dL/dz and dL/dy = dL/dz * (1 if y > 0 else alpha), y recomputed from x by
+    the forward's own formula (so no copy of y is kept; the GPU kernels do this as they read).
     """
+    beta = leaky_fold_beta("batchnorm_backward", leaky_alpha, beta)
     c = x.shape[-1]
     dy2, x2 = dy.reshape(-1, c), x.reshape(-1, c)
+    if beta is not None:
+        y2 = _bn_affine(x2, mean, gamma * inv_std, beta, training, np.empty_like(x2))
+        dy2 = leaky_relu_backward(dy2, y2, leaky_alpha)
     m = dy2.shape[0]
     xhat = np.empty_like(dy2)
 

@@ -31,8 +31,20 @@ class LeakyReLU(_Activation):
     def _forward(self, x, training):
         return self.ops.leaky_relu_forward(x, self.alpha), {"x": x, "y_shape": tuple(x.shape)}
 
+    def fused_after(self, producer: Layer, z) -> None:
+        """Record that ``producer`` computed this layer's output ``z`` itself (Sequential's
+        fusion). The backward then needs no pre-activation: for alpha >= 0, z > 0 exactly
+        when the pre-activation is, so dL/dx = dy * (1 if z > 0 else alpha) is exact; and a
+        producer that folds the backward too gets dy untouched."""
+        folded = producer.folds_leaky_relu_backward
+        self._cache = {"x": None if folded else z, "folded": folded, "y_shape": tuple(z.shape)}
+
     def _backward(self, dy, cache, input_grad, param_grads):
-        return self.ops.leaky_relu_backward(dy, cache["x"], self.alpha) if input_grad else None
+        if not input_grad:
+            return None
+        if cache.get("folded"):
+            return dy  # the producer's backward applies the slope (folds_leaky_relu_backward)
+        return self.ops.leaky_relu_backward(dy, cache["x"], self.alpha)
 
 
 class ReLU(_Activation):

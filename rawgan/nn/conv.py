@@ -27,6 +27,7 @@ def _check_padding(padding, where: str):
 
 class _ConvBase(Layer):
     expected_rank = (4,)
+    fuses_leaky_relu = True  # LeakyReLU in the GEMM epilogue
 
     def __init__(self, filters: int, kernel_size, strides=1, padding="valid",
                  use_bias: bool = True, **kw) -> None:
@@ -77,13 +78,13 @@ class Conv2D(_ConvBase):
             p["bias"] = self.ops.xp.zeros(self.filters, dtype=dtype)
         return p
 
-    def forward(self, x, training: bool = True):
+    def forward(self, x, training: bool = True, *, leaky_alpha: float | None = None):
         self._check_channels(x)
-        return super().forward(x, training)
+        return super().forward(x, training, leaky_alpha=leaky_alpha)
 
-    def _forward(self, x, training):
+    def _forward(self, x, training, leaky_alpha=None):
         y = self.ops.conv2d_forward(x, self.params["kernel"], self.params.get("bias"),
-                                    self.strides, self.padding)
+                                    self.strides, self.padding, leaky_alpha=leaky_alpha)
         return y, {"x": x, "y_shape": tuple(y.shape)}
 
     def _backward(self, dy, cache, input_grad, param_grads):
@@ -137,13 +138,14 @@ class Conv2DTranspose(_ConvBase):
             p["bias"] = self.ops.xp.zeros(self.filters, dtype=dtype)
         return p
 
-    def forward(self, x, training: bool = True):
+    def forward(self, x, training: bool = True, *, leaky_alpha: float | None = None):
         self._check_channels(x)
-        return super().forward(x, training)
+        return super().forward(x, training, leaky_alpha=leaky_alpha)
 
-    def _forward(self, x, training):
+    def _forward(self, x, training, leaky_alpha=None):
         y = self.ops.conv2d_transpose_forward(x, self.params["kernel"], self.params.get("bias"),
-                                              self.strides, self.padding, self.output_padding)
+                                              self.strides, self.padding, self.output_padding,
+                                              leaky_alpha=leaky_alpha)
         return y, {"x": x, "y_shape": tuple(y.shape)}
 
     def _backward(self, dy, cache, input_grad, param_grads):

@@ -14,6 +14,7 @@ class Dense(Layer):
     """
 
     expected_rank = (2,)
+    fuses_leaky_relu = True  # LeakyReLU in the GEMM epilogue
 
     def __init__(self, units: int, use_bias: bool = True, **kw) -> None:
         super().__init__(**kw)
@@ -38,8 +39,9 @@ class Dense(Layer):
             p["bias"] = self.ops.xp.zeros(self.units, dtype=dtype)
         return p
 
-    def _forward(self, x, training):
-        y = self.ops.dense_forward(x, self.params["kernel"], self.params.get("bias"))
+    def _forward(self, x, training, leaky_alpha=None):
+        y = self.ops.dense_forward(x, self.params["kernel"], self.params.get("bias"),
+                                   leaky_alpha=leaky_alpha)
         return y, {"x": x, "y_shape": tuple(y.shape)}
 
     def _backward(self, dy, cache, input_grad, param_grads):

@@ -47,6 +47,12 @@ class Layer:
     """
 
     expected_rank: tuple[int, ...] | None = None  # ranks (batch included) accepted
+    #: ``forward(x, leaky_alpha=a)`` returns LeakyReLU(layer(x)) computed in the layer's own
+    #: kernels (the epilogue fusion; Sequential uses it for a layer followed by LeakyReLU)
+    fuses_leaky_relu: bool = False
+    #: ... and ``backward`` then takes dL/d(that LeakyReLU's output) and applies its slope
+    #: itself (the LeakyReLU layer passes the gradient through untouched)
+    folds_leaky_relu_backward: bool = False
 
     def __init__(self, name: str | None = None, backend: str | ModuleType = "numpy") -> None:
         self.name = name
@@ -115,8 +121,14 @@ class Layer:
         return sum(int(math.prod(p.shape)) for p in self.params.values())
 
     # -- the two passes ---------------------------------------------------------------------
-    def forward(self, x, training: bool = True):
-        """``y = layer(x)``; caches what :meth:`backward` needs."""
+    def forward(self, x, training: bool = True, *, leaky_alpha: float | None = None):
+        """``y = layer(x)``; caches what :meth:`backward` needs.
+
+        ``leaky_alpha`` (layers with ``fuses_leaky_relu`` only): return
+        ``LeakyReLU(alpha)(layer(x))``, the activation fused into this layer's kernels.
+        """
+        if leaky_alpha is not None and not self.fuses_leaky_relu:
+            raise TypeError(f"{self._where()}: cannot fuse a LeakyReLU (leaky_alpha given)")
         self._check_input(x)
         if not self.built:
             self.build(x.shape, x.dtype)
@@ -130,7 +142,10 @@ class Layer:
                 f"{self._where()}: weights are {self.dtype} but the input is {x.dtype}; "
                 f"convert one with model.astype(...) or x.astype(...)"
             )
-        y, cache = self._forward(x, training)
+        if leaky_alpha is None:
+            y, cache = self._forward(x, training)
+        else:
+            y, cache = self._forward(x, training, leaky_alpha=float(leaky_alpha))
         self._cache = cache
         return y
 

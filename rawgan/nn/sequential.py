@@ -8,6 +8,7 @@ from types import ModuleType
 import numpy as np
 
 from .. import backends
+from .activations import LeakyReLU
 from .layer import Layer, snake_case
 
 
@@ -21,6 +22,14 @@ class Sequential(Layer):
     ``forward(x, training)`` runs the layers; ``backward(dy)`` runs them in reverse and
     accumulates every parameter gradient; ``parameters()`` yields ``(name, param, grad)``
     for optimizers; ``summary()`` prints Keras' table.
+
+    Fusion (``fuse=True``, the default): a LeakyReLU right after a layer that can fuse it
+    (Dense, Conv2D, Conv2DTranspose, BatchNormalization: ``fuses_leaky_relu``) is computed by
+    that layer's own kernels, so the GPU backends skip a launch and a round trip of the
+    activation through memory; BatchNormalization also folds the LeakyReLU's backward into its
+    own. The layers, names, weights and gradients are unchanged and the results are bitwise
+    those of ``fuse=False``, which runs every layer on its own (rawgan.inspect's Recorder
+    switches fusion off while it records each layer's activations).
     """
 
     def __init__(self, layers: list[Layer], name: str | None = None,
@@ -33,6 +42,7 @@ class Sequential(Layer):
                 raise TypeError(f"Sequential: item {i} is a {type(layer).__name__}, not a Layer")
         self.layers = layers
         self.seed = seed
+        self.fuse = True
         self.rng = np.random.default_rng(seed)
         seen: dict[str, int] = {}
         for layer, child in zip(layers, self.rng.spawn(len(layers)), strict=True):
@@ -91,8 +101,17 @@ class Sequential(Layer):
         if not self.built:
             self._check_input(x)
             self.build(x.shape, x.dtype)
-        for layer in self.layers:
-            x = layer.forward(x, training)
+        layers, i = self.layers, 0
+        while i < len(layers):
+            layer = layers[i]
+            act = layers[i + 1] if i + 1 < len(layers) else None
+            if self.fuse and layer.fuses_leaky_relu and type(act) is LeakyReLU:
+                x = layer.forward(x, training, leaky_alpha=act.alpha)
+                act.fused_after(layer, x)
+                i += 2
+            else:
+                x = layer.forward(x, training)
+                i += 1
         return x
 
     __call__ = forward
