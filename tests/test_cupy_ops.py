@@ -518,13 +518,13 @@ for dt in (np.float32, np.float64):
     for tile in (None, "L", "M", "S", "T"):
         ops.FORCE_TILE = tile
         x, w, b = r(5, 9, 10, 4, dt=dt), r(3, 3, 4, 6, dt=dt), r(6, dt=dt)
-        y = ops.conv2d_forward(x, w, b, 2, "same")
+        y = ops.conv2d_forward(x, w, b, 2, "same", leaky_alpha=0.3)
         ops.conv2d_backward(y, x, w, 2, "same")
         wt = r(5, 5, 6, 4, dt=dt)
-        yt = ops.conv2d_transpose_forward(x, wt, b, 2, "same", 1)
+        yt = ops.conv2d_transpose_forward(x, wt, b, 2, "same", 1, leaky_alpha=0.3)
         ops.conv2d_transpose_backward(yt, x, wt, 2, "same", 1)
         a, m = r(7, 13, dt=dt), r(13, 5, dt=dt)
-        ops.dense_backward(ops.dense_forward(a, m, r(5, dt=dt)), a, m)
+        ops.dense_backward(ops.dense_forward(a, m, r(5, dt=dt), leaky_alpha=0.3), a, m)
     ops.FORCE_TILE = None
     z = r(4, 6, 6, 3, dt=dt)
     for f in ("relu", "tanh", "sigmoid"):
@@ -534,6 +534,8 @@ for dt in (np.float32, np.float64):
     mm, mv = r(3, dt=dt), ops.asarray(np.ones(3, dt))
     yb, mean, inv = ops.batchnorm_forward(z, g, be, mm, mv)
     ops.batchnorm_backward(yb, z, g, mean, inv)
+    yb, mean, inv = ops.batchnorm_forward(z, g, be, mm, mv, leaky_alpha=0.3)
+    ops.batchnorm_backward(yb, z, g, mean, inv, leaky_alpha=0.3, beta=be)
     ops.bias_add_backward(ops.bias_add_forward(z, g))
     for mode in ("host", "device"):
         ops.set_dropout_rng(mode)
