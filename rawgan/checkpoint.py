@@ -19,19 +19,23 @@ Layout (HDF5 groups are the ``"layer/key"`` names of :meth:`Sequential.get_weigh
     /models/<model>                        attrs: layer_rngs (JSON: layer -> RNG state)
     /optimizers/<opt>/slots/<layer>/<key>/<slot>    attrs: iterations, class
     /rngs                                  attrs: <name> (JSON of bit_generator.state)
+    /                      attrs: sha256 (format 2): SHA-256 of everything above, every
+                                  attribute and every array, in name order (:func:`_digest`)
 
 Every file is written to a temporary file in the destination folder, flushed, fsync'ed and
 renamed over the destination (:func:`os.replace`, atomic on POSIX and Windows), so a crash
 or Ctrl-C during a save leaves the previous checkpoint intact and never a half-written one.
 
 Anything that does not look like one of these files (truncated, not HDF5, another
-program's HDF5, a newer format, another model's weights) raises :class:`CheckpointError`,
-a ``ValueError`` whose message names the file and the problem.
+program's HDF5, a newer format, another model's weights, content that does not match its
+SHA-256: flipped bits, a hand edit) raises :class:`CheckpointError`, a ``ValueError`` whose
+message names the file and the problem. Format 1 files (no digest) still load, unchecked.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -59,7 +63,8 @@ __all__ = [
 ]
 
 MAGIC = "rawgan-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # 2: the root attribute DIGEST_ATTR holds the content's SHA-256
+DIGEST_ATTR = "sha256"
 KINDS = ("training", "generator")
 
 
@@ -168,6 +173,45 @@ def _write_arrays(group, arrays: Mapping[str, np.ndarray]) -> None:
         group.create_dataset(key, data=np.asarray(arr))
 
 
+def _digest(f) -> str:
+    """SHA-256 (hex) of an open file's whole content except the digest itself: for every
+    object in name order, its path, each attribute (name, type, value) and, for a dataset,
+    its dtype, shape and bytes. The same function runs on save (over what was just
+    written) and on load, so any flipped bit or edit in an array or attribute shows."""
+    h5py = _h5py()
+    h = hashlib.sha256()
+
+    def feed(*parts) -> None:
+        for p in parts:
+            b = p if isinstance(p, bytes) else str(p).encode()
+            h.update(len(b).to_bytes(8, "little"))
+            h.update(b)
+
+    def attrs(name: str, obj) -> None:
+        for key in sorted(obj.attrs):
+            if name == "/" and key == DIGEST_ATTR:
+                continue
+            v = obj.attrs[key]
+            if isinstance(v, str | bytes):
+                feed("attr", key, "text", v.encode() if isinstance(v, str) else v)
+            else:
+                v = np.ascontiguousarray(v)
+                feed("attr", key, v.dtype.str, v.shape, v.tobytes())
+
+    names: list[str] = []
+    f.visit(names.append)
+    attrs("/", f)
+    for name in sorted(names):
+        obj = f[name]
+        if isinstance(obj, h5py.Dataset):
+            a = np.ascontiguousarray(obj[()])
+            feed("dataset", name, a.dtype.str, a.shape, a.tobytes())
+        else:
+            feed("group", name)
+        attrs(name, obj)
+    return h.hexdigest()
+
+
 def _read_arrays(group) -> dict[str, np.ndarray]:
     h5py = _h5py()
     out: dict[str, np.ndarray] = {}
@@ -231,6 +275,7 @@ def save_checkpoint(path: str | os.PathLike[str], *, models: Mapping[str, Any],
             gr = f.create_group("rngs")
             for name, rng in (rngs or {}).items():
                 gr.attrs[name] = json.dumps(rng_state(rng))
+            f.attrs[DIGEST_ATTR] = _digest(f)
             f.flush()
     return Path(path)
 
@@ -280,6 +325,9 @@ def load_checkpoint(path: str | os.PathLike[str], *, kind: str | None = None) ->
     """
     h5py = _h5py()
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} is a folder; give a file in it (a run "
+                                "folder holds checkpoint.h5 and generator.h5)")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
@@ -308,12 +356,19 @@ def load_checkpoint(path: str | os.PathLike[str], *, kind: str | None = None) ->
                 arch=_json_attr(f, "arch", path))
             if ck.kind not in KINDS:
                 raise CheckpointError(f"{path}: unknown checkpoint kind {ck.kind!r}")
+            for key in ("config", "meta", "arch"):
+                if not isinstance(getattr(ck, key), dict):
+                    raise CheckpointError(f"{path}: attribute {key!r} is not a JSON object")
             if kind is not None and ck.kind != kind:
                 raise CheckpointError(f"{path}: a {ck.kind} checkpoint, expected a {kind} one")
             for group in ("models", "optimizers", "rngs"):
                 if group not in f:
                     raise CheckpointError(f"{path}: incomplete checkpoint (group /{group} "
                                           "missing)")
+            for group in ("models", "optimizers"):
+                for name, g in f[group].items():
+                    if not isinstance(g, h5py.Group):
+                        raise CheckpointError(f"{path}: /{group}/{name} is not a group")
             for name, g in f["models"].items():
                 ck.weights[name] = _read_arrays(g)
                 ck.layer_rngs[name] = _unplain(_json_attr(g, "layer_rngs", path))
@@ -324,9 +379,14 @@ def load_checkpoint(path: str | os.PathLike[str], *, kind: str | None = None) ->
                 ck.optimizer_classes[name] = _attr_str(g, "class", path)
             for name in f["rngs"].attrs:
                 ck.rngs[name] = _unplain(_json_attr(f["rngs"], name, path))
+            if version >= 2 and _digest(f) != _attr_str(f, DIGEST_ATTR, path):
+                raise CheckpointError(
+                    f"{path}: checksum mismatch: the content does not match the SHA-256 it "
+                    f"was saved with (a corrupt copy, a disk error, or a file edited by "
+                    f"hand); use another copy of the checkpoint")
     except CheckpointError:
         raise
-    except (OSError, KeyError, ValueError, TypeError) as exc:
+    except (OSError, KeyError, ValueError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{path}: corrupt checkpoint ({type(exc).__name__}: {exc})"
                               ) from None
     return ck

@@ -511,8 +511,8 @@ def _load_checked(path: Path, dataset: str, verify: bool) -> np.ndarray:
         actual = _md5_bytes(raw)
         if expected is not None and actual != expected:
             err = _checksum_error(path, dataset, expected, actual)
-            raise ChecksumError(f"{err}. Delete the file to download it again, or pass "
-                                "verify=False if you trust it.")
+            raise ChecksumError(f"{err}. Delete the file to download it again (or, from "
+                                "Python, pass verify=False if you trust it).")
     return _parse_idx(_decompress(raw, str(path)), str(path))
 
 
@@ -582,8 +582,9 @@ def load_mnist(
                 where = ", ".join(str(d) for d in dirs)
                 raise FileNotFoundError(
                     f"{_DATASET_TITLES[dataset]} file {name} (or {name.removesuffix('.gz')}) "
-                    f"not found in: {where}. Pass data_dir= or set ${_ENV_DATA} to a folder "
-                    "holding the published IDX files, or pass download=True."
+                    f"not found in: {where}. Point --data-dir (data_dir=) or ${_ENV_DATA} at "
+                    "a folder holding the published IDX files, or allow the download "
+                    "(--download, download=True)."
                 )
             urls = list(MIRRORS[dataset] if mirrors is None else mirrors)
             path = fetch_file(name, target, CHECKSUMS[dataset][name], urls, progress=progress)

@@ -895,16 +895,14 @@ def inspect_run(cfg, steps: int, out, *, ck=None, hist_steps: Iterable[int] = (0
 def compare_run(cfg, kinds: Iterable[str], steps: int, out, *, ck=None,
                 d_warmup: int = 0) -> tuple[dict[str, Recorder], dict[str, str]]:
     """``rawgan inspect --compare-losses``: :func:`compare_losses` on sessions of ``cfg``
-    (each with its ``loss`` replaced), writing ``out/inspect_<loss>.h5`` and
-    ``out/compare_losses.png``. Returns the recorders and the files written."""
-    import dataclasses
-
+    (each with its ``loss`` replaced by :meth:`TrainConfig.replace`), writing
+    ``out/inspect_<loss>.h5`` and ``out/compare_losses.png``. Returns the recorders and the
+    files written."""
     from .sampling import require_extras
 
     require_extras("matplotlib")
     kinds = list(kinds)
-    results = compare_losses(lambda k: session_from_config(dataclasses.replace(cfg, loss=k),
-                                                           ck),
+    results = compare_losses(lambda k: session_from_config(cfg.replace(loss=k), ck),
                              kinds, steps, d_warmup=d_warmup)
     out = Path(out)
     files = {}

@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["KINDS", "bce_with_logits", "discriminator_loss", "generator_loss"]
+__all__ = ["KINDS", "NonFiniteLogits", "bce_with_logits", "discriminator_loss", "generator_loss"]
 
 #: The loss families understood by :func:`discriminator_loss` and :func:`generator_loss`.
 KINDS: tuple[str, ...] = ("bce", "minimax", "wgan", "hinge", "lsgan")
@@ -91,6 +91,11 @@ def _sigmoid(x: Array, xp: ModuleType) -> Array:
     return xp.where(x >= 0, xp.ones_like(e), e) / (1 + e)
 
 
+class NonFiniteLogits(ValueError):
+    """The logits handed to a loss hold NaN or inf: the network's weights or activations
+    overflowed (training diverged), or its input was not finite."""
+
+
 def _check_logits(x: Array, name: str) -> None:
     """Raise a clear error unless ``x`` is a finite, non-empty float (N,) or (N, 1) array."""
     if not (hasattr(x, "dtype") and hasattr(x, "shape")):
@@ -103,7 +108,7 @@ def _check_logits(x: Array, name: str) -> None:
         raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)}); need N >= 1")
     xp = _array_module(x)
     if not bool(xp.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or inf values; logits must be finite")
+        raise NonFiniteLogits(f"{name} contains NaN or inf values; logits must be finite")
 
 
 def _check_kind(kind: str) -> None:

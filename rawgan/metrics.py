@@ -548,6 +548,10 @@ def evaluate_checkpoint(path, n: int | None = None, seed: int = 0, *, data_dir=N
         return evaluate_toy(gen, name, n=2500 if n is None else n, seed=seed,
                             min_count=min_count)
     if real_images is None:
+        if gen.config.get("data") == "fashion":
+            raise ValueError(f"{path}: a Fashion-MNIST generator; the scores use rawgan's "
+                             "pinned MNIST digit classifier, which means nothing for it (pass "
+                             "real_images= to score against images of your own)")
         real_images, _ = load_mnist("test", data_dir=data_dir, download=data_dir is None)
     return evaluate_generator(gen, real_images, n=n, seed=seed, **image_kwargs)
 

@@ -5,8 +5,9 @@ Usage::
     opt = rawgan.optim.Adam(model, lr=1e-4)
     model.zero_grad(); model.forward(x); model.backward(dy); opt.step()
 
-The update rules follow Keras 3 (the seeds are Keras models), written per parameter
-``p`` with gradient ``g``; ``t`` counts steps from 1.
+The update rules follow Keras 3 (the seeds are Keras models), except RMSprop's, which is
+PyTorch's (the original WGAN code's), written per parameter ``p`` with gradient ``g``;
+``t`` counts steps from 1.
 """
 
 from __future__ import annotations
@@ -15,18 +16,18 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from .checks import number
+
 
 class Optimizer:
     """Base: holds ``(name, param, grad)`` triples and per-parameter state arrays."""
 
     def __init__(self, model, lr: float, clip_value: float | None = None) -> None:
-        if not float(lr) > 0.0:
-            raise ValueError(f"{type(self).__name__}: lr must be > 0, got {lr!r}")
-        if clip_value is not None and not float(clip_value) > 0.0:
-            raise ValueError(f"{type(self).__name__}: clip_value must be > 0, got {clip_value!r}")
+        where = type(self).__name__
         self.model = model
-        self.lr = float(lr)
-        self.clip_value = None if clip_value is None else float(clip_value)
+        self.lr = number(lr, f"{where}: lr", low=0.0, low_open=True)
+        self.clip_value = None if clip_value is None else number(
+            clip_value, f"{where}: clip_value", low=0.0, low_open=True)
         self.iterations = 0
         self.state: dict[str, dict[str, object]] = {}
 
@@ -100,9 +101,7 @@ class SGD(Optimizer):
     def __init__(self, model, lr: float = 0.01, momentum: float = 0.0, nesterov: bool = False,
                  clip_value: float | None = None) -> None:
         super().__init__(model, lr, clip_value)
-        if not 0.0 <= float(momentum) < 1.0:
-            raise ValueError(f"SGD: momentum must be in [0, 1), got {momentum!r}")
-        self.momentum = float(momentum)
+        self.momentum = number(momentum, "SGD: momentum", low=0.0, high=1.0, high_open=True)
         self.nesterov = bool(nesterov)
 
     FUSED = "sgd_update"
@@ -126,19 +125,21 @@ class SGD(Optimizer):
 
 
 class RMSprop(Optimizer):
-    """RMSprop (Keras form, rho 0.9, epsilon 1e-7), as the original WGAN uses::
+    """RMSprop (rho 0.9, epsilon 1e-7), as the original WGAN uses::
 
         a <- rho * a + (1 - rho) * g^2
         p <- p - lr * g / (sqrt(a) + eps)
+
+    epsilon OUTSIDE the square root, as torch.optim.RMSprop (and Keras 2) have it; Keras 3
+    divides by ``sqrt(a + eps)`` instead, which takes steps up to 10x smaller when
+    ``g^2`` is near ``eps`` (gradients ~1e-4: the WGAN critic's regime).
     """
 
     def __init__(self, model, lr: float = 1e-3, rho: float = 0.9, epsilon: float = 1e-7,
                  clip_value: float | None = None) -> None:
         super().__init__(model, lr, clip_value)
-        if not 0.0 <= float(rho) < 1.0:
-            raise ValueError(f"RMSprop: rho must be in [0, 1), got {rho!r}")
-        self.rho = float(rho)
-        self.epsilon = float(epsilon)
+        self.rho = number(rho, "RMSprop: rho", low=0.0, high=1.0, high_open=True)
+        self.epsilon = number(epsilon, "RMSprop: epsilon", low=0.0, low_open=True)
 
     FUSED = "rmsprop_update"
 
@@ -167,10 +168,9 @@ class Adam(Optimizer):
     def __init__(self, model, lr: float = 1e-3, beta_1: float = 0.9, beta_2: float = 0.999,
                  epsilon: float = 1e-7, clip_value: float | None = None) -> None:
         super().__init__(model, lr, clip_value)
-        for nm, b in (("beta_1", beta_1), ("beta_2", beta_2)):
-            if not 0.0 <= float(b) < 1.0:
-                raise ValueError(f"Adam: {nm} must be in [0, 1), got {b!r}")
-        self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
+        self.beta_1 = number(beta_1, "Adam: beta_1", low=0.0, high=1.0, high_open=True)
+        self.beta_2 = number(beta_2, "Adam: beta_2", low=0.0, high=1.0, high_open=True)
+        self.epsilon = number(epsilon, "Adam: epsilon", low=0.0, low_open=True)  # 0: 0/0
         #: A one-element device array the fused kernel reads alpha from instead of the host
         #: value (set by rawgan.graphed.GraphedStep so that a replayed graph gets each step's
         #: bias correction); None: the host value.
@@ -204,6 +204,6 @@ class Adam(Optimizer):
 def build(name: str, model, **kwargs) -> Optimizer:
     """``build("adam", model, lr=1e-4)``; names: sgd, rmsprop, adam."""
     table = {"sgd": SGD, "rmsprop": RMSprop, "adam": Adam}
-    if name.lower() not in table:
+    if not isinstance(name, str) or name.lower() not in table:
         raise ValueError(f"unknown optimizer {name!r}: expected one of {sorted(table)}")
     return table[name.lower()](model, **kwargs)

@@ -205,9 +205,10 @@ class TrainConfig:
                 raise ValueError(f"{name}: {value!r} is not one of {', '.join(choices)}")
             setattr(self, name, value.lower())
         defaults = _WGAN_DEFAULTS if self.loss == "wgan" else _DEFAULTS
-        for key, value in defaults.items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
+        # the fields the loss family filled in (not a dataclass field: not saved or compared)
+        self._defaulted = frozenset(k for k in defaults if getattr(self, k) is None)
+        for key in self._defaulted:
+            setattr(self, key, defaults[key])
         self._check_types()
         if self.data in TOY_DATA and self.model != "mlp":
             raise ValueError(f"data {self.data!r} is 2-D points: use model 'mlp' "
@@ -266,6 +267,16 @@ class TrainConfig:
             if base == "float":
                 setattr(self, f.name, float(value))
 
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with ``changes``; fields the loss family filled in (left at None when this
+        config was made) are filled in again for the new ``loss``, unless ``changes`` sets
+        them: ``TrainConfig().replace(loss="wgan")`` is ``TrainConfig(loss="wgan")``
+        (RMSprop, 5e-5, ...), not Adam at 1e-4 with a WGAN loss."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(dict.fromkeys(self._defaulted))
+        values.update(changes)
+        return TrainConfig(**values)
+
     # -- conversions ------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> TrainConfig:
@@ -291,7 +302,8 @@ class TrainConfig:
 
     @property
     def out_dir(self) -> Path:
-        return Path(self.out) if self.out else Path("runs") / f"{self.model}-{self.data}"
+        return (Path(self.out).expanduser() if self.out
+                else Path("runs") / f"{self.model}-{self.data}")
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -441,6 +453,7 @@ def _check_out_dir(out: Path, cfg: TrainConfig, resume: bool) -> checkpoint.Chec
     ck = None
     if (out / CHECKPOINT).exists():
         ck = checkpoint.load_checkpoint(out / CHECKPOINT, kind="training")
+        _check_progress(ck)
         previous = ck.config
     elif (out / CONFIG).exists():
         try:
@@ -464,6 +477,21 @@ def _check_out_dir(out: Path, cfg: TrainConfig, resume: bool) -> checkpoint.Chec
     if ck is None:
         _say(cfg, f"rawgan train: {out} has no checkpoint yet: starting the run again")
     return ck
+
+
+def _check_progress(ck: checkpoint.Checkpoint) -> None:
+    """The progress counters a resume reads from ``ck.meta``, checked before anything runs."""
+    meta = ck.meta
+    for key in ("step", "epoch", "batch_in_epoch"):
+        v = meta.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise checkpoint.CheckpointError(
+                f"{ck.path}: meta[{key!r}] must be a non-negative integer, got {v!r} (not a "
+                "checkpoint written by rawgan train)")
+    if meta["batch_in_epoch"] > 0 and not isinstance(meta.get("epoch_start_data_rng"), dict):
+        raise checkpoint.CheckpointError(
+            f"{ck.path}: saved mid-epoch, but meta['epoch_start_data_rng'] (the data order's "
+            "state at the start of the epoch) is missing")
 
 
 # --------------------------------------------------------------------------------------
@@ -624,7 +652,7 @@ def train(config: TrainConfig | Mapping[str, Any] | None = None, *, resume: bool
     if config is None:
         cfg = TrainConfig(**overrides)
     elif isinstance(config, TrainConfig):
-        cfg = dataclasses.replace(config, **overrides) if overrides else config
+        cfg = config.replace(**overrides) if overrides else config
     else:
         cfg = TrainConfig.from_dict({**dict(config), **overrides})
     require_extras("PIL", "matplotlib", *(("tqdm",) if cfg.progress else ()))
@@ -740,7 +768,26 @@ def _train(cfg: TrainConfig, resume: bool, comm: distributed.Communicator) -> di
                 for _, a in sorted(per.items())]
         distributed.check_identical(groups, comm)
 
+    def diverged(at_step: int, at_epoch: int, what: str) -> TrainingDiverged:
+        good = (f"the last good checkpoint, {out / CHECKPOINT} (step {last_saved['step']}), is "
+                f"kept" if last_saved["step"] is not None else "no checkpoint had been saved yet")
+        return TrainingDiverged(
+            f"training diverged at step {at_step} (epoch {at_epoch}): {what}; stopped without "
+            f"saving, {good}. Try a lower learning rate or another --loss.", at_step)
+
+    def check_finite() -> None:
+        """Before samples, scores or a save: no model may hold NaN / inf (a diverged update
+        with finite losses); then nothing is written over the last good files."""
+        bad = [name for name, net in nets.items() if not all(
+            bool(np.isfinite(ops.to_numpy(a)).all()) for a in net.weights().values())]
+        if bad:
+            exc = diverged(step, epoch + (batch_in_epoch > 0),
+                           f"the {' and '.join(bad)} weights hold NaN or inf after the update "
+                           f"(the losses were finite)")
+            raise distributed.mark_agreed(exc) if ranks == 1 else exc
+
     def save() -> Path | None:
+        check_finite()
         consistent()
         last_saved["step"] = step
         if not root:
@@ -839,11 +886,16 @@ def _train(cfg: TrainConfig, resume: bool, comm: distributed.Communicator) -> di
                         reals = [next(batches) for _ in range(cfg.d_steps)]
                     else:
                         reals = [ops.asarray(next(batches)) for _ in range(cfg.d_steps)]
-                    if graphed is not None:
-                        stats = graphed(reals)
-                    else:
-                        stats = gan.train_step(G, D, step_opt_g, step_opt_d, cfg.loss, reals,
-                                               noise)
+                    try:
+                        if graphed is not None:
+                            stats = graphed(reals)
+                        else:
+                            stats = gan.train_step(G, D, step_opt_g, step_opt_d, cfg.loss,
+                                                   reals, noise)
+                    except losses.NonFiniteLogits as exc:  # D's output overflowed: the
+                        # weights diverged in an earlier update (on one rank's rows only,
+                        # maybe: with several ranks it is not agreed, the job is ended)
+                        raise diverged(step + 1, epoch + 1, str(exc)) from None
                     interrupt = sigint.requested
                     if ranks > 1:  # the global batch's means, and a Ctrl-C seen by any rank
                         buf = np.array([stats.d_loss, stats.g_loss, stats.d_real,
@@ -853,14 +905,8 @@ def _train(cfg: TrainConfig, resume: bool, comm: distributed.Communicator) -> di
                         interrupt = bool(buf[4] > 0)
                     dt = time.perf_counter() - t0
                     if not (math.isfinite(stats.d_loss) and math.isfinite(stats.g_loss)):
-                        good = (f"the last good checkpoint, {out / CHECKPOINT} (step "
-                                f"{last_saved['step']}), is kept" if last_saved["step"]
-                                is not None else "no checkpoint had been saved yet")
-                        raise distributed.mark_agreed(TrainingDiverged(
-                            f"training diverged at step {step + 1} (epoch {epoch + 1}): "
-                            f"d_loss={stats.d_loss}, g_loss={stats.g_loss}; stopped without "
-                            f"saving, {good}. Try a lower learning rate or another --loss.",
-                            step + 1))
+                        raise distributed.mark_agreed(diverged(
+                            step + 1, epoch + 1, f"d_loss={stats.d_loss}, g_loss={stats.g_loss}"))
                     if ema_G is not None:
                         _ema_update(ema_G, G, cfg.ema)
                     step += 1
@@ -887,6 +933,7 @@ def _train(cfg: TrainConfig, resume: bool, comm: distributed.Communicator) -> di
                     eval_now = bool(cfg.eval_every) and epoch % cfg.eval_every == 0
                     if sample_now or eval_now:  # per-rank moving statistics -> their mean
                         distributed.sync_buffers([G, ema_G], comm)
+                        check_finite()
                     if sample_now and root:
                         write_samples(f"epoch_{epoch:04d}.png")
                     if eval_now and root:
@@ -910,6 +957,7 @@ def _train(cfg: TrainConfig, resume: bool, comm: distributed.Communicator) -> di
                                  what="final checkpoint decision"):
                 save()
             if root:
+                check_finite()  # (save() checked already unless the last step was saved)
                 export()
             if stopped == "interrupted":
                 _say(cfg, f"rawgan train: interrupted; saved {out / CHECKPOINT} at step "

@@ -6,7 +6,8 @@ tests/test_kernels_compile.py (cupy_ops on the CPU emulator) and tests/test_numb
 The rules (numpy_ops is the reference): a sum over no rows is 0 (bias gradient, weight
 gradients of an empty batch, a product with inner size 0); batch normalization refuses an
 empty training batch and a missing channel axis with a ValueError (its statistics, and the
-moving ones it updates, would be NaN).
+moving ones it updates, would be NaN); a convolution whose input and kernel disagree on the
+channels is a ValueError naming both (not a GEMM's shape error).
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def cases(rng: np.random.Generator):
                     (r(xs[0], ho, wo, ws[3]), x, w, st, pad), {}))
         out.append((f"conv2d_transpose_forward {xs}", "conv2d_transpose_forward",
                     (x, wt, None, st, pad), {}))
+    for op, ws in (("conv2d_forward", (3, 3, 4, 2)), ("conv2d_transpose_forward", (3, 3, 2, 4))):
+        out.append((f"{op} channel mismatch", op, (r(1, 5, 5, 3), r(*ws), None, 2, "same"), {}))
     out.append(("batchnorm_forward 0 channels", "batchnorm_forward",
                 (np.zeros((3, 0)), np.zeros(0), np.zeros(0), np.zeros(0), np.ones(0)), {}))
     return out

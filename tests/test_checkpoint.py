@@ -160,6 +160,70 @@ def test_newer_format_version(saved):
         checkpoint.load_checkpoint(path)
 
 
+def test_flipped_bits_in_an_array_fail_the_checksum(saved, tmp_path):
+    path, _ = saved
+    with h5py.File(path, "r") as f:  # where one weight array's bytes lie in the file
+        offset = f["models/generator/dense/kernel"].id.get_offset()
+    assert offset is not None
+    raw = bytearray(path.read_bytes())
+    raw[offset + 1000] ^= 0x01  # one bit of one float: h5py itself reads it without a murmur
+    bad = tmp_path / "flipped.h5"
+    bad.write_bytes(bytes(raw))
+    with h5py.File(bad, "r") as f:
+        assert f["models/generator/dense/kernel"][()].shape  # readable as HDF5
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        checkpoint.load_checkpoint(bad)
+
+
+def test_corruption_anywhere_is_an_error_never_silent(saved, tmp_path):
+    """64 bytes garbled at points through the file: the load fails with a CheckpointError,
+    or (bytes HDF5 never reads) gives exactly the saved content."""
+    path, _ = saved
+    good = checkpoint.load_checkpoint(path)
+    raw = path.read_bytes()
+    rng = np.random.default_rng(0)
+    for frac in (0.02, 0.1, 0.3, 0.5, 0.7, 0.9, 0.99):
+        at = int(frac * (len(raw) - 64))
+        bad = tmp_path / f"garbled{frac}.h5"
+        bad.write_bytes(raw[:at] + rng.bytes(64) + raw[at + 64:])
+        try:
+            ck = checkpoint.load_checkpoint(bad)
+        except CheckpointError:
+            continue
+        for name, arrays in good.weights.items():
+            for key, a in arrays.items():
+                assert np.array_equal(ck.weights[name][key], a), (frac, name, key)
+        assert ck.meta == good.meta and ck.optimizers.keys() == good.optimizers.keys()
+
+
+def test_hand_edits_fail_the_checksum(saved):
+    path, _ = saved
+    with h5py.File(path, "r+") as f:
+        f.attrs["meta"] = '{"epoch": 0, "step": 9}'
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        checkpoint.load_checkpoint(path)
+    with h5py.File(path, "r+") as f:  # put the attribute back: the file is whole again
+        f.attrs["meta"] = '{"epoch": 0, "step": 2}'
+    checkpoint.load_checkpoint(path)
+    with h5py.File(path, "r+") as f:
+        del f["optimizers/generator/slots/dense/kernel/m"]  # Adam state silently zero?
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        checkpoint.load_checkpoint(path)
+
+
+def test_format_1_files_without_a_checksum_still_load(saved):
+    path, _ = saved
+    with h5py.File(path, "r+") as f:
+        f.attrs["format_version"] = 1
+        del f.attrs[checkpoint.DIGEST_ATTR]
+    ck = checkpoint.load_checkpoint(path)
+    assert ck.format_version == 1 and ck.meta["step"] == 2
+    with h5py.File(path, "r+") as f:  # format 2 without its digest: incomplete
+        f.attrs["format_version"] = 2
+    with pytest.raises(CheckpointError, match="sha256"):
+        checkpoint.load_checkpoint(path)
+
+
 def test_missing_group_and_missing_file(saved, tmp_path):
     path, _ = saved
     with h5py.File(path, "r+") as f:
@@ -168,6 +232,8 @@ def test_missing_group_and_missing_file(saved, tmp_path):
         checkpoint.load_checkpoint(path)
     with pytest.raises(FileNotFoundError):
         checkpoint.load_checkpoint(tmp_path / "nope.h5")
+    with pytest.raises(FileNotFoundError, match="is a folder; give a file in it"):
+        checkpoint.load_checkpoint(tmp_path)  # `rawgan sample runs/x` for runs/x/generator.h5
 
 
 def test_wrong_kind(saved, tmp_path):

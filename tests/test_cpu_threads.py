@@ -188,6 +188,11 @@ def test_reference_rules_for_empty_inputs():
     assert y.shape == (0, 3)
     with pytest.raises(ValueError, match="channel"):
         ops.batchnorm_forward(np.ones((4, 0)), np.ones(0), np.zeros(0), np.zeros(0), np.ones(0))
+    x = np.ones((1, 5, 5, 3))
+    with pytest.raises(ValueError, match=r"input has 3 channels, kernel \(3, 3, 4, 2\)"):
+        ops.conv2d_forward(x, np.ones((3, 3, 4, 2)), None)
+    with pytest.raises(ValueError, match="conv2d_transpose_backward: input has 3 channels"):
+        ops.conv2d_transpose_backward(np.ones((1, 9, 9, 2)), x, np.ones((3, 3, 2, 4)), 2)
 
 
 CASES = [c for c in random_cases(np.random.default_rng(99), trials=6)

@@ -1088,6 +1088,15 @@ def test_emulated_conv_matches_numpy(emu, dtype):
 
 
 @needs_gxx
+def test_emulated_conv_large_integer_paddings(emu):
+    """Integer paddings k .. k + 2 at strides 2-3 (phases whose first dy row lies before the
+    map: the NumPy reference's phase correlation needed a fallback there)."""
+    rng = np.random.default_rng(6)
+    for k, s, p in ((2, 2, 3), (3, 2, 3), (4, 2, 5), (5, 3, 6), (3, 3, 4)):
+        check_conv_case(emu, (2, 9, 8, 3, 4, k, s, p, None), np.float64, rng)
+
+
+@needs_gxx
 @pytest.mark.parametrize("tile", ["L", "M", "S", "T"])
 def test_emulated_conv_every_tile_and_split_k(emu, tile):
     """Every tile configuration, and split-K weight gradients (many SMs -> S > 1)."""

@@ -228,10 +228,46 @@ def test_backward_before_forward_and_wrong_dy_shape():
     (lambda: Conv2DTranspose(4, 3, strides=2, output_padding=2), "smaller than strides"),
     (lambda: BatchNormalization(momentum=2), "momentum"),
     (lambda: Reshape((0, 3)), "invalid target shape"),
+    (lambda: Conv2DTranspose(4, 3, strides=2, output_padding=1.0), "output_padding must be"),
+    (lambda: LeakyReLU("x"), "LeakyReLU: alpha must be >= 0, got 'x'"),
+    (lambda: Dropout("x"), r"Dropout: rate must be in \[0, 1\), got 'x'"),
+    (lambda: BatchNormalization(epsilon=float("nan")), "BatchNormalization: epsilon"),
 ])
 def test_bad_constructor_arguments(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_numpy_integers_are_integers():
+    """Sizes computed with NumPy (np.int64) are accepted and stored as Python ints."""
+    c = Conv2DTranspose(np.int64(4), 3, strides=2, padding=np.int64(1),
+                        output_padding=np.int64(1))
+    assert (c.filters, c.padding, c.output_padding) == (4, 1, (1, 1))
+    assert type(c.filters) is int and type(Dense(np.int32(3)).units) is int
+    assert Conv2D(2, 3, padding=(np.int64(0), 1)).padding == (0, 1)
+
+
+def test_optimizer_arguments_are_checked():
+    from rawgan import optim
+
+    m = Sequential([Dense(2)], seed=0, input_shape=(3,))
+    for make, match in [(lambda: optim.Adam(m, lr="x"), "Adam: lr must be > 0, got 'x'"),
+                        (lambda: optim.Adam(m, epsilon=0.0), "Adam: epsilon must be > 0"),
+                        (lambda: optim.RMSprop(m, epsilon=-1.0), "RMSprop: epsilon"),
+                        (lambda: optim.SGD(m, momentum=1.0), r"SGD: momentum must be in"),
+                        (lambda: optim.Adam(m, lr=float("inf")), "Adam: lr"),
+                        (lambda: optim.build(None, m), "unknown optimizer None")]:
+        with pytest.raises(ValueError, match=match):
+            make()
+
+
+def test_inputs_that_are_not_batches():
+    with pytest.raises(ValueError, match="0-d array"):
+        LeakyReLU().forward(np.array(1.0, dtype=np.float32))
+    d = Dense(2)
+    d.forward(rand(2, 3))
+    with pytest.raises(TypeError, match="dy must be an array, got list"):
+        d.backward([[1.0, 2.0], [3.0, 4.0]])
 
 
 def test_kernel_larger_than_valid_input():

@@ -396,3 +396,10 @@ def test_evaluate_checkpoint_images(tmp_path, mnist_dir):
                                     kid_subset_size=200, splits=3)
     g, rr = out["generator"], out["real_vs_real"]
     assert g["n"] == 300 and g["fld"] > 10 * rr["fld"]  # an untrained generator
+
+
+def test_evaluate_checkpoint_refuses_a_fashion_generator(tmp_path):
+    """The digit classifier's scores mean nothing for Fashion-MNIST (as train --eval-every)."""
+    path = _export(tmp_path, "fashion.h5", (28, 28, 1), "fashion")
+    with pytest.raises(ValueError, match="Fashion-MNIST generator"):
+        M.evaluate_checkpoint(path, n=10)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from rawgan import checkpoint, gan, metrics
+from rawgan import train as train_module
 from rawgan.checkpoint import CheckpointError
 from rawgan.train import (
     RunDirError,
@@ -250,6 +251,47 @@ def test_inf_before_any_checkpoint(mnist_dir, tmp_path, monkeypatch):
     assert not (tmp_path / "run" / "checkpoint.h5").exists()
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:invalid value encountered")
+def test_a_real_divergence_is_training_diverged(mnist_dir, tmp_path):
+    """Weights that overflow for real (no patched losses): D's NaN logits in the next pass
+    are reported as divergence at that step, not as a bare ValueError of the loss."""
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=r"step 1 \(epoch 1\): fake_logits contains "
+                                               r"NaN.*no checkpoint had been saved") as e:
+        train(mnist_cfg(mnist_dir, out, optimizer="sgd", lr_d=1e30))
+    assert e.value.step == 1
+    assert not (out / "checkpoint.h5").exists() and not (out / "generator.h5").exists()
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:invalid value encountered")
+def test_weights_that_overflow_with_finite_losses_are_never_saved(mnist_dir, tmp_path,
+                                                                   monkeypatch):
+    """The last generator update of epoch 2 leaves an inf in G while its step's losses were
+    finite: the epoch's end (sample grid, checkpoint; the export) stops with TrainingDiverged
+    instead of writing inf weights; epoch 1's checkpoint stays."""
+    out = tmp_path / "run"
+    real_step = gan.train_step
+    seen = {"n": 0, "files": None}
+
+    def overflow_at_16(G, *args, **kw):
+        seen["n"] += 1
+        stats = real_step(G, *args, **kw)
+        if seen["n"] == 16:  # the last step of epoch 2 (8 steps per epoch)
+            seen["files"] = digest(out)
+            G.layers[0].params["kernel"][0, 0] = np.inf
+        return stats
+
+    monkeypatch.setattr(gan, "train_step", overflow_at_16)
+    with pytest.raises(TrainingDiverged, match=r"step 16 \(epoch 2\): the generator weights "
+                                               r"hold NaN or inf.*step 8\), is kept") as e:
+        train(mnist_cfg(mnist_dir, out, epochs=3, save_every=1))
+    assert e.value.step == 16
+    after = digest(out)
+    assert after["checkpoint.h5"] == seen["files"]["checkpoint.h5"]  # epoch 1's
+    assert "generator.h5" not in after and "samples/epoch_0002.png" not in after
+    assert "samples/epoch_0001.png" in after
+
+
 def test_out_dir_holding_another_run(mnist_dir, tmp_path):
     out = tmp_path / "run"
     train(mnist_cfg(mnist_dir, out, epochs=1))
@@ -367,6 +409,20 @@ def test_loss_family_defaults():
         "adam", 1e-4, 1, 0.0, 256, 100)
     assert TrainConfig(loss="wgan", lr_g=1e-4, d_steps=2).lr_g == 1e-4
     assert TrainConfig.from_dict(TrainConfig(loss="wgan").to_dict()) == w
+    # replacing the loss fills in the new family's defaults for the fields left unset
+    assert TrainConfig().replace(loss="wgan") == w
+    assert TrainConfig(loss="wgan").replace(loss="bce") == b
+    mixed = TrainConfig(lr_g=3e-4).replace(loss="wgan")
+    assert (mixed.lr_g, mixed.lr_d, mixed.optimizer) == (3e-4, 5e-5, "rmsprop")
+    assert TrainConfig(loss="wgan").replace(epochs=3) == TrainConfig(loss="wgan", epochs=3)
+
+
+def test_train_overrides_re_resolve_the_loss_defaults(mnist_dir, tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(train_module, "_train", lambda cfg, resume, comm: seen.setdefault(
+        "cfg", cfg))
+    train(TrainConfig(), loss="wgan")
+    assert seen["cfg"] == TrainConfig(loss="wgan")
 
 
 def test_batch_larger_than_data(mnist_dir, tmp_path):

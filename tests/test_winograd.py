@@ -144,18 +144,21 @@ def test_the_dcgan_layer_takes_winograd_and_small_ones_do_not(monkeypatch):
 
 def test_float32_is_within_the_stated_tolerance():
     """The DCGAN layer in float32 (Winograd) vs the float64 direct sum: ~1.5e-5 of the
-    output's largest value (the direct float32 sum: ~5e-7)."""
+    output's largest value (the direct float32 sum: ~5e-7). Measured here: forward 1.3e-5,
+    weight gradient 7e-6, input gradient 9e-6; the bound is 2e-5."""
     rng = np.random.default_rng(1)
     x = rng.standard_normal((4, 7, 7, 256))
     w = rng.standard_normal((5, 5, 256, 128)) * 0.02
     want = direct(ops.conv2d_forward, x, w, None, 1, "same")
     got = ops.conv2d_forward(x.astype(np.float32), w.astype(np.float32), None, 1, "same")
     assert got.dtype == np.float32
-    assert np.abs(got - want).max() < 5e-5 * np.abs(want).max()
+    assert np.abs(got - want).max() < 2e-5 * np.abs(want).max()
     dy = rng.standard_normal(want.shape)
-    want_dw = direct(ops.conv2d_backward, dy, x, w, 1, "same")[1]
-    got_dw = ops.conv2d_backward(*(a.astype(np.float32) for a in (dy, x, w)), 1, "same")[1]
-    assert np.abs(got_dw - want_dw).max() < 5e-5 * np.abs(want_dw).max()
+    want_dx, want_dw, _ = direct(ops.conv2d_backward, dy, x, w, 1, "same")
+    got_dx, got_dw, _ = ops.conv2d_backward(*(a.astype(np.float32) for a in (dy, x, w)), 1,
+                                            "same")
+    assert np.abs(got_dw - want_dw).max() < 2e-5 * np.abs(want_dw).max()
+    assert np.abs(got_dx - want_dx).max() < 2e-5 * np.abs(want_dx).max()
 
 
 def test_weight_grad_is_the_definition():
@@ -243,11 +246,14 @@ def test_random_transposed_geometries_equal_the_direct_path(forced):
     equal the direct path."""
     rng = np.random.default_rng(11)
     checked = 0
-    while checked < 60:
+    while checked < 80:
         s = int(rng.integers(1, 4))
         kh, kw = (int(v) for v in rng.integers(1, 6, size=2))
         h, w_ = (int(v) for v in rng.integers(1, 9, size=2))
-        padding = ["same", "valid", int(rng.integers(0, 3))][int(rng.integers(0, 3))]
+        # integer paddings up to k + 2: past about k / 2 at stride >= 2 the phase
+        # correlation would need a NEGATIVE top padding (it must fall back, not crash)
+        padding = ["same", "valid", int(rng.integers(0, max(kh, kw) + 3))][
+            int(rng.integers(0, 3))]
         op = int(rng.integers(0, s)) if s > 1 and rng.random() < 0.5 else None
         c, o, n = (int(v) for v in rng.integers(1, 4, size=3))
         x, wt = rng.standard_normal((n, h, w_, c)), rng.standard_normal((kh, kw, o, c))
@@ -264,6 +270,34 @@ def test_random_transposed_geometries_equal_the_direct_path(forced):
                           strict=True):
             np.testing.assert_allclose(g, wnt, rtol=1e-11, atol=1e-11)
         checked += 1
+
+
+@pytest.mark.parametrize("stride", [2, 3])
+def test_large_integer_paddings_fall_back_or_agree(forced, stride):
+    """Integer paddings 0 .. k + 2 at stride >= 2: past about k / 2 the phase correlation of
+    the backward-data would need a negative TOP padding (dy rows before the first that any
+    dx pixel reads); that geometry must take the direct path, and every other one agree."""
+    rng = np.random.default_rng(stride)
+    checked = 0
+    for k in (2, 3, 4, 5):
+        for p in range(k + 3):
+            for h in (5, 7):
+                x, w = rng.standard_normal((2, h, h, 3)), rng.standard_normal((k, k, 4, 3))
+                try:
+                    want = direct(ops.conv2d_transpose_forward, x, w, None, stride, p)
+                except ValueError:  # no output pixel left (padding eats the map)
+                    continue
+                got = ops.conv2d_transpose_forward(x, w, None, stride, p)
+                np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-11)
+                checked += 1
+                xc = rng.standard_normal((2, h + 3, h + 3, 4))  # and the conv's own dx
+                wc = rng.standard_normal((k, k, 4, 3))
+                y = ops.conv2d_forward(xc, wc, None, stride, p)
+                dy = rng.standard_normal(y.shape)
+                got = ops.conv2d_backward(dy, xc, wc, stride, p)[0]
+                want = direct(ops.conv2d_backward, dy, xc, wc, stride, p)[0]
+                np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-11)
+    assert checked >= 40
 
 
 def test_fused_correlate_and_weight_grad_equal_the_separate_calls():

@@ -69,6 +69,7 @@ import numpy as np
 
 from . import BackendUnavailable
 from .numpy_ops import (
+    check_conv,
     conv_geometry,
     conv_pads,
     conv_transpose_geometry,
@@ -444,15 +445,6 @@ def _conv_args(x_shape, w_shape, out_hw, stride, pads):
             _i32(pads[1][0]))
 
 
-def _check_conv(x, w, c_axis_of_w: int, what: str) -> None:
-    if x.ndim != 4 or w.ndim != 4:
-        raise ValueError(f"{what}: expected a 4-D NHWC input and a 4-D kernel, got shapes "
-                         f"{tuple(x.shape)} and {tuple(w.shape)}")
-    if x.shape[3] != w.shape[c_axis_of_w]:
-        raise ValueError(f"{what}: input has {x.shape[3]} channels, kernel {tuple(w.shape)} "
-                         f"expects {w.shape[c_axis_of_w]}")
-
-
 def _conv_fwd(x, w, bias, stride, pads, out_hw, leaky_alpha=None):
     """y (N, Ho, Wo, O) = act(conv(x, w) + bias), implicit GEMM (kernels/conv.cu conv_fwd)."""
     n, _, _, c = x.shape
@@ -564,7 +556,7 @@ def conv2d_forward(x, w, b, stride=1, padding="valid", leaky_alpha=None):
     b (c_out,) or None -> y (N, Ho, Wo, c_out). Kernel: conv_fwd (implicit GEMM), with
     LeakyReLU(leaky_alpha) in its epilogue when given."""
     _dtype(x, w, b)
-    _check_conv(x, w, 2, "conv2d_forward")
+    check_conv(x, w, 2, "conv2d_forward")
     stride = pair(stride, "strides")
     ho, wo, pads = conv_geometry(x.shape[1], x.shape[2], w.shape[0], w.shape[1], stride,
                                  padding)
@@ -576,7 +568,7 @@ def conv2d_backward(dy, x, w, stride=1, padding="valid", need_dx: bool = True,
     """Gradients of :func:`conv2d_forward`: dx by conv_dgrad (stride phases), dw by
     conv_wgrad (split-K), db by colsum."""
     _dtype(dy, x, w)
-    _check_conv(x, w, 2, "conv2d_backward")
+    check_conv(x, w, 2, "conv2d_backward")
     stride = pair(stride, "strides")
     kh, kw, _, co = w.shape
     ho, wo, pads = conv_geometry(x.shape[1], x.shape[2], kh, kw, stride, padding)
@@ -598,7 +590,7 @@ def conv2d_transpose_forward(x, w, b, stride=1, padding="valid", output_padding=
     x (N, H, W, c_in), w (kh, kw, c_out, c_in), b (c_out,) or None -> y (N, Ho, Wo, c_out);
     ``leaky_alpha``: LeakyReLU in the epilogue."""
     _dtype(x, w, b)
-    _check_conv(x, w, 3, "conv2d_transpose_forward")
+    check_conv(x, w, 3, "conv2d_transpose_forward")
     stride = pair(stride, "strides")
     kh, kw, co, _ = w.shape
     n, h, wd, _ = x.shape
@@ -612,7 +604,7 @@ def conv2d_transpose_backward(dy, x, w, stride=1, padding="valid", output_paddin
     dw = conv_wgrad with the roles read off the adjoint (input dy, output gradient x),
     db = colsum(dy)."""
     _dtype(dy, x, w)
-    _check_conv(x, w, 3, "conv2d_transpose_backward")
+    check_conv(x, w, 3, "conv2d_transpose_backward")
     stride = pair(stride, "strides")
     kh, kw, co, _ = w.shape
     n, h, wd, _ = x.shape

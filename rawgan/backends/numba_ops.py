@@ -53,7 +53,14 @@ import math
 
 import numpy as np
 
-from .numpy_ops import Padding, conv_geometry, conv_transpose_geometry, leaky_fold_beta, pair
+from .numpy_ops import (
+    Padding,
+    check_conv,
+    conv_geometry,
+    conv_transpose_geometry,
+    leaky_fold_beta,
+    pair,
+)
 
 try:  # numba is only imported when backend "numba" is asked for (rawgan.backends.get)
     from numba import cuda
@@ -671,6 +678,7 @@ def conv2d_forward(x, w, b, stride=1, padding: Padding = "valid", leaky_alpha=No
     ``leaky_alpha``: LeakyReLU(y) instead.
     """
     x, w = _dev(x), _dev(w)
+    check_conv(x, w, 2, "conv2d_forward")
     stride = pair(stride, "strides")
     ho, wo, pads = conv_geometry(x.shape[1], x.shape[2], w.shape[0], w.shape[1], stride, padding)
     return _then_leaky(_conv(x, w, _geo(x.shape, (ho, wo), w.shape, stride, pads),
@@ -686,6 +694,7 @@ def conv2d_backward(dy, x, w, stride=1, padding: Padding = "valid", need_dx: boo
     dL/db = sum over N, Ho, Wo of dy.  ``need_dx`` / ``need_dw`` False return None.
     """
     dy, x, w = _dev(dy), _dev(x), _dev(w)
+    check_conv(x, w, 2, "conv2d_backward")
     stride = pair(stride, "strides")
     kh, kw, ci, co = w.shape
     ho, wo, pads = conv_geometry(x.shape[1], x.shape[2], kh, kw, stride, padding)
@@ -708,6 +717,7 @@ def conv2d_transpose_forward(x, w, b, stride=1, padding: Padding = "valid",
     kernel w: the same gather kernel, bias added as it stores. ``leaky_alpha``: LeakyReLU(y).
     """
     x, w = _dev(x), _dev(w)
+    check_conv(x, w, 3, "conv2d_transpose_forward")
     stride = pair(stride, "strides")
     kh, kw, co, ci = w.shape
     n, h, wd, _ = x.shape
@@ -726,6 +736,7 @@ def conv2d_transpose_backward(dy, x, w, stride=1, padding: Padding = "valid",
     ``dy`` and output gradient ``x``; dL/db = sum over N, Ho, Wo of dy.
     """
     dy, x, w = _dev(dy), _dev(x), _dev(w)
+    check_conv(x, w, 3, "conv2d_transpose_backward")
     stride = pair(stride, "strides")
     kh, kw, co, ci = w.shape
     n, h, wd, _ = x.shape

@@ -387,8 +387,8 @@ def _phase_kernel(w: np.ndarray, stride, pads: Pads, x_hw, dy_hw, build: bool = 
     (sh, sw), out_hw = stride, (-(-x_hw[0] // stride[0]), -(-x_hw[1] // stride[1]))
     cpads = ((r0h, out_hw[0] + rh - 1 - dy_hw[0] - r0h),
              (r0w, out_hw[1] + rw - 1 - dy_hw[1] - r0w))
-    if min(cpads[0][1], cpads[1][1]) < 0:
-        return None
+    if min(cpads[0][0], cpads[0][1], cpads[1][0], cpads[1][1]) < 0:  # top (large integer
+        return None                     # padding, stride >= 2) or bottom (padding > k - 1)
     if not build:
         return (rh, rw, co, sh * sw * ci), cpads, out_hw
     if stride == (1, 1):  # one phase: w flipped, channels swapped (a view, no copy)
@@ -604,6 +604,18 @@ def dense_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, need_dx: bool =
 # conv2d and its adjoint, the transposed conv2d
 # --------------------------------------------------------------------------------------
 
+def check_conv(x, w, c_axis_of_w: int, what: str) -> None:
+    """x must be NHWC and w a 4-D kernel whose axis ``c_axis_of_w`` (2: conv HWIO, 3: the
+    transposed conv's (kh, kw, c_out, c_in)) matches x's channels: a clear ValueError
+    instead of a GEMM's shape error. Every backend's conv ops call it."""
+    if x.ndim != 4 or w.ndim != 4:
+        raise ValueError(f"{what}: expected a 4-D NHWC input and a 4-D kernel, got shapes "
+                         f"{tuple(x.shape)} and {tuple(w.shape)}")
+    if x.shape[3] != w.shape[c_axis_of_w]:
+        raise ValueError(f"{what}: input has {x.shape[3]} channels, kernel {tuple(w.shape)} "
+                         f"expects {w.shape[c_axis_of_w]}")
+
+
 def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride=1,
                    padding: Padding = "valid", leaky_alpha: float | None = None) -> np.ndarray:
     """2-D convolution (cross-correlation, as Keras/PyTorch).
@@ -613,6 +625,7 @@ def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride=1,
     (xpad: x with zero padding; the zeros are skipped, see :func:`_conv_gather`).
     ``leaky_alpha``: LeakyReLU(y) instead, as :func:`_then_leaky`.
     """
+    check_conv(x, w, 2, "conv2d_forward")
     stride = pair(stride, "strides")
     ho, wo, pads = conv_geometry(x.shape[1], x.shape[2], w.shape[0], w.shape[1], stride, padding)
     return _then_leaky(_conv_gather(x, w, stride, pads, (ho, wo), b=b), leaky_alpha)
@@ -628,6 +641,7 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, stride=1,
     dL/db = sum over N, Ho, Wo of dy.  ``need_dx`` / ``need_dw`` False skip (return None
     for) the input / parameter gradients.
     """
+    check_conv(x, w, 2, "conv2d_backward")
     stride = pair(stride, "strides")
     kh, kw, ci, co = w.shape
     ho, wo, pads = conv_geometry(x.shape[1], x.shape[2], kh, kw, stride, padding)
@@ -650,6 +664,7 @@ def conv2d_transpose_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None,
     to output pixel ``(i*sh + a - pt, j*sw + b - pl)``. No zeros are inserted or multiplied.
     ``leaky_alpha``: LeakyReLU(y) instead, as :func:`_then_leaky`.
     """
+    check_conv(x, w, 3, "conv2d_transpose_forward")
     stride = pair(stride, "strides")
     kh, kw, co, ci = w.shape
     n, h, wd, _ = x.shape
@@ -668,6 +683,7 @@ def conv2d_transpose_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, stri
     (``dw[a,b,o,c] = sum dy[n, i*sh-pt+a, j*sw-pl+b, o] x[n,i,j,c]``);
     dL/db = sum over N, Ho, Wo of dy.
     """
+    check_conv(x, w, 3, "conv2d_transpose_backward")
     stride = pair(stride, "strides")
     kh, kw, co, ci = w.shape
     n, h, wd, _ = x.shape

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..checks import number
 from .layer import Layer
 
 
@@ -20,10 +21,7 @@ class LeakyReLU(_Activation):
 
     def __init__(self, alpha: float = 0.3, **kw) -> None:
         super().__init__(**kw)
-        alpha = float(alpha)
-        if not alpha >= 0.0:
-            raise ValueError(f"LeakyReLU: alpha must be >= 0, got {alpha!r}")
-        self.alpha = alpha
+        self.alpha = number(alpha, "LeakyReLU: alpha", low=0.0)
 
     def _describe(self) -> str:
         return f", alpha={self.alpha}"

@@ -7,6 +7,7 @@ backward-data IS the convolution's forward (``ops.conv2d_transpose_*`` say how).
 from __future__ import annotations
 
 from ..backends.numpy_ops import conv_geometry, conv_transpose_geometry, pair
+from ..checks import is_int
 from .layer import Layer, glorot_uniform
 
 
@@ -16,11 +17,11 @@ def _check_padding(padding, where: str):
             raise ValueError(f"{where}: unknown padding {padding!r}: expected 'same', 'valid' "
                              f"or a non-negative int")
         return padding.lower()
-    if isinstance(padding, int) and not isinstance(padding, bool) and padding >= 0:
-        return padding
+    if is_int(padding) and padding >= 0:
+        return int(padding)
     if isinstance(padding, (tuple, list)) and len(padding) == 2 and all(
-            isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in padding):
-        return tuple(padding)
+            is_int(p) and p >= 0 for p in padding):
+        return tuple(int(p) for p in padding)
     raise ValueError(f"{where}: padding must be 'same', 'valid' or a non-negative int, "
                      f"got {padding!r}")
 
@@ -33,9 +34,9 @@ class _ConvBase(Layer):
                  use_bias: bool = True, **kw) -> None:
         super().__init__(**kw)
         where = type(self).__name__
-        if not isinstance(filters, int) or isinstance(filters, bool) or filters < 1:
+        if not is_int(filters) or filters < 1:
             raise ValueError(f"{where}: filters must be a positive int, got {filters!r}")
-        self.filters = filters
+        self.filters = int(filters)
         self.kernel_size = pair(kernel_size, f"{where}: kernel_size")
         self.strides = pair(strides, f"{where}: strides")
         self.padding = _check_padding(padding, where)
@@ -110,16 +111,16 @@ class Conv2DTranspose(_ConvBase):
                  output_padding=None, use_bias: bool = True, **kw) -> None:
         super().__init__(filters, kernel_size, strides, padding, use_bias, **kw)
         if output_padding is not None:
-            op = (output_padding, output_padding) if isinstance(output_padding, int) \
-                else tuple(output_padding)
-            if len(op) != 2 or not all(isinstance(p, int) and not isinstance(p, bool) and p >= 0
-                                       for p in op):
+            op = ((output_padding, output_padding) if is_int(output_padding)
+                  else tuple(output_padding) if isinstance(output_padding, (tuple, list))
+                  else ())
+            if len(op) != 2 or not all(is_int(p) and p >= 0 for p in op):
                 raise ValueError(f"Conv2DTranspose: output_padding must be a non-negative int "
                                  f"or a pair of them, got {output_padding!r}")
             if op[0] >= self.strides[0] or op[1] >= self.strides[1]:
                 raise ValueError(f"Conv2DTranspose: output_padding {output_padding!r} must be "
                                  f"smaller than strides {self.strides}")
-            output_padding = op
+            output_padding = (int(op[0]), int(op[1]))
         self.output_padding = output_padding
 
     def compute_output_shape(self, input_shape):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..checks import is_int
 from .layer import Layer, glorot_uniform
 
 
@@ -18,9 +19,9 @@ class Dense(Layer):
 
     def __init__(self, units: int, use_bias: bool = True, **kw) -> None:
         super().__init__(**kw)
-        if not isinstance(units, int) or isinstance(units, bool) or units < 1:
+        if not is_int(units) or units < 1:
             raise ValueError(f"Dense: units must be a positive int, got {units!r}")
-        self.units = units
+        self.units = int(units)
         self.use_bias = use_bias
 
     def _describe(self) -> str:

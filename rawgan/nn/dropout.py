@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..checks import number
 from .layer import Layer
 
 
@@ -19,10 +20,7 @@ class Dropout(Layer):
 
     def __init__(self, rate: float, seed: int | None = None, **kw) -> None:
         super().__init__(**kw)
-        rate = float(rate)
-        if not 0.0 <= rate < 1.0:
-            raise ValueError(f"Dropout: rate must be in [0, 1), got {rate!r}")
-        self.rate = rate
+        self.rate = number(rate, "Dropout: rate", low=0.0, high=1.0, high_open=True)
         if seed is not None:
             self.rng = np.random.default_rng(seed)
 

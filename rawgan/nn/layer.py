@@ -158,6 +158,8 @@ class Layer:
         """
         if self._cache is None:
             raise ValueError(f"{self._where()}: backward() called before forward()")
+        if not hasattr(dy, "shape") or not hasattr(dy, "dtype"):
+            raise TypeError(f"{self._where()}: dy must be an array, got {type(dy).__name__}")
         expected = self._cache["y_shape"]
         if tuple(dy.shape) != expected:
             raise ValueError(
@@ -186,6 +188,9 @@ class Layer:
         if self.expected_rank is not None and x.ndim not in self.expected_rank:
             raise ValueError(f"{self._where()}: expected input of rank {self._ranks()} "
                              f"(batch first), got shape {tuple(x.shape)}")
+        if x.ndim < 1:
+            raise ValueError(f"{self._where()}: expected a batch (rank >= 1, batch first), got "
+                             f"a 0-d array")
         if x.shape[0] < 1:
             raise ValueError(f"{self._where()}: empty batch, got shape {tuple(x.shape)}")
 

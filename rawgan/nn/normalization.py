@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..checks import number
 from .layer import Layer
 
 
@@ -22,12 +23,8 @@ class BatchNormalization(Layer):
 
     def __init__(self, momentum: float = 0.99, epsilon: float = 1e-3, **kw) -> None:
         super().__init__(**kw)
-        if not 0.0 <= float(momentum) <= 1.0:
-            raise ValueError(f"BatchNormalization: momentum must be in [0, 1], got {momentum!r}")
-        if not float(epsilon) > 0.0:
-            raise ValueError(f"BatchNormalization: epsilon must be > 0, got {epsilon!r}")
-        self.momentum = float(momentum)
-        self.epsilon = float(epsilon)
+        self.momentum = number(momentum, "BatchNormalization: momentum", low=0.0, high=1.0)
+        self.epsilon = number(epsilon, "BatchNormalization: epsilon", low=0.0, low_open=True)
 
     def _describe(self) -> str:
         return f", momentum={self.momentum}, epsilon={self.epsilon}"
