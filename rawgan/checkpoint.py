@@ -503,8 +503,9 @@ class GeneratorSampler:
         return out
 
     def sample(self, n: int, seed: int | None = None, batch_size: int = 256) -> np.ndarray:
-        """``n`` samples, ``(n, *image_shape)`` float32 (images in [-1, 1]); the same
-        ``seed`` gives the same samples."""
+        """``n`` samples, ``(n, *image_shape)`` in the generator's dtype (float32 unless it
+        was trained in float64; images in [-1, 1]); the same ``seed`` gives the same
+        samples."""
         if isinstance(n, bool) or int(n) != n or n < 0:
             raise ValueError(f"n must be a non-negative integer, got {n!r}")
         return self.generate(self.noise(n, seed), batch_size=batch_size)

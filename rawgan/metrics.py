@@ -637,8 +637,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(format_results(results))
     if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump(_jsonable(results), f, indent=2)
+        from .checkpoint import atomic_write
+
+        with atomic_write(args.json_path) as tmp:
+            tmp.write_text(json.dumps(_jsonable(results), indent=2))
     return 0
 
 
