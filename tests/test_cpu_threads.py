@@ -403,3 +403,36 @@ def test_a_forked_child_gets_fresh_workers(monkeypatch):
         assert child.exitcode == 0 and np.isfinite(queue.get(timeout=5))
     finally:
         cpu_threads.set_num_threads(before)
+
+
+def test_concurrent_calls_from_two_threads_equal_the_serial_results(forced, monkeypatch):
+    """Two user threads training at once (the pool is shared): every result is the one a
+    lone call gives. Winograd's weight-gradient partials once lived in the POOL thread's
+    workspace, where the other thread's call overwrote them before they were summed."""
+    import threading
+
+    from rawgan.backends import winograd
+
+    monkeypatch.setattr(winograd, "ENABLED", True)
+    monkeypatch.setattr(winograd, "MARGIN", 0.0)  # Winograd for every stride-1 conv here
+    rng = np.random.default_rng(21)
+    cases = []
+    for _ in range(2):
+        x = rng.standard_normal((6, 7, 7, 8))
+        w = rng.standard_normal((5, 5, 8, 4))
+        dy = rng.standard_normal((6, 7, 7, 4))
+        cases.append((x, w, dy, ops.conv2d_backward(dy, x, w, 1, "same")))
+    wrong = [0, 0]
+
+    def run(i: int) -> None:
+        x, w, dy, want = cases[i]
+        for _ in range(40):
+            got = ops.conv2d_backward(dy, x, w, 1, "same")
+            wrong[i] += not all(np.array_equal(g, e) for g, e in zip(got, want, strict=True))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == [0, 0]

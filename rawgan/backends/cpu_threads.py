@@ -21,7 +21,10 @@ The thread count is ``RAWGAN_NUM_THREADS``, else ``OMP_NUM_THREADS`` / ``OPENBLA
 this process may run on; :func:`set_num_threads` changes it.
 
 Each thread also owns a :class:`Workspace` (:func:`workspace`): the ops' scratch buffers,
-reused from call to call.
+reused from call to call. A body may use its own thread's workspace only for what it is done
+with when it returns; what it hands back to the caller (a partial sum) must come from the
+caller's workspace or be freshly allocated, since a pool thread serves every call, from any
+thread: the ops may be called from several threads at once (one pool for all of them).
 """
 
 from __future__ import annotations

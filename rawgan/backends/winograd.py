@@ -242,13 +242,22 @@ def _run(x: np.ndarray, k_hw, pads: Pads, out_hw, u=None, b=None, phases=None, d
         y = np.empty((n, hf, wf, o // (sh * sw)), dtype=x.dtype)
     step = max(1, SPAN_BYTES // (nn * tl.per_image * max(c, o, d) * x.itemsize))
 
+    size = n * tl.per_image * nn * max(c, o, d)
+    accs = None
+    if dy is not None:
+        # The per-worker partial sums outlive their bodies (the caller adds them), so they
+        # come from the CALLING thread's workspace, one buffer per worker: a pool thread's
+        # own buffers may be reused by another worker of this call, or by a concurrent call
+        # from another thread, before the sum (not np.zeros: fresh pages fault).
+        nw = cpu_threads.workers_for(n, size=size, blas_single=True)
+        mine = cpu_threads.workspace()
+        accs = [mine.get(f"wino_acc{k}", (nn, c, d), x.dtype) for k in range(nw)]
+
     def body(k: int, lo: int, hi: int):
         ws = cpu_threads.workspace()
         acc = None
-        if dy is not None:
-            # returned to the caller, so one buffer per WORKER, not per thread: a pool thread
-            # may run two workers' bodies of one call (not np.zeros: fresh pages fault)
-            acc = ws.get(f"wino_acc{k}", (nn, c, d), x.dtype)
+        if accs is not None:
+            acc = accs[k if len(accs) > 1 else 0]  # (a nested call: one body, worker k)
             acc.fill(0)
         for s0 in range(lo, hi, step):
             s1 = min(hi, s0 + step)
@@ -284,8 +293,7 @@ def _run(x: np.ndarray, k_hw, pads: Pads, out_hw, u=None, b=None, phases=None, d
                 acc += part
         return acc
 
-    parts = cpu_threads.parallel_rows(body, n, size=n * tl.per_image * nn * max(c, o, d),
-                                      blas_single=True)
+    parts = cpu_threads.parallel_rows(body, n, size=size, blas_single=True)
     if dy is None:
         return y
     total = parts[0]
