@@ -38,6 +38,12 @@ class Optimizer:
         per = self.state.setdefault(name, {})
         if slot not in per:
             per[slot] = like * 0  # zeros on the parameter's backend and dtype
+        elif per[slot].dtype != like.dtype or type(per[slot]) is not type(like):
+            raise ValueError(
+                f"{type(self).__name__}: parameter {name!r} is now {like.dtype} "
+                f"({type(like).__module__}) but its {slot!r} state is {per[slot].dtype} "
+                f"({type(per[slot]).__module__}): the model was converted (astype / to) after "
+                "this optimizer's first step; build a new optimizer (or load its state)")
         return per[slot]
 
     #: The backend op that applies this rule to every tensor in one call (numpy_ops and

@@ -339,3 +339,21 @@ def test_get_and_set_weights_copy_never_alias():
     m.set_weights(src)
     src["dense/kernel"][...] = 9.0  # and the model does not hold the caller's arrays
     assert not (m.layers[0].params["kernel"] == 9.0).any()
+
+
+def test_optimizer_state_of_a_converted_model_is_refused():
+    """model.astype after the optimizer's first step: its float32 slots would silently round
+    the float64 updates; a clear error instead."""
+    from rawgan import optim
+
+    m = Sequential([Dense(2)], seed=0, input_shape=(3,))
+    opt = optim.Adam(m, lr=1e-3)
+    m.zero_grad()
+    m.forward(rand(4, 3))
+    m.backward(rand(4, 2))
+    opt.step()
+    m.astype(np.float64)
+    m.forward(rand(4, 3, dtype=np.float64))
+    m.backward(rand(4, 2, dtype=np.float64))
+    with pytest.raises(ValueError, match="now float64 .* state is float32"):
+        opt.step()
