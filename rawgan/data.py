@@ -275,10 +275,12 @@ def _data_root(data_dir: str | os.PathLike[str] | None) -> tuple[Path, bool]:
 
 
 def _search_dirs(dataset: str, data_dir: str | os.PathLike[str] | None) -> tuple[list[Path], Path]:
-    """Return (folders to search in order, folder downloads go to)."""
+    """Return (folders to search in order, folder downloads go to). The dataset's own
+    subfolder comes first: MNIST and Fashion-MNIST share file names, so with MNIST files
+    directly in ``data_dir`` and Fashion's in ``data_dir/fashion`` each finds its own."""
     root, explicit = _data_root(data_dir)
     target = root / dataset
-    return ([root, target] if explicit else [target]), target
+    return ([target, root] if explicit else [target]), target
 
 
 def _find(name: str, dirs: Sequence[Path]) -> Path | None:

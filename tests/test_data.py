@@ -255,6 +255,20 @@ def test_real_files_under_wrong_dataset_name(tmp_path: Path, mnist_dir: Path) ->
         load_mnist("test", data_dir=tmp_path, dataset="fashion", download=False)
 
 
+def test_each_dataset_prefers_its_own_subfolder(tmp_path: Path, mnist_dir: Path) -> None:
+    """MNIST files directly in data_dir, other files of the same names in data_dir/mnist:
+    the subfolder named for the dataset is searched first (MNIST and Fashion-MNIST share
+    file names, so the top-level files must not shadow a fashion/ subfolder)."""
+    shutil.copy(mnist_dir / TEST_IMAGES, tmp_path)
+    shutil.copy(mnist_dir / TEST_LABELS, tmp_path)
+    sub = tmp_path / "mnist"
+    sub.mkdir()
+    (sub / TEST_IMAGES).write_bytes(b"not the real file")
+    (sub / TEST_LABELS).write_bytes(b"not the real file")
+    with pytest.raises(ChecksumError, match=str(sub)):  # the subfolder's copy was read
+        load_mnist("test", data_dir=tmp_path, download=False)
+
+
 def test_real_train_split_missing(mnist_dir: Path) -> None:
     with pytest.raises(FileNotFoundError) as info:
         load_mnist("train", data_dir=mnist_dir, download=False)
