@@ -62,8 +62,10 @@ def family(kernel: str) -> str:
 def gpu_spin(cp, hold_ms: float):
     """A function that, when called, queues a kernel keeping the GPU busy for ~hold_ms."""
     kernel = cp.RawKernel(SPIN_SOURCE, "spin")
-    khz = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["clockRate"]
-    cycles = np.int64(hold_ms * khz)  # clockRate is in kHz: cycles per millisecond
+    # cudaDevAttrClockRate, in kHz: cycles per millisecond (the attribute, not the property
+    # struct's clockRate, which CUDA 13 removed)
+    khz = cp.cuda.Device().attributes["ClockRate"]
+    cycles = np.int64(hold_ms * khz)
     return lambda: kernel((1,), (1,), (cycles,))
 
 

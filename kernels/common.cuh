@@ -153,7 +153,9 @@ __device__ __forceinline__ T block_sum(T v) {
 // All 32 threads of a warp call it together (.aligned). The CPU emulator of the tests
 // (RG_EMULATOR) computes the warp's product from fragments staged in shared memory between
 // two __syncwarp() (warp barriers only: no block-wide barrier that the GPU would not have);
-// on a GPU it is the one instruction.
+// on a GPU it is the one instruction. Before sm_80 there is no TF32 mma: the _tf32_ kernels
+// still compile there (one module holds every tile) but trap if launched, and cupy_ops
+// refuses TF32 on such a device before it launches one.
 // ---------------------------------------------------------------------------------------
 #ifdef RG_EMULATOR
 __device__ __forceinline__ u32 rg_tf32(float x) {
@@ -185,6 +187,14 @@ __device__ __forceinline__ void rg_mma_tf32(float (&d)[4], const u32 (&a)[4], co
         d[q] = s;
     }
     __syncwarp();
+}
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+__device__ __forceinline__ u32 rg_tf32(float) {
+    __trap();
+    return 0u;
+}
+__device__ __forceinline__ void rg_mma_tf32(float (&)[4], const u32 (&)[4], const u32 (&)[2]) {
+    __trap();
 }
 #else
 __device__ __forceinline__ u32 rg_tf32(float x) {

@@ -30,7 +30,8 @@
 // Configurations (cupy_ops picks one per call; all 256 threads, BK = 8): float L 128x128
 // (8x8 per thread), M 128x64 (8x4), S 64x64 (4x4), T 256x4 (4x1, thin outputs); double S
 // and T; float L/M/S on TF32 tensor cores (tile_mainloop_tf32 below). Shared memory:
-// 2 buffers * BK * (BM + BN + 2 pad) * sizeof(T) <= 17 KB.
+// 2 buffers * BK * (BM + BN + 2 pad) * sizeof(T): 17 KB for float L, 33 KB for the double
+// T tile (256 rows), under the 48 KB of static shared memory a block may have.
 #pragma once
 #include "common.cuh"
 

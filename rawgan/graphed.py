@@ -41,6 +41,7 @@ bit, the body equals ``gan.train_step``); on a GPU by ``tests/test_cupy_ops.py -
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -103,6 +104,7 @@ class GraphedStep:
         self.graph = None
         self._stream = self._pool = None
         self.launches = 0         # graph replays so far (0: not captured yet)
+        self._pool_steps = 0      # steps run before the capture (the first: default pool)
 
     # -- the step, rawgan kernels only --------------------------------------------------------
     def _body(self):
@@ -156,8 +158,8 @@ class GraphedStep:
                 alphas[i] = self.opt_d.alpha_at(self.opt_d.iterations + 1 + i)
         if isinstance(self.opt_g, Adam):
             alphas[self.d_steps] = self.opt_g.alpha_at(self.opt_g.iterations + 1)
-        self._set(self.alphas, alphas)
-        self._set(self.base, np.array([self.step_index << 16], dtype=np.uint64))
+        self._set(self.alphas, alphas, self._stream)
+        self._set(self.base, np.array([self.step_index << 16], dtype=np.uint64), self._stream)
         for i, real in enumerate(reals):
             want = (b, *self.image_shape)
             if tuple(real.shape) != want:
@@ -165,16 +167,18 @@ class GraphedStep:
                                  f"expected {want} (a graph has fixed shapes)")
             dst = self.joined[i][:b]
             if isinstance(real, np.ndarray) and not isinstance(dst, np.ndarray):
-                dst.set(np.ascontiguousarray(real, dtype=self.dtype))   # host -> device
+                # host -> device on the step's stream (a copy on another stream would not be
+                # ordered before the replay: the step's stream is non-blocking)
+                dst.set(np.ascontiguousarray(real, dtype=self.dtype), stream=self._stream)
             else:
                 ops.copy_into(dst, cp.ascontiguousarray(real.astype(self.dtype, copy=False)))
 
     @staticmethod
-    def _set(dst, host: np.ndarray) -> None:
+    def _set(dst, host: np.ndarray, stream) -> None:
         if isinstance(dst, np.ndarray):   # the CPU emulator's arrays
             dst[...] = host
         else:
-            dst.set(host)
+            dst.set(host, stream=stream)
 
     # -- running ----------------------------------------------------------------------------
     def __call__(self, reals: Sequence) -> gan.StepStats:
@@ -193,7 +197,14 @@ class GraphedStep:
                 self.opt_g.iterations += 1
                 self.launches += 1
             else:
-                with cp.cuda.using_allocator(self._pool.malloc):
+                # The first step allocates what outlives this object: the optimizers' slots
+                # and the pointer tables cupy_ops caches. Those come from the default pool,
+                # since CuPy frees a pool's memory when the pool dies, live arrays or not;
+                # every later step's buffers from the private pool, kept as long as the graph.
+                first = self._pool_steps == 0 and not (self.capture and self._eager_left == 0)
+                alloc = (contextlib.nullcontext() if first
+                         else cp.cuda.using_allocator(self._pool.malloc))
+                with alloc:
                     self._prepare(reals)
                     if self.capture and self._eager_left == 0:   # record, run the recording
                         self._record()
@@ -202,6 +213,7 @@ class GraphedStep:
                     else:                                  # eager (warm-up, or capture=False)
                         self._out = self._body()
                         self._eager_left = max(0, self._eager_left - 1)
+                self._pool_steps += 1
         self.step_index += 1
         return self._stats()
 
@@ -216,6 +228,9 @@ class GraphedStep:
             graph = self._stream.end_capture()
             ops._CAPTURING = False
         self.graph = graph
+        # the pointer tables the graph's multi-tensor launches read: held here, so cupy_ops
+        # dropping its cache (it keeps 64) never frees memory a replay still reads
+        self._tables = tuple(ops._mt_tables.values())
 
     def _stats(self) -> gan.StepStats:
         d_loss, g_loss, real_logits, fake_logits = self._out

@@ -36,8 +36,8 @@ class Optimizer:
 
     def _slot(self, name: str, slot: str, like):
         per = self.state.setdefault(name, {})
-        if slot not in per:
-            per[slot] = like * 0  # zeros on the parameter's backend and dtype
+        if slot not in per:  # zeros on the parameter's backend and dtype
+            per[slot] = self.model.ops.xp.zeros(like.shape, dtype=like.dtype)
         elif per[slot].dtype != like.dtype or type(per[slot]) is not type(like):
             raise ValueError(
                 f"{type(self).__name__}: parameter {name!r} is now {like.dtype} "

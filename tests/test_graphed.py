@@ -182,6 +182,28 @@ def test_replayed_graph_steps_equal_eager_steps_bit_for_bit(fake, name, k, loss)
     assert len({s.d_loss for s in graph}) == 4
 
 
+def test_what_outlives_the_step_is_not_in_its_private_pool(fake):
+    """CuPy frees a memory pool's blocks when the pool dies, arrays still using them or not.
+    So what outlives a GraphedStep (the optimizers' slots, cupy_ops' cached multi-tensor
+    pointer tables) must come from the default pool: the first eager step allocates them
+    there; the later steps' buffers (the graph's) come from the step's private pool."""
+    G, D, opt_g, opt_d = _models(cupy_ops, np.float32, "mlp")
+    step = GraphedStep(G, D, opt_g, opt_d, "bce", batch_size=2, d_steps=1,
+                       noise_dim=G.input_shape[0], seed=7, warmup=2)
+    for reals in _reals(4, 1, D.input_shape, np.float32):
+        step(reals)
+    assert step.graph is not None
+    slots = [a for opt in (opt_g, opt_d) for per in opt.state.values() for a in per.values()]
+    tables = [a for t in cupy_ops._mt_tables.values() for a in t if hasattr(a, "shape")]
+    assert slots and tables
+    for a in slots + tables:
+        assert fake.pool_of(a) is None
+    assert all(fake.pool_of(a) is None for t in step._tables for a in t if hasattr(a, "shape"))
+    cached = [a for layer in G.layers[1:] for a in (layer._cache or {}).values()
+              if isinstance(a, np.ndarray)]  # the captured step's: the private pool's
+    assert cached and all(fake.pool_of(a) is step._pool for a in cached)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_graphed_body_is_gan_train_step(fake, dtype, monkeypatch):
     """One GraphedStep (eager) vs gan.train_step on the NumPy backend, fed the same noise and

@@ -110,6 +110,17 @@ def test_kernel_assembles_for_sm90(filename, tmp_path):
             r"Function properties for (\w+).*?Used (\d+) registers", res.stderr, re.S)))
 
 
+@needs_nvcc
+@pytest.mark.parametrize("filename", ["gemm.cu", "conv.cu"])
+def test_tile_kernels_assemble_before_ampere(filename, tmp_path):
+    """sm_75 (a T4) has no TF32 mma: the _tf32_ kernels must still assemble there (they trap
+    if launched; cupy_ops refuses TF32 first), or no dense or conv op could run at all."""
+    cmd = [NVCC, "-std=c++17", "-arch=sm_75", "-cubin", "-I", str(KERNEL_DIR),
+           str(KERNEL_DIR / filename), "-o", str(tmp_path / "out.cubin")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stderr}"
+
+
 def _find_nvrtc() -> ctypes.CDLL | None:
     """libnvrtc from the nvidia-cuda-nvrtc wheel, the CUDA toolkit, or the loader's path."""
     names = []
@@ -708,15 +719,26 @@ def _elapsed_ms(start: _FakeEvent, end: _FakeEvent) -> float:
     return (end.t - start.t) * 1e3
 
 
+class _FakePool:
+    """cupy.cuda.MemoryPool: ``malloc`` names the pool while ``using_allocator`` holds it, so
+    every allocation records which pool it came from (``FakeCupy.pool_of``)."""
+
+    def malloc(self, size: int):  # never called: the fake allocates with NumPy
+        raise AssertionError("the fake pool's malloc is a marker only")
+
+
 class _FakeAllocator:
-    def __init__(self, *a) -> None:
-        pass
+    """cupy.cuda.using_allocator(malloc): allocations inside come from malloc's pool."""
+
+    def __init__(self, fake: FakeCupy, malloc=None) -> None:
+        self.fake, self.pool = fake, getattr(malloc, "__self__", None)
 
     def __enter__(self):
+        self.saved, self.fake.active_pool = self.fake.active_pool, self.pool
         return self
 
     def __exit__(self, *exc) -> None:
-        return None
+        self.fake.active_pool = self.saved
 
 
 class FakeCupy(types.ModuleType):
@@ -736,9 +758,12 @@ class FakeCupy(types.ModuleType):
         self.graphs: list[_FakeGraph] = []
         self.schedule = (0, 0)  # (SCHEDULES value, seed): thread and block order
         self._guarded: dict[int, tuple[np.ndarray, int]] = {}
+        self.active_pool: _FakePool | None = None   # None: the default pool
+        self._pools: dict[int, _FakePool | None] = {}
         self.__version__ = "emulated"
-        device = types.SimpleNamespace(id=0, attributes={"MultiProcessorCount": sms},
-                                       synchronize=lambda: None)
+        device = types.SimpleNamespace(id=0, attributes={"MultiProcessorCount": sms,
+                                                         "ClockRate": 1},  # kHz, as clock64
+                                       compute_capability="90", synchronize=lambda: None)
         props = {"name": b"rawgan CPU emulator", "major": 9, "minor": 0,
                  "multiProcessorCount": sms, "totalGlobalMem": 2**30,
                  "clockRate": 1}  # kHz: clock64() ticks once per call here
@@ -751,8 +776,8 @@ class FakeCupy(types.ModuleType):
             Device=lambda *a: device,
             get_current_stream=lambda: null_stream,
             Stream=lambda non_blocking=False: _FakeStream(self, non_blocking),
-            MemoryPool=lambda: types.SimpleNamespace(malloc=None),
-            using_allocator=_FakeAllocator,
+            MemoryPool=_FakePool,
+            using_allocator=lambda malloc=None: _FakeAllocator(self, malloc),
             Event=_FakeEvent,
             get_elapsed_time=_elapsed_ms)
         rng = np.random.default_rng(0)
@@ -779,6 +804,7 @@ class FakeCupy(types.ModuleType):
         self._fill_canary(buf[:self.GUARD])
         self._fill_canary(buf[self.GUARD + n:])
         self._guarded[id(buf)] = (buf, n)
+        self._pools[id(buf)] = self.active_pool
         view = buf[self.GUARD:self.GUARD + n].reshape(shape)
         self._fill_canary(view)  # poisoned: NaN for floats
         return view
@@ -789,6 +815,16 @@ class FakeCupy(types.ModuleType):
             a[...] = np.nan
         else:
             a.view(np.uint8)[...] = 0x7F
+
+    def pool_of(self, a: np.ndarray) -> _FakePool | None:
+        """The memory pool ``a`` was allocated from (None: the default pool)."""
+        base = a
+        while base is not None:
+            entry = self._guarded.get(id(base))
+            if entry is not None and entry[0] is base:
+                return self._pools[id(base)]
+            base = base.base
+        raise KeyError("not an array of the fake cupy")
 
     def check_guards(self, a: np.ndarray, kernel: str) -> None:
         base = a
@@ -1021,6 +1057,23 @@ def test_set_tf32_validates():
             cupy_ops.set_tf32("yes")
     finally:
         cupy_ops.TF32 = before
+
+
+@needs_gxx
+def test_tf32_is_refused_before_ampere(emu, monkeypatch):
+    """On a GPU of compute capability 7.5 TF32 is a clear error before any launch; float32
+    without TF32 runs as usual."""
+    monkeypatch.setattr(emu.cuda.Device(), "compute_capability", "75")
+    rng = np.random.default_rng(0)
+    x, w = emu.asarray(rand(rng, (4, 32), np.float32)), emu.asarray(rand(rng, (32, 32),
+                                                                        np.float32))
+    monkeypatch.setattr(cupy_ops, "TF32", True)
+    launched = len(emu.launches)
+    with pytest.raises(backends.BackendUnavailable, match="compute capability 8.0 .* 7.5"):
+        cupy_ops.dense_forward(x, w, None)
+    assert len(emu.launches) == launched
+    monkeypatch.setattr(cupy_ops, "TF32", False)
+    assert cupy_ops.dense_forward(x, w, None).shape == (4, 32)
 
 
 # -- convolutions ----------------------------------------------------------------------

@@ -297,6 +297,15 @@ def _sm_count() -> int:
     return n
 
 
+def _compute_capability() -> int:
+    """The device's compute capability as major * 10 + minor (90 for an H100)."""
+    cc = _device_info.get("cc")
+    if cc is None:
+        cc = int(_cupy().cuda.Device().compute_capability)
+        _device_info["cc"] = cc
+    return cc
+
+
 def _dtype(*arrays) -> np.dtype:
     """The common float dtype of the arrays given (None entries skipped), else TypeError."""
     cp = _cupy()
@@ -375,6 +384,12 @@ def _tile(dtype, m: int, n: int) -> tuple[str, int, int]:
             cfg = "S"
     bm, bn = TILES[cfg]
     if TF32 and np.dtype(dtype) == np.float32 and cfg != "T":
+        cc = _compute_capability()
+        if cc < 80:  # (the _tf32_ kernels of such a device trap: common.cuh)
+            raise BackendUnavailable(
+                f"TF32 (RAWGAN_TF32=1 / cupy_ops.set_tf32(True)) runs on the tensor cores of "
+                f"compute capability 8.0 and newer; this GPU is {cc // 10}.{cc % 10}: leave "
+                "TF32 off")
         return f"tf32_{cfg}", bm, bn
     return f"{_suffix(dtype)}_{cfg}", bm, bn
 
