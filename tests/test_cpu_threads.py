@@ -436,3 +436,48 @@ def test_concurrent_calls_from_two_threads_equal_the_serial_results(forced, monk
     for t in threads:
         t.join()
     assert wrong == [0, 0]
+
+
+def _naive_conv(x, w, stride, pads):
+    """y = sum over taps of xpad[:, a + s*i, b + s*j, :] @ w[a, b]: the definition, written
+    with an explicitly padded input and one GEMM per tap (no grouping, no skipped zeros)."""
+    (pt, pb), (pl, pr) = pads
+    kh, kw, _, co = w.shape
+    xp = np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    ho = (xp.shape[1] - kh) // stride + 1
+    wo = (xp.shape[2] - kw) // stride + 1
+    y = np.zeros((x.shape[0], ho, wo, co))
+    for a in range(kh):
+        for b in range(kw):
+            y += xp[:, a:a + stride * ho:stride, b:b + stride * wo:stride, :] @ w[a, b]
+    return y, xp
+
+
+@pytest.mark.parametrize("winograd_on", [False, True])
+@pytest.mark.parametrize("stride,padding", [(1, "same"), (2, "same"), (2, "valid"), (3, 2)])
+def test_grouped_im2col_path_is_the_definition(monkeypatch, winograd_on, stride, padding):
+    """K = kh*kw*c_in >= SMALL_K: the conv runs as groups of output pixels by the kernel taps
+    they reach (the padding never multiplied). Forward, dx and dw in float64 against the
+    definition (the gradient check's shapes are all below SMALL_K)."""
+    from rawgan.backends import winograd
+
+    monkeypatch.setattr(winograd, "ENABLED", winograd_on)
+    rng = np.random.default_rng(stride)
+    x, w = rng.standard_normal((3, 9, 8, 16)), rng.standard_normal((5, 5, 16, 6))
+    assert 5 * 5 * 16 >= ops.SMALL_K
+    ho, wo, pads = ops.conv_geometry(9, 8, 5, 5, (stride, stride), padding)
+    want, xp = _naive_conv(x, w, stride, pads)
+    np.testing.assert_allclose(ops.conv2d_forward(x, w, None, stride, padding), want,
+                               rtol=1e-12, atol=1e-12)
+    dy = rng.standard_normal(want.shape)
+    dx, dw, _ = ops.conv2d_backward(dy, x, w, stride, padding)
+    dxp, dw_want = np.zeros_like(xp), np.zeros_like(w)
+    for a in range(5):  # the adjoint of each tap's GEMM
+        for b in range(5):
+            win = (slice(None), slice(a, a + stride * ho, stride),
+                   slice(b, b + stride * wo, stride))
+            dxp[win] += dy @ w[a, b].T
+            dw_want[a, b] = np.einsum("nijc,nijo->co", xp[win], dy)
+    (pt, _), (pl, _) = pads
+    np.testing.assert_allclose(dx, dxp[:, pt:pt + 9, pl:pl + 8], rtol=1e-11, atol=1e-11)
+    np.testing.assert_allclose(dw, dw_want, rtol=1e-11, atol=1e-11)
