@@ -723,6 +723,12 @@ def _train(cfg: TrainConfig, resume: bool, comm: distributed.Communicator) -> di
 
     step, epoch, batch_in_epoch, epoch_start_state = 0, 0, 0, None
     train_seconds = 0.0
+    saved_spe = ck.meta.get("steps_per_epoch") if ck is not None else None
+    if saved_spe is not None and saved_spe != steps_per_epoch:
+        raise distributed.mark_agreed(RunDirError(
+            f"{out / CHECKPOINT} was saved with {saved_spe} steps per epoch, the data found now "
+            f"gives {steps_per_epoch} ({len(x)} examples): not the same training set (other "
+            "files in the data folder?); resuming would not continue the same run"))
     if ck is not None:
         checkpoint.restore(ck, models=nets, optimizers=opts, rngs=rngs)
         step, epoch = int(ck.meta["step"]), int(ck.meta["epoch"])

@@ -305,6 +305,33 @@ def test_out_dir_holding_another_run(mnist_dir, tmp_path):
     assert digest(out) == before
 
 
+def test_resume_with_another_training_set_is_refused(tmp_path):
+    """The data folder may change between a run and its resumption (another mount, say),
+    its content may not: a checkpoint's steps per epoch that the data found now does not
+    give is an error naming both, before anything is written."""
+    def idx(arr: np.ndarray) -> bytes:
+        return bytes([0, 0, 0x08, arr.ndim]) + b"".join(
+            int(d).to_bytes(4, "big") for d in arr.shape) + arr.tobytes()
+
+    rng = np.random.default_rng(0)
+    for name, n in (("a", 640), ("b", 576)):  # 10 and 9 steps of 64
+        d = tmp_path / name
+        d.mkdir()
+        (d / "t10k-images-idx3-ubyte").write_bytes(idx(rng.integers(0, 256, (n, 28, 28),
+                                                                    dtype=np.uint8)))
+        (d / "t10k-labels-idx1-ubyte").write_bytes(idx(rng.integers(0, 10, n, dtype=np.uint8)))
+    out = tmp_path / "run"
+    cfg = {"model": "mlp", "split": "test", "download": False, "batch_size": 64,
+           "progress": False, "out": str(out)}
+    train(TrainConfig(**cfg, data_dir=str(tmp_path / "a"), epochs=1))
+    before = digest(out)
+    with pytest.raises(RunDirError, match="10 steps per epoch, the data found now gives 9"):
+        train(TrainConfig(**cfg, data_dir=str(tmp_path / "b"), epochs=2), resume=True)
+    assert digest(out) == before
+    s = train(TrainConfig(**cfg, data_dir=str(tmp_path / "a"), epochs=2), resume=True)
+    assert s["steps"] == 20
+
+
 def test_resume_from_a_truncated_checkpoint(mnist_dir, tmp_path):
     out = tmp_path / "run"
     train(mnist_cfg(mnist_dir, out, epochs=1))
