@@ -245,7 +245,10 @@ def main(argv: list[str] | None = None) -> int:
            "machine": machine, "runs": results}
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+        from rawgan.checkpoint import atomic_write
+
+        with atomic_write(args.json) as tmp:
+            tmp.write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
 

@@ -56,6 +56,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(REPO))
 from rawgan import gan, losses, models, optim  # noqa: E402
 from rawgan.bench import cpu_name  # noqa: E402
+from rawgan.checkpoint import atomic_write  # noqa: E402
 from rawgan.nn import Conv2D, Conv2DTranspose, Dense  # noqa: E402
 
 try:
@@ -703,7 +704,8 @@ def main(argv=None) -> int:
         print(f"\n# CPU busy after the run: {100 * busy:.0f}%: other processes were running")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2, default=str))
+        with atomic_write(args.json) as tmp:
+            tmp.write_text(json.dumps(results, indent=2, default=str))
         print(f"\nwrote {args.json}")
     return 0
 

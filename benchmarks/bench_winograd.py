@@ -26,6 +26,7 @@ from rawgan import models
 from rawgan.backends import cpu_threads, winograd
 from rawgan.backends import numpy_ops as ops
 from rawgan.bench import helpers
+from rawgan.checkpoint import atomic_write
 
 
 def layers():
@@ -154,7 +155,8 @@ def main(argv=None) -> int:
         info = helpers().machine_info(cpu_threads.num_threads())
         info.update(margin=winograd.MARGIN, repeats=args.repeats,
                     command="python benchmarks/bench_winograd.py")
-        args.json.write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
+        with atomic_write(args.json) as tmp:
+            tmp.write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
         print(f"wrote {args.json}")
     return 0
 

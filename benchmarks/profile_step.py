@@ -42,6 +42,7 @@ for _p in (REPO, REPO / "benchmarks"):
 
 from rawgan import models, optim  # noqa: E402
 from rawgan.backends import cupy_ops  # noqa: E402
+from rawgan.checkpoint import atomic_write  # noqa: E402
 from rawgan.graphed import GraphedStep  # noqa: E402
 
 SPIN_SOURCE = r"""
@@ -210,7 +211,8 @@ def main(argv=None) -> int:
         doc = {"machine": machine_info(), "args": {k: (str(v) if isinstance(v, Path) else v)
                                                    for k, v in vars(args).items()},
                "profiles": rows}
-        args.json.write_text(json.dumps(doc, indent=1) + "\n")
+        with atomic_write(args.json) as tmp:
+            tmp.write_text(json.dumps(doc, indent=1) + "\n")
         print(f"wrote {args.json}")
     return 0
 

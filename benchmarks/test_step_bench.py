@@ -8,8 +8,8 @@ the ceilings every other figure is read against (float32 matmul, copy bandwidth)
   (bench_step.torch_setup). extra_info: flop = bench_step.step_flops (2 * MACs of every GEMM
   pass of the step, padding taps included), images/s and GFLOP/s from the median.
 * ``test_matmul_ceiling``: ``xp.matmul`` of square float32 matrices, flop = 2 n^3.
-* ``test_copy_bandwidth``: ``xp.copyto`` of 128 MiB (on NumPy also split over the two
-  threads numpy_ops uses), bytes = 2 x 128 MiB (read + write).
+* ``test_copy_bandwidth``: one ``xp.copyto`` of 128 MiB (one thread on NumPy),
+  bytes = 2 x 128 MiB (read + write).
 """
 
 from __future__ import annotations

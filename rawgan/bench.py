@@ -19,7 +19,9 @@ Times. Warm-up calls, then at least ``--repeats`` timed calls (and at least ``--
 seconds), the device synchronised after each call; median and minimum are reported, and the
 median absolute deviation (MAD) is kept as the row's noise. Inputs rotate over several copies
 when one set is smaller than twice the last-level cache (CPU: the largest cache in sysfs; GPU:
-L2), so a row measures memory, not cache. Other processes' share of the CPU during a row is
+L2), so a row measures memory, not cache; at most 32 copies (1 with ``--quick``), and a row whose
+copies still add up to less than twice the cache (``rotated_over_cache`` < 2 in the JSON) is
+flagged "(cache)" in the table. Other processes' share of the CPU during a row is
 measured (/proc/stat); a disturbed row is redone (``--max-retries``, after waiting up to
 ``--retry-wait`` s for quiet) and flagged when it stays disturbed.
 
@@ -669,7 +671,9 @@ def measure_ceilings(ops, sync, budget: Budget, h, quick: bool, torch_device) ->
             row["torch_mm_gflops"] = flop / tt["min"] / 1e9
         out["matmul"].append(row)
     b.repeats = 3 if quick else 5
-    elems = (1 << 20) if quick else (1 << 25)  # 4 MiB (smoke) / 128 MiB per array
+    # 4 MiB (smoke); else 128 MiB per array, or 4x the cache (at most 1 GiB) if that is more
+    elems = (1 << 20) if quick else min(1 << 28, max(1 << 25, 4 * cache_bytes(ops) // ITEMSIZE))
+    elems -= elems % 256
     src = ops.asarray(rng.standard_normal((256, elems // 256), dtype=np.float32))
     dst = xp.empty_like(src)
     copies = {"copyto": lambda: xp.copyto(dst, src)}
@@ -677,7 +681,9 @@ def measure_ceilings(ops, sync, budget: Budget, h, quick: bool, torch_device) ->
         t = measure(fn, sync, b, h)
         moved = 2 * src.size * ITEMSIZE
         out["copy"].append({"how": name, "bytes": moved, "time": t,
-                            "gbps": moved / t["min"] / 1e9})
+                            "gbps": moved / t["min"] / 1e9,
+                            "array_over_cache": round(src.size * ITEMSIZE / cache_bytes(ops),
+                                                      3)})
     out["matmul_gflops"] = max(r["gflops"] for r in out["matmul"])
     out["copy_gbps"] = max(r["gbps"] for r in out["copy"])
     out["note"] = ("fastest call; matmul: xp.matmul of square float32 matrices, 2 n^3 FLOP; "
@@ -755,14 +761,18 @@ def _ref_specs(device: str, quick: bool, layout: str) -> list[tuple[str, dict]]:
 
 def kernel_row(case: Case, backend: str, ops, budget: Budget, h, ceilings: dict,
                refs: list, torch_device, cap: int) -> dict:
-    sets = rotation_sets(case, cache_bytes(ops), cap)
+    cache = cache_bytes(ops)
+    sets = rotation_sets(case, cache, cap)
     t = measure(rawgan_fn(case, ops, sets), ops.synchronize, budget, h)
     rate = _rate(case.flop, case.nbytes, case.metric, t["median"])
     ceiling = ceilings["matmul_gflops"] if case.metric == "GFLOP/s" else ceilings["copy_gbps"]
     row = {"key": case.key, "op": case.op, "pass": case.pass_, "layer": case.layer,
            "batch": case.batch, "shape": case.shape, "backend": backend, "dtype": "float32",
            "metric": case.metric, "flop": case.flop, "flop_useful": case.flop_useful,
-           "bytes": case.nbytes, "formula": case.formula, "rotation_sets": sets, "time": t,
+           "bytes": case.nbytes, "formula": case.formula, "rotation_sets": sets,
+           # the rotated inputs over the cache: under 2 (the rotation cap reached), a repeat
+           # may find part of its inputs still cached
+           "rotated_over_cache": round(sets * case.nbytes / cache, 3), "time": t,
            "rate": rate, "rate_useful": case.flop_useful / t["median"] / 1e9,
            "pct_of_ceiling": 100 * rate / ceiling, "references": []}
     torch = _torch()
@@ -884,6 +894,8 @@ def format_row(row: dict) -> str:
     unit = row["metric"]
     rate = f"{row['rate']:.0f} {unit}" if unit == "images/s" else f"{row['rate']:.1f} {unit}"
     flag = "" if t.get("clean", True) else " (noisy)"
+    if row.get("rotated_over_cache", 2) < 2:  # inputs may partly stay in cache
+        flag += " (cache)"
     cells = (row["op"], row["pass"], row["layer"], str(row["batch"]), row["shape"],
              row["backend"], f"{_ms(t['median'])} / {_ms(t['min'])}{flag}", rate,
              f"{row['pct_of_ceiling']:.0f}%", "-" if ref is None else ref["name"],
@@ -928,6 +940,17 @@ def load_result(path: Path) -> dict:
             data.get("rows"), list):
         raise BenchError(f"{path}: not a rawgan bench result (expected \"schema\": {SCHEMA!r} "
                          f"and a \"rows\" list)")
+    for i, r in enumerate(data["rows"]):
+        t = r.get("time") if isinstance(r, dict) else None
+        ok = (isinstance(r, dict) and isinstance(r.get("key"), str)
+              and isinstance(r.get("backend"), str) and isinstance(t, dict)
+              and isinstance(t.get("median"), int | float) and t["median"] > 0)
+        if not ok:
+            raise BenchError(f"{path}: row {i} is not a bench row (needs \"key\", \"backend\" "
+                             f"and a positive \"time\".\"median\"): {str(r)[:120]}")
+    for key in ("machine", "git"):
+        if not isinstance(data.get(key) or {}, dict):
+            raise BenchError(f"{path}: {key!r} must be an object")
     return data
 
 
@@ -958,14 +981,16 @@ def compare(old: dict, new: dict, out=print) -> dict:
     max(3 MAD / median of either run, NOISE_FLOOR). Returns the counts and flagged keys."""
     olds = {(r["key"], r["backend"]): r for r in old["rows"]}
     news = {(r["key"], r["backend"]): r for r in new["rows"]}
-    for what in ("cpu", "cores_available"):
-        a, b = old.get("machine", {}).get(what), new.get("machine", {}).get(what)
+    for what in ("cpu", "cores_available", "blas_threads"):
+        a, b = (old.get("machine") or {}).get(what), (new.get("machine") or {}).get(what)
         if a != b:
             out(f"# note: {what} differs: {a!r} (old) vs {b!r} (new): the change mixes machines")
     if old.get("device") != new.get("device"):
         out(f"# note: device differs: {old.get('device')!r} vs {new.get('device')!r}")
-    out(f"# old: {old.get('date')} commit {str(old.get('git', {}).get('commit'))[:10]}   "
-        f"new: {new.get('date')} commit {str(new.get('git', {}).get('commit'))[:10]}")
+    if bool((old.get("args") or {}).get("quick")) != bool((new.get("args") or {}).get("quick")):
+        out("# note: one run is --quick (smaller sizes, inputs not rotated): rows differ in kind")
+    out(f"# old: {old.get('date')} commit {str((old.get('git') or {}).get('commit'))[:10]}   "
+        f"new: {new.get('date')} commit {str((new.get('git') or {}).get('commit'))[:10]}")
     head = (f"{'row':<52}{'backend':<8}{'old ms':>10}{'new ms':>10}{'change':>9}{'noise':>8}"
             f"{'ratio vs ref old->new':>24}  flag")
     out(head)
@@ -985,6 +1010,8 @@ def compare(old: dict, new: dict, out=print) -> dict:
         elif change < -noise:
             flag = "faster"
             faster.append(r["key"])
+        if flag and not (o["time"].get("clean", True) and r["time"].get("clean", True)):
+            flag += " (noisy run)"  # other processes were busy during a repeat
         ro, rn = o.get("ratio_vs_reference"), r.get("ratio_vs_reference")
         ratios = f"{'-' if ro is None else f'{ro:.2f}'} -> {'-' if rn is None else f'{rn:.2f}'}"
         out(f"{r['key']:<52}{r['backend']:<8}{_ms(mo):>10}{_ms(mn):>10}{100 * change:>+8.1f}%"
@@ -1097,7 +1124,8 @@ def plot_history(results: list[dict], path: Path) -> Path:
                     series.setdefault((r["backend"], r["batch"], "PyTorch"), []).append(
                         (i, r["batch"] / r["reference"]["time"]["median"]))
             elif r.get("ratio_vs_reference"):
-                fam.setdefault((r["backend"], r["op"]), []).append(r["ratio_vs_reference"])
+                fam.setdefault((r["backend"], r["op"], r["batch"]), []).append(
+                    r["ratio_vs_reference"])
         for k, v in fam.items():
             ratios.setdefault(k, []).append((i, math.exp(sum(map(math.log, v)) / len(v))))
     for (backend, batch, who), pts in sorted(series.items()):
@@ -1106,8 +1134,8 @@ def plot_history(results: list[dict], path: Path) -> Path:
                                              f" (reference of {backend})"))
     a1.set_ylabel("train step, images/s")
     a1.set_title("rawgan bench history (full runs in the results folder)")
-    for (backend, op), pts in sorted(ratios.items()):
-        a2.plot(*zip(*pts, strict=True), marker="o", label=f"{op} ({backend})")
+    for (backend, op, batch), pts in sorted(ratios.items()):
+        a2.plot(*zip(*pts, strict=True), marker="o", label=f"{op} b={batch} ({backend})")
     a2.axhline(1.0, color="k", lw=0.8)
     a2.set_ylabel("PyTorch time / rawgan time\n(geomean per op family; > 1: rawgan faster)")
     a2.set_xticks(xs, labels, fontsize=7)
@@ -1136,6 +1164,9 @@ def _parse_ops(values: list[str] | None) -> list[str]:
                                  f"subset of {','.join(OPS)}")
             if name not in ops:
                 ops.append(name)
+    if not ops:
+        raise BenchError(f"--ops: no op named (got {', '.join(map(repr, values))}); expected "
+                         f"a comma-separated subset of {','.join(OPS)}")
     return ops
 
 
@@ -1332,13 +1363,19 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     try:
         return _main(args)
-    except (BenchError, backends.BackendUnavailable) as exc:
+    except (BenchError, backends.BackendUnavailable, OSError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
 
 
 def _main(args) -> int:
     json_path = args.json
+    # what is read or written after the measurement is checked before it (a full run takes
+    # minutes: a typo must not lose it)
+    old = load_result(args.compare) if args.compare is not None else None
+    if json_path is not None and args.from_ is None and (
+            Path(json_path).is_dir() or not Path(json_path).parent.is_dir()):
+        raise BenchError(f"--json {json_path}: not a file in an existing folder")
     if args.from_ is not None:
         result = load_result(args.from_)
         json_path = args.from_
@@ -1356,7 +1393,7 @@ def _main(args) -> int:
     code = 0
     if args.compare is not None:
         print()
-        summary = compare(load_result(args.compare), result)
+        summary = compare(old, result)
         if summary["regressions"] and args.fail_on_regression:
             code = 3
     if args.plot:

@@ -398,7 +398,15 @@ def _cmd_inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             parser.error(f"--compare-losses: give two or more different losses of "
                          f"{', '.join(losses.KINDS)}, comma-separated (got "
                          f"{args.compare_losses!r})")
+    if args.d_warmup and kinds is None:
+        parser.error("--d-warmup trains the discriminator alone before a --compare-losses "
+                     "run; give --compare-losses too")
     hist = _hist_steps(args.hist_steps, parser)
+    outside = [h for h in hist if not -args.steps <= h < args.steps]
+    if outside:
+        parser.error(f"--hist-steps: step(s) {', '.join(map(str, outside))} outside the "
+                     f"{args.steps} recorded steps (0 .. {args.steps - 1}, or negative from "
+                     "the end: -1 = 'last')")
     ck = None
     base = None
     try:
@@ -413,7 +421,8 @@ def _cmd_inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         parser.error("rawgan inspect runs one float32 process: --distributed and --dtype "
                      "float64 are for rawgan train")
     cfg = dataclasses.replace(cfg, distributed=False)  # a distributed run's checkpoint too
-    out = Path(cfg.out) if cfg.out else Path("runs") / f"inspect-{cfg.model}-{cfg.data}"
+    out = (Path(cfg.out).expanduser() if cfg.out
+           else Path("runs") / f"inspect-{cfg.model}-{cfg.data}")
     try:
         if kinds is not None:
             results, files = compare_run(cfg, kinds, args.steps, out, ck=ck,

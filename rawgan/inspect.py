@@ -37,13 +37,13 @@ Per layer of each model, every time the layer runs, as one row of a table:
                  (the update-to-weight ratio; about 1e-3 is the usual healthy order).
 
 Each row carries ``step`` (set by :meth:`Recorder.begin_step`) and ``call``: the count of that
-event within the step, from 0. In one :func:`rawgan.gan.train_step` with the seeds' models
-the discriminator runs forward twice (call 0: the critic pass on ``[real; fake]``; call 1:
-the generator step's pass on ``fake``; a discriminator with BatchNorm runs real and fake
-separately, calls 0-2, then 3), backward twice (call 0 without ``grad_input`` on its first
-layer; call 1 the generator step's, which carries ``dL/dx`` into the generator) and steps
-its optimizer ``d_steps`` times (calls 0..k-1); the generator runs forward, backward and
-its optimizer once each (call 0).
+event within the step, from 0. In one :func:`rawgan.gan.train_step` with k = ``d_steps``
+the discriminator runs forward and backward once per critic pass, then once in the
+generator step: calls 0..k-1 on ``[real; fake]``, call k on ``fake`` (with BatchNorm real
+and fake run separately: 0..2k-1, then 2k); its first layer records ``grad_input`` only at
+that last call (the ``dL/dx`` carried into the generator; the critic's own backward passes
+compute none there, but are counted); its optimizer steps k times (calls 0..k-1). The
+generator runs forward k times (calls 0..k-1), backward and its optimizer once (call 0).
 
 Statistics are computed in float64 on host copies (``ops.to_numpy``), so the recorder works
 with every backend. Whole tensors (the activation, ``grad_input``, parameter gradients and
@@ -354,10 +354,11 @@ class Recorder:
         def make(orig):
             def backward(dy, *args, **kwargs):
                 dx = orig(dy, *args, **kwargs)
+                path = (mname, layer.name, "grad_input")
+                call = self._next_call(path)  # numbered per backward call, dx or not
                 if dx is not None:
-                    path = (mname, layer.name, "grad_input")
                     dxh = np.asarray(layer.ops.to_numpy(dx))
-                    self._add(path, self._next_call(path), tensor_stats(dxh), dxh)
+                    self._add(path, call, tensor_stats(dxh), dxh)
                 return dx
             return backward
         return make

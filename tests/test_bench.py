@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import types
 
 import pytest
 
@@ -172,7 +173,7 @@ def test_plot_without_matplotlib_names_the_extra(quick, tmp_path, monkeypatch, c
 
 
 @pytest.mark.parametrize("argv", [["--ops", "conv3d"], ["--batch", "0"], ["--repeats", "0"],
-                                  ["--backend", "tpu"], ["--from", "x.json"]])
+                                  ["--backend", "tpu"], ["--from", "x.json"], ["--ops", ","]])
 def test_usage_errors_exit_2(argv, capsys):
     assert bench.main(argv) == 2
     assert "error" in capsys.readouterr().err
@@ -184,6 +185,58 @@ def test_from_a_file_that_is_not_a_result(tmp_path, capsys):
     assert bench.main(["--from", str(bad), "--compare", str(bad)]) == 1
     assert "not a rawgan bench result" in capsys.readouterr().err
     assert bench.main(["--from", str(tmp_path / "missing.json"), "--plot"]) == 1
+
+
+def test_malformed_rows_and_bad_paths_fail_before_measuring(quick, tmp_path, capsys,
+                                                           monkeypatch):
+    path, result = quick
+    bad = tmp_path / "bad.json"
+    for rows in ([{"key": "x"}], [{**result["rows"][0], "time": {"median": 0.0}}]):
+        bad.write_text(json.dumps({**result, "rows": rows}))
+        assert bench.main(["--from", str(path), "--compare", str(bad)]) == 1
+        assert "is not a bench row" in capsys.readouterr().err
+    bad.write_text(json.dumps({**result, "machine": None}))
+    assert bench.main(["--from", str(path), "--compare", str(bad)]) == 0  # no machine: fine
+
+    def no_run(*a, **kw):
+        raise AssertionError("measured although the run's output could not be written")
+
+    monkeypatch.setattr(bench, "run", no_run)
+    assert bench.main(["--quick", "--ops", "dense", "--json", str(tmp_path)]) == 1
+    assert "not a file in an existing folder" in capsys.readouterr().err
+    assert bench.main(["--quick", "--ops", "dense", "--compare", str(tmp_path / "no.json")]) == 1
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_history_ratio_lines_are_per_batch(quick, tmp_path, monkeypatch):
+    """A run at another batch size is another line of the op-family plot, not a shift of
+    the same line."""
+    path, result = quick
+    lines = []
+
+    class Ax:
+        def plot(self, *a, label="", **kw):
+            lines.append(label)
+
+        def __getattr__(self, name):
+            return lambda *a, **kw: ([], []) if name == "get_legend_handles_labels" else None
+
+    class Plt:
+        def subplots(self, *a, **kw):
+            return types.SimpleNamespace(tight_layout=lambda: None,
+                                         savefig=lambda *a, **kw: None), (Ax(), Ax())
+
+        def close(self, fig):
+            pass
+
+    monkeypatch.setattr(bench, "_pyplot", lambda: Plt())
+    other = json.loads(json.dumps(result))
+    for r in other["rows"]:
+        r["batch"] = 2 * r["batch"]
+    bench.plot_history([result, other], tmp_path / "h.png")
+    fams = [lab for lab in lines if lab.startswith(("dense", "conv"))]
+    assert fams and len(fams) == len(set(fams))
+    assert any(f"b={result['rows'][0]['batch']} " in lab for lab in fams)
 
 
 def test_unavailable_backend_is_a_clear_error(capsys):

@@ -142,8 +142,9 @@ def test_call_numbering_in_a_training_step():
     assert rec.steps == [0, 1]
     d_act = rec.table("discriminator", "dense", "activation")
     assert list(d_act["step"]) == [0, 0, 1, 1] and list(d_act["call"]) == [0, 1, 0, 1]
-    # D's first layer computes dL/dx only in the generator step
-    assert list(rec.table("discriminator", "flatten", "grad_input")["call"]) == [0, 0]
+    # D's first layer computes dL/dx only in the generator step: its call 1, as for the
+    # other layers (the critic's backward is call 0 everywhere)
+    assert list(rec.table("discriminator", "flatten", "grad_input")["call"]) == [1, 1]
     assert len(rec.table("discriminator", "dense", "grad_input")["step"]) == 4
     # G's first layer never computes dL/dz
     assert ("generator", "dense", "grad_input") not in rec.tables
@@ -200,7 +201,7 @@ def test_hdf5_layout_and_roundtrip(tmp_path):
         assert t["discriminator"]["dense"]["activation"]["1"].shape == (8, 128)
         assert t["generator"]["dense"]["params"]["kernel"]["grad"]["0"].shape == (8, 128)
         assert t["generator"]["dense"]["params"]["kernel"]["update"]["0"].shape == (8, 128)
-        assert t["discriminator"]["flatten"]["grad_input"]["0"].shape == (8, 4, 4, 1)
+        assert t["discriminator"]["flatten"]["grad_input"]["1"].shape == (8, 4, 4, 1)
         assert set(f["tensors"]) == {"1"}
 
     back = Recorder.load(path)
@@ -353,6 +354,9 @@ def test_inspect_cli_end_to_end(capsys, mnist_dir, tmp_path):
     (["--compare-losses", "bce,gan"], "two or more different losses"),
     (["--hist-steps", "0,x"], "not a step number"),
     (["--steps", "0"], "--steps must be >= 1"),
+    (["--steps", "3", "--hist-steps", "0,7"], "step(s) 7 outside the 3 recorded steps"),
+    (["--steps", "3", "--hist-steps", "-4"], "step(s) -4 outside"),
+    (["--d-warmup", "5"], "give --compare-losses too"),
 ])
 def test_inspect_usage_errors(capsys, argv, message):
     from rawgan.cli import main
