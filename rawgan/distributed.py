@@ -40,8 +40,10 @@ batch's: one all-reduce of per-channel sums in the forward, one in the backward.
 Timeouts. Every collective is non-blocking (``Iallreduce`` / ``Ibcast`` / ``Ibarrier``),
 polled with ``Test()`` until ``timeout`` seconds have passed; then the rank prints which
 collective, at which step, timed out and calls ``MPI_Abort``, so a rank that died or hangs
-ends the job with a message instead of a hang. (A rank that exits with an error is
-noticed by ``mpiexec`` itself, which ends the job.)
+ends the job with a message instead of a hang. A rank that fails (an error not raised on
+every rank alike) prints its rank and calls ``MPI_Abort`` too, even before its communicator
+exists (:func:`abort_job`): a rank that merely exits would leave the others waiting, since
+MPI finalizes it as a normal end.
 
 Only rank 0 writes (checkpoints, samples, metrics, progress). A checkpoint holds global
 state only (identical weights, optimizer slots and random streams on every rank), so a run
@@ -51,6 +53,7 @@ resumes with any number of ranks that divides the batch size.
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 import sys
 import time
@@ -272,10 +275,7 @@ class MPICommunicator(Communicator):
         self.abort(1)
 
     def abort(self, code: int = 1) -> None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        time.sleep(0.5)  # let mpiexec forward this rank's last output before it kills the job
-        self.comm.Abort(code)
+        _abort(self.comm, code)
 
     # -- collectives -------------------------------------------------------------------
     def _host_op(self, buf, what: str, op) -> Any:
@@ -351,12 +351,15 @@ class NCCLCommunicator(MPICommunicator):
                               "cupy-cuda12x (NCCL ships with it)") from None
         self.cupy, self.nccl = cupy, nccl
         local = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED, key=self.rank)
-        self.local_rank = local.Get_rank()
+        self.local_rank, local_size = local.Get_rank(), local.Get_size()
         local.Free()
         n_dev = cupy.cuda.runtime.getDeviceCount()
         if n_dev < 1:
             raise RuntimeError("NCCLCommunicator: no CUDA device visible on this node")
-        self.device = cupy.cuda.Device(self.local_rank % n_dev)
+        if local_size > n_dev:  # NCCL refuses two ranks on one GPU
+            raise RuntimeError(f"NCCLCommunicator: {local_size} ranks on this node but "
+                               f"{n_dev} GPU(s): start at most one rank per GPU")
+        self.device = cupy.cuda.Device(self.local_rank)
         self.device.use()
         uid = nccl.get_unique_id() if self.rank == 0 else None
         uid = self.bcast_object(uid, what="NCCL unique id broadcast")
@@ -394,6 +397,29 @@ class NCCLCommunicator(MPICommunicator):
         self.bytes += buf.nbytes
         self.seconds += time.perf_counter() - t0
         return buf
+
+
+def _abort(comm, code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    time.sleep(0.5)  # let mpiexec forward this rank's last output before it kills the job
+    comm.Abort(code)
+    os._exit(code)  # MPICH's MPI_Abort may return to the caller before the job is killed
+
+
+def abort_job(exc: BaseException, what: str = "rawgan train") -> None:
+    """From a rank of an MPI job that failed before (or while) its communicator was made:
+    print the rank and the error, then ``MPI_Abort`` the whole job. Returns (and the caller
+    raises) when there is no MPI or only one process."""
+    mod = sys.modules.get("mpi4py.MPI")
+    if mod is None or not mod.Is_initialized() or mod.Is_finalized():
+        return
+    world = mod.COMM_WORLD
+    if world.Get_size() == 1:
+        return
+    print(f"{what}: rank {world.Get_rank()} of {world.Get_size()}: {type(exc).__name__}: "
+          f"{exc}; ending the job", file=sys.stderr, flush=True)
+    _abort(world, 1)
 
 
 def get(kind: str = "mpi", timeout: float = DEFAULT_TIMEOUT) -> Communicator:

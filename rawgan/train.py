@@ -657,7 +657,12 @@ def train(config: TrainConfig | Mapping[str, Any] | None = None, *, resume: bool
         cfg = TrainConfig.from_dict({**dict(config), **overrides})
     require_extras("PIL", "matplotlib", *(("tqdm",) if cfg.progress else ()))
     if comm is None:
-        comm = _communicator(cfg)
+        try:
+            comm = _communicator(cfg)
+        except BaseException as exc:  # one rank's failure must not leave the others waiting
+            if cfg.distributed:
+                distributed.abort_job(exc)
+            raise
     try:
         return _train(cfg, resume, comm)
     except BaseException as exc:
@@ -674,6 +679,8 @@ def _communicator(cfg: TrainConfig) -> distributed.Communicator:
     backend (CuPy arrays)."""
     if not cfg.distributed:
         return distributed.SingleProcess(cfg.collective_timeout)
+    if cfg.backend == "cupy":  # NCCL picks this rank's GPU before any kernel is loaded
+        return distributed.get("nccl", cfg.collective_timeout)
     ops = backends.get(cfg.backend)
     kind = "mpi" if ops.xp is np else "nccl"
     return distributed.get(kind, cfg.collective_timeout)
@@ -782,15 +789,20 @@ def _train(cfg: TrainConfig, resume: bool, comm: distributed.Communicator) -> di
             f"saving, {good}. Try a lower learning rate or another --loss.", at_step)
 
     def check_finite() -> None:
-        """Before samples, scores or a save: no model may hold NaN / inf (a diverged update
-        with finite losses); then nothing is written over the last good files."""
-        bad = [name for name, net in nets.items() if not all(
-            bool(np.isfinite(ops.to_numpy(a)).all()) for a in net.weights().values())]
+        """Before samples, scores or a save (every rank calls it): no model may hold NaN /
+        inf (a diverged update with finite losses); then nothing is written over the last
+        good files. One all-reduce of the flags, so every rank stops alike."""
+        flags = np.array([0.0 if all(bool(np.isfinite(ops.to_numpy(a)).all())
+                                     for a in net.weights().values()) else 1.0
+                          for net in nets.values()])
+        if ranks > 1:
+            comm.allreduce_max(flags, what="weights finiteness check")
+        bad = [name for name, f in zip(nets, flags, strict=True) if f > 0]
         if bad:
-            exc = diverged(step, epoch + (batch_in_epoch > 0),
-                           f"the {' and '.join(bad)} weights hold NaN or inf after the update "
-                           f"(the losses were finite)")
-            raise distributed.mark_agreed(exc) if ranks == 1 else exc
+            raise distributed.mark_agreed(diverged(
+                step, epoch + (batch_in_epoch > 0),
+                f"the {' and '.join(bad)} weights hold NaN or inf after the update (the "
+                f"losses were finite)"))
 
     def save() -> Path | None:
         check_finite()
@@ -962,9 +974,8 @@ def _train(cfg: TrainConfig, resume: bool, comm: distributed.Communicator) -> di
             if comm.bcast_object(last_saved["step"] != step or not (out / CHECKPOINT).exists(),
                                  what="final checkpoint decision"):
                 save()
-            if root:
-                check_finite()  # (save() checked already unless the last step was saved)
-                export()
+            if root:  # (the state exported is the one save() just checked, or checked
+                export()  # when this step was saved)
             if stopped == "interrupted":
                 _say(cfg, f"rawgan train: interrupted; saved {out / CHECKPOINT} at step "
                           f"{step}; continue with --resume")

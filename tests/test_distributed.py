@@ -578,6 +578,42 @@ def test_ctrl_c_stops_every_rank_at_the_same_step_and_saves(tmp_path):
 
 
 @needs_mpi
+def test_a_rank_failing_before_its_communicator_ends_the_job():
+    """Rank 1 fails while rank 0 already waits in a blocking call (as in the NCCL setup):
+    abort_job names the rank and ends the job; without it rank 0 would wait for ever (MPI
+    finalizes a rank that exits with an error as a normal end)."""
+    code = ("import sys, time\n"
+            "from mpi4py import MPI\n"
+            "from rawgan import distributed\n"
+            "if MPI.COMM_WORLD.Get_rank() == 1:\n"
+            "    distributed.abort_job(RuntimeError('no CUDA device'))\n"
+            "    sys.exit('abort_job returned')\n"
+            "MPI.COMM_WORLD.Barrier()\n")
+    t0 = time.perf_counter()
+    res = _run(["-c", code], 2, timeout=60)
+    assert res.returncode != 0
+    assert "rank 1 of 2: RuntimeError: no CUDA device; ending the job" in res.stderr
+    assert "abort_job returned" not in res.stderr
+    assert time.perf_counter() - t0 < 30
+
+
+@needs_mpi
+def test_weights_that_overflow_stop_every_rank_alike(tmp_path):
+    """Finite losses, but G's float32 update overflows to inf: the finiteness check before
+    the save is one all-reduce, so every rank raises the same TrainingDiverged, printed once,
+    and no checkpoint is written (not an abort from one rank)."""
+    out = tmp_path / "run"
+    argv = [a for a in RING if a not in ("--dtype", "float64")]
+    res = _run(["-m", "rawgan.cli", "train", "--quiet", "--distributed", "--out", str(out),
+                *argv, "--optimizer", "sgd", "--lr-g", "1e300", "--max-steps", "1"], 2)
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.count("training diverged at step 1") == 1, res.stderr
+    assert "generator weights hold NaN or inf" in res.stderr
+    assert "MPI_Abort" not in res.stderr and "ending the job" not in res.stderr
+    assert not (out / "checkpoint.h5").exists()
+
+
+@needs_mpi
 def test_batch_that_does_not_split_is_a_clear_error(tmp_path):
     res = _run(["-m", "rawgan.cli", "train", "--quiet", "--distributed", "--out",
                 str(tmp_path / "bad"), *RING, "--batch-size", "63", "--max-steps", "1"], 2)
