@@ -7,7 +7,9 @@ The rules (numpy_ops is the reference): a sum over no rows is 0 (bias gradient, 
 gradients of an empty batch, a product with inner size 0); batch normalization refuses an
 empty training batch and a missing channel axis with a ValueError (its statistics, and the
 moving ones it updates, would be NaN); a convolution whose input and kernel disagree on the
-channels is a ValueError naming both (not a GEMM's shape error).
+channels, and every other shape that does not fit (a bias, dy, gamma of the wrong length, the
+operands of an elementwise op), is a ValueError naming them (not a GEMM's shape error, not a
+silent broadcast, not a GPU kernel reading past an array).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from rawgan.backends.numpy_ops import conv_geometry
 
 
 def cases(rng: np.random.Generator):
-    """(name, op name, args, kwargs); args are NumPy arrays or plain values."""
+    """(name, op name, args, kwargs); args are NumPy arrays or plain values. Names starting
+    with "bad: " are inputs every backend must refuse with a ValueError."""
 
     def r(*s):
         return rng.standard_normal(s)
@@ -51,7 +54,31 @@ def cases(rng: np.random.Generator):
         out.append((f"conv2d_transpose_forward {xs}", "conv2d_transpose_forward",
                     (x, wt, None, st, pad), {}))
     for op, ws in (("conv2d_forward", (3, 3, 4, 2)), ("conv2d_transpose_forward", (3, 3, 2, 4))):
-        out.append((f"{op} channel mismatch", op, (r(1, 5, 5, 3), r(*ws), None, 2, "same"), {}))
+        out.append((f"bad: {op} channel mismatch", op,
+                    (r(1, 5, 5, 3), r(*ws), None, 2, "same"), {}))
+    # shapes that do not fit: a ValueError naming them on every backend (the GPU kernels
+    # would read or write past an array instead)
+    x23, c3 = r(2, 3), r(3)
+    out += [
+        ("bad: dense_forward inner mismatch", "dense_forward", (x23, r(4, 5), None), {}),
+        ("bad: dense_forward bias length", "dense_forward", (x23, r(3, 4), r(5)), {}),
+        ("bad: dense_backward dy shape", "dense_backward", (r(2, 5), x23, r(3, 4)), {}),
+        ("bad: bias_add_forward bias length", "bias_add_forward", (x23, r(4)), {}),
+        ("bad: leaky_relu_backward shapes", "leaky_relu_backward", (x23, r(4, 3)), {}),
+        ("bad: tanh_backward shapes", "tanh_backward", (x23, c3), {}),
+        ("bad: sigmoid_backward shapes", "sigmoid_backward", (x23, r(2, 4)), {}),
+        ("bad: dropout_backward shapes", "dropout_backward", (x23, r(2, 4)), {}),
+        ("bad: conv2d_forward bias length", "conv2d_forward",
+         (r(1, 5, 5, 2), r(3, 3, 2, 4), r(3), 1, "same"), {}),
+        ("bad: conv2d_backward dy batch", "conv2d_backward",
+         (r(2, 5, 5, 4), r(1, 5, 5, 2), r(3, 3, 2, 4), 1, "same"), {}),
+        ("bad: conv2d_transpose_backward dy shape", "conv2d_transpose_backward",
+         (r(1, 9, 9, 2), r(1, 5, 5, 4), r(3, 3, 2, 4), 2, "same"), {}),
+        ("bad: batchnorm_forward gamma length", "batchnorm_forward",
+         (x23, r(4), c3, np.zeros(3), np.ones(3)), {}),
+        ("bad: batchnorm_backward dy shape", "batchnorm_backward",
+         (r(4, 3), x23, c3, c3, np.abs(c3)), {}),
+    ]
     out.append(("batchnorm_forward 0 channels", "batchnorm_forward",
                 (np.zeros((3, 0)), np.zeros(0), np.zeros(0), np.zeros(0), np.ones(0)), {}))
     return out

@@ -172,6 +172,19 @@ def test_edge_shapes_on_the_parallel_path_equal_the_serial_path(forced):
                 close(g, w)
 
 
+def test_reference_refuses_every_bad_edge_case():
+    """The reference raises a ValueError for each "bad: " case of tests/edge_cases.py (so
+    check_backend's "same exception on every backend" means a refusal everywhere)."""
+    from edge_cases import cases
+
+    bad = [c for c in cases(np.random.default_rng(2)) if c[0].startswith("bad: ")]
+    assert len(bad) >= 15
+    for name, op, args, kw in bad:
+        with pytest.raises(ValueError):
+            getattr(ops, op)(*args, **kw)
+            pytest.fail(f"{name}: accepted")
+
+
 def test_reference_rules_for_empty_inputs():
     """A sum over no rows is 0; batch norm refuses an empty training batch (its statistics
     and the moving ones it updates would be NaN) and a missing channel axis."""

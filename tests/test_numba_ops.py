@@ -222,6 +222,19 @@ def test_edge_shapes_as_numpy():
     assert not check_backend(nb, nb.asarray, nb.to_numpy)
 
 
+def test_mixed_dtypes_are_refused():
+    """float32 with float64 in one op: a TypeError, as cupy_ops (a kernel is compiled for one
+    dtype; the float64 operand would be staged in float32)."""
+    rng = np.random.default_rng(2)
+    x32, w64 = randn(rng, (2, 3), np.float32), randn(rng, (3, 4), np.float64)
+    with pytest.raises(TypeError, match="mixed dtypes"):
+        nb.dense_forward(x32, w64, None)
+    with pytest.raises(TypeError, match="mixed dtypes"):
+        nb.bias_add_forward(x32, randn(rng, (3,), np.float64))
+    with pytest.raises(TypeError, match="mixed dtypes"):
+        nb.leaky_relu_backward(x32, randn(rng, (2, 3), np.float64))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_activations(dtype):
     rng = np.random.default_rng(1)

@@ -69,6 +69,7 @@ import numpy as np
 
 from . import BackendUnavailable
 from .numpy_ops import (
+    check_bias,
     check_conv,
     conv_geometry,
     conv_pads,
@@ -539,6 +540,7 @@ def dense_forward(x, w, b, leaky_alpha=None):
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
         raise ValueError(f"dense_forward: x {tuple(x.shape)} and w {tuple(w.shape)} do not "
                          f"multiply")
+    check_bias(b, w.shape[1], "dense_forward")
     n, k = x.shape
     m = w.shape[1]
     y = _empty((n, m), dt)
@@ -572,6 +574,7 @@ def conv2d_forward(x, w, b, stride=1, padding="valid", leaky_alpha=None):
     LeakyReLU(leaky_alpha) in its epilogue when given."""
     _dtype(x, w, b)
     check_conv(x, w, 2, "conv2d_forward")
+    check_bias(b, w.shape[3], "conv2d_forward")
     stride = pair(stride, "strides")
     ho, wo, pads = conv_geometry(x.shape[1], x.shape[2], w.shape[0], w.shape[1], stride,
                                  padding)
@@ -606,6 +609,7 @@ def conv2d_transpose_forward(x, w, b, stride=1, padding="valid", output_padding=
     ``leaky_alpha``: LeakyReLU in the epilogue."""
     _dtype(x, w, b)
     check_conv(x, w, 3, "conv2d_transpose_forward")
+    check_bias(b, w.shape[2], "conv2d_transpose_forward")
     stride = pair(stride, "strides")
     kh, kw, co, _ = w.shape
     n, h, wd, _ = x.shape

@@ -55,7 +55,12 @@ import numpy as np
 
 from .numpy_ops import (
     Padding,
+    check_bias,
+    check_channels,
     check_conv,
+    check_dense,
+    check_grad,
+    check_same_shape,
     conv_geometry,
     conv_transpose_geometry,
     leaky_fold_beta,
@@ -589,9 +594,20 @@ def _elementwise_kernels(scalar):
     return {k: v for k, v in locals().items() if k not in ("ZERO", "ONE", "scalar")}
 
 
+def _same_dtype(what: str, *arrays) -> None:
+    """One float dtype for every array of an op (the kernels are compiled per dtype; mixing
+    would stage one operand in the other's precision): a TypeError otherwise, as cupy_ops."""
+    dts = {np.dtype(a.dtype) for a in arrays if a is not None}
+    if len(dts) > 1:
+        raise TypeError(f"{what}: mixed dtypes {', '.join(sorted(map(str, dts)))}: convert "
+                        "one side first")
+
+
 def _elementwise(kernel_name: str, *arrays, args=(), out_count: int = 1, shape=None):
     """Run elementwise kernel ``kernel_name`` over flat views of ``arrays`` (plus scalar
-    ``args``, placed after the arrays); returns its ``out_count`` fresh outputs."""
+    ``args``, placed after the arrays); returns its ``out_count`` fresh outputs. Callers
+    check the shapes (the kernels index every array by the first's flat length)."""
+    _same_dtype(kernel_name, *arrays)
     first = arrays[0]
     shape = first.shape if shape is None else shape
     flats = [_dev(a).reshape(-1) for a in arrays]
@@ -618,6 +634,8 @@ def dense_forward(x, w, b, leaky_alpha=None):
     One tiled GEMM, the bias added as it stores. ``leaky_alpha``: LeakyReLU(y) instead.
     """
     x, w = _dev(x), _dev(w)
+    check_dense(x, w, b, "dense_forward")
+    _same_dtype("dense_forward", x, w, b)
     return _then_leaky(_gemm(load_plain, x, load_plain, w, x.shape[0], w.shape[1], x.shape[1],
                              bias=None if b is None else _dev(b)), leaky_alpha)
 
@@ -630,6 +648,9 @@ def dense_backward(dy, x, w, need_dx: bool = True, need_dw: bool = True):
     ``dx`` None when not ``need_dx``; ``dw``, ``db`` None when not ``need_dw``.
     """
     dy, x, w = _dev(dy), _dev(x), _dev(w)
+    check_dense(x, w, None, "dense_backward")
+    check_grad(dy, (x.shape[0], w.shape[1]), "dense_backward")
+    _same_dtype("dense_backward", dy, x, w)
     n, k_in = x.shape
     k_out = w.shape[1]
     dx = _gemm(load_plain, dy, load_transposed, w, n, k_in, k_out) if need_dx else None
@@ -679,6 +700,8 @@ def conv2d_forward(x, w, b, stride=1, padding: Padding = "valid", leaky_alpha=No
     """
     x, w = _dev(x), _dev(w)
     check_conv(x, w, 2, "conv2d_forward")
+    check_bias(b, w.shape[3], "conv2d_forward")
+    _same_dtype("conv2d_forward", x, w, b)
     stride = pair(stride, "strides")
     ho, wo, pads = conv_geometry(x.shape[1], x.shape[2], w.shape[0], w.shape[1], stride, padding)
     return _then_leaky(_conv(x, w, _geo(x.shape, (ho, wo), w.shape, stride, pads),
@@ -698,6 +721,8 @@ def conv2d_backward(dy, x, w, stride=1, padding: Padding = "valid", need_dx: boo
     stride = pair(stride, "strides")
     kh, kw, ci, co = w.shape
     ho, wo, pads = conv_geometry(x.shape[1], x.shape[2], kh, kw, stride, padding)
+    check_grad(dy, (x.shape[0], ho, wo, co), "conv2d_backward")
+    _same_dtype("conv2d_backward", dy, x, w)
     geo = _geo(x.shape, (ho, wo), w.shape, stride, pads)
     dw = db = None
     if need_dw:
@@ -718,6 +743,8 @@ def conv2d_transpose_forward(x, w, b, stride=1, padding: Padding = "valid",
     """
     x, w = _dev(x), _dev(w)
     check_conv(x, w, 3, "conv2d_transpose_forward")
+    check_bias(b, w.shape[2], "conv2d_transpose_forward")
+    _same_dtype("conv2d_transpose_forward", x, w, b)
     stride = pair(stride, "strides")
     kh, kw, co, ci = w.shape
     n, h, wd, _ = x.shape
@@ -741,6 +768,8 @@ def conv2d_transpose_backward(dy, x, w, stride=1, padding: Padding = "valid",
     kh, kw, co, ci = w.shape
     n, h, wd, _ = x.shape
     ho, wo, pads = conv_transpose_geometry(h, wd, kh, kw, stride, padding, output_padding)
+    check_grad(dy, (n, ho, wo, co), "conv2d_transpose_backward")
+    _same_dtype("conv2d_transpose_backward", dy, x, w)
     geo = _geo(dy.shape, (h, wd), (kh, kw), stride, pads)
     dx = _conv(dy, w, geo) if need_dx else None
     if not need_dw:
@@ -755,6 +784,7 @@ def conv2d_transpose_backward(dy, x, w, stride=1, padding: Padding = "valid",
 
 def bias_add_forward(x, b):
     """``y = x + b`` broadcast over the last (channel) axis.  x (..., C), b (C,)."""
+    check_bias(b, x.shape[-1] if x.ndim else 0, "bias_add_forward")
     return _elementwise("bias_add", x, _dev(b).reshape(-1), shape=x.shape)
 
 
@@ -775,6 +805,7 @@ def leaky_relu_forward(x, alpha: float = 0.3):
 
 def leaky_relu_backward(dy, x, alpha: float = 0.3):
     """dL/dx = dy * slope, slope = 1 if x > 0 else alpha (alpha at 0, as the reference)."""
+    check_same_shape("leaky_relu_backward", dy, x)
     return _elementwise("leaky_relu_bwd", dy, x, args=(_scalar(dy.dtype)(alpha),))
 
 
@@ -785,6 +816,7 @@ def relu_forward(x):
 
 def relu_backward(dy, x):
     """dL/dx = dy where x > 0, else 0."""
+    check_same_shape("relu_backward", dy, x)
     return _elementwise("relu_bwd", dy, x)
 
 
@@ -795,6 +827,7 @@ def tanh_forward(x):
 
 def tanh_backward(dy, y):
     """dL/dx = dy * (1 - y^2), written in terms of the OUTPUT y = tanh(x)."""
+    check_same_shape("tanh_backward", dy, y)
     return _elementwise("tanh_bwd", dy, y)
 
 
@@ -805,6 +838,7 @@ def sigmoid_forward(x):
 
 def sigmoid_backward(dy, y):
     """dL/dx = dy * y * (1 - y), written in terms of the OUTPUT y = sigmoid(x)."""
+    check_same_shape("sigmoid_backward", dy, y)
     return _elementwise("sigmoid_bwd", dy, y)
 
 
@@ -832,6 +866,9 @@ def batchnorm_forward(x, gamma, beta, moving_mean, moving_variance, momentum: fl
     if c == 0:
         raise ValueError(f"batchnorm_forward: x of shape {tuple(x.shape)} has no channel axis "
                          "(or 0 channels)")
+    check_channels("batchnorm_forward", c, gamma=gamma, beta=beta, moving_mean=moving_mean,
+                   moving_variance=moving_variance)
+    _same_dtype("batchnorm_forward", x, gamma, beta)
     x2 = x.reshape(-1, c)
     m = x2.shape[0]
     if training and m == 0:
@@ -866,6 +903,9 @@ def batchnorm_backward(dy, x, gamma, mean, inv_std, training: bool = True, leaky
     beta = leaky_fold_beta("batchnorm_backward", leaky_alpha, beta)
     dy, x = _dev(dy), _dev(x)
     gamma, mean, inv_std = _dev(gamma), _dev(mean), _dev(inv_std)
+    check_same_shape("batchnorm_backward", dy, x)
+    check_channels("batchnorm_backward", x.shape[-1], gamma=gamma, mean=mean, inv_std=inv_std,
+                   beta=beta)
     if beta is not None:
         y = _elementwise("bn_normalize", x, mean, inv_std, gamma, _dev(beta), shape=x.shape)
         dy = leaky_relu_backward(dy, y, leaky_alpha)
@@ -902,7 +942,10 @@ def dropout_forward(x, rate: float, rng: np.random.Generator, training: bool = T
 
 def dropout_backward(dy, mask):
     """dL/dx = dy * mask (the same mask, scale included, as the forward)."""
-    return dy if mask is None else _elementwise("multiply", dy, mask)
+    if mask is None:
+        return dy
+    check_same_shape("dropout_backward", dy, mask)
+    return _elementwise("multiply", dy, mask)
 
 
 def accumulate(acc, g) -> None:

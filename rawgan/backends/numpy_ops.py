@@ -564,6 +564,7 @@ def dense_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None,
     The rows of x are shared out to the workers (one GEMM each, BLAS single-threaded).
     ``leaky_alpha``: return ``leaky_relu_forward(y, leaky_alpha)`` instead (the fusion the GPU
     backends do in the GEMM epilogue; see :func:`_then_leaky`)."""
+    check_dense(x, w, b, "dense_forward")
     y = np.empty((x.shape[0], w.shape[1]), dtype=np.result_type(x, w))
 
     def body(k: int, lo: int, hi: int) -> None:
@@ -584,6 +585,8 @@ def dense_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, need_dx: bool =
     ``db`` are None when ``need_dw`` is False (only the input gradient is wanted).
     Each worker takes a range of rows n: its rows of dx, and its partial sums of dw and db.
     """
+    check_dense(x, w, None, "dense_backward")
+    check_grad(dy, (x.shape[0], w.shape[1]), "dense_backward")
     dx = np.empty(x.shape, dtype=dy.dtype) if need_dx else None
 
     def body(k: int, lo: int, hi: int):
@@ -603,6 +606,43 @@ def dense_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, need_dx: bool =
 # --------------------------------------------------------------------------------------
 # conv2d and its adjoint, the transposed conv2d
 # --------------------------------------------------------------------------------------
+
+def check_bias(b, c: int, what: str) -> None:
+    """``b`` None or of shape (c,): one value per output channel."""
+    if b is not None and tuple(b.shape) != (c,):
+        raise ValueError(f"{what}: bias has shape {tuple(b.shape)}, expected ({c},)")
+
+
+def check_grad(dy, shape, what: str) -> None:
+    """``dy`` of the forward output's shape."""
+    if tuple(dy.shape) != tuple(shape):
+        raise ValueError(f"{what}: dy has shape {tuple(dy.shape)}, expected {tuple(shape)} "
+                         "(the forward output's)")
+
+
+def check_same_shape(what: str, *arrays) -> None:
+    """Arrays an elementwise op pairs up element by element: one shape (no broadcasting)."""
+    shapes = {tuple(a.shape) for a in arrays}
+    if len(shapes) > 1:
+        raise ValueError(f"{what}: shapes {', '.join(str(tuple(a.shape)) for a in arrays)} "
+                         "differ (elementwise: they must match)")
+
+
+def check_channels(what: str, c: int, **vectors) -> None:
+    """Per-channel vectors (gamma, beta, statistics): each None or of shape (c,)."""
+    for name, v in vectors.items():
+        if v is not None and tuple(v.shape) != (c,):
+            raise ValueError(f"{what}: {name} has shape {tuple(v.shape)}, expected ({c},) "
+                             "(one value per channel)")
+
+
+def check_dense(x, w, b, what: str) -> None:
+    """x (N, in) and w (in, out) multiply; b None or (out,)."""
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
+        raise ValueError(f"{what}: x {tuple(x.shape)} and w {tuple(w.shape)} do not multiply "
+                         "(expected x (N, in), w (in, out))")
+    check_bias(b, w.shape[1], what)
+
 
 def check_conv(x, w, c_axis_of_w: int, what: str) -> None:
     """x must be NHWC and w a 4-D kernel whose axis ``c_axis_of_w`` (2: conv HWIO, 3: the
@@ -626,6 +666,7 @@ def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride=1,
     ``leaky_alpha``: LeakyReLU(y) instead, as :func:`_then_leaky`.
     """
     check_conv(x, w, 2, "conv2d_forward")
+    check_bias(b, w.shape[3], "conv2d_forward")
     stride = pair(stride, "strides")
     ho, wo, pads = conv_geometry(x.shape[1], x.shape[2], w.shape[0], w.shape[1], stride, padding)
     return _then_leaky(_conv_gather(x, w, stride, pads, (ho, wo), b=b), leaky_alpha)
@@ -645,6 +686,7 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, stride=1,
     stride = pair(stride, "strides")
     kh, kw, ci, co = w.shape
     ho, wo, pads = conv_geometry(x.shape[1], x.shape[2], kh, kw, stride, padding)
+    check_grad(dy, (x.shape[0], ho, wo, co), "conv2d_backward")
     dw = db = None
     if need_dw:
         dw, db = _conv_weight_grad(x, dy, w.shape, stride, pads, need_db=True)
@@ -665,6 +707,7 @@ def conv2d_transpose_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None,
     ``leaky_alpha``: LeakyReLU(y) instead, as :func:`_then_leaky`.
     """
     check_conv(x, w, 3, "conv2d_transpose_forward")
+    check_bias(b, w.shape[2], "conv2d_transpose_forward")
     stride = pair(stride, "strides")
     kh, kw, co, ci = w.shape
     n, h, wd, _ = x.shape
@@ -688,6 +731,7 @@ def conv2d_transpose_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, stri
     kh, kw, co, ci = w.shape
     n, h, wd, _ = x.shape
     ho, wo, pads = conv_transpose_geometry(h, wd, kh, kw, stride, padding, output_padding)
+    check_grad(dy, (n, ho, wo, co), "conv2d_transpose_backward")
     if not need_dw:
         return (_conv_gather(dy, w, stride, pads, (h, wd)) if need_dx else None), None, None
     if need_dx:  # one im2col of dy serves both GEMMs
@@ -713,6 +757,7 @@ def _by_rows(body, x: np.ndarray) -> list:
 
 def bias_add_forward(x: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``y = x + b`` broadcast over the last (channel) axis.  x (..., C), b (C,)."""
+    check_bias(b, x.shape[-1] if x.ndim else 0, "bias_add_forward")
     y = np.empty(np.broadcast_shapes(x.shape, b.shape), dtype=np.result_type(x, b))
     if y.ndim < 2:  # one row: its only axis is the channel axis, not rows to share out
         np.add(x, b, out=y)
@@ -753,6 +798,7 @@ def leaky_relu_backward(dy: np.ndarray, x: np.ndarray, alpha: float = 0.3) -> np
     Written as ``slope = alpha + (1 - alpha) * [x > 0]`` in place: three cheap passes, about
     4x faster than ``np.where(x > 0, dy, alpha * dy)``.
     """
+    check_same_shape("leaky_relu_backward", dy, x)
     alpha = float(alpha)
     slope = np.empty_like(dy)
 
@@ -801,6 +847,7 @@ def relu_forward(x: np.ndarray) -> np.ndarray:
 
 def relu_backward(dy: np.ndarray, x: np.ndarray) -> np.ndarray:
     """dL/dx = dy where x > 0, else 0."""
+    check_same_shape("relu_backward", dy, x)
     return np.where(x > 0, dy, 0).astype(dy.dtype, copy=False)
 
 
@@ -813,6 +860,7 @@ def tanh_forward(x: np.ndarray) -> np.ndarray:
 
 def tanh_backward(dy: np.ndarray, y: np.ndarray) -> np.ndarray:
     """dL/dx = dy * (1 - y^2), written in terms of the OUTPUT y = tanh(x)."""
+    check_same_shape("tanh_backward", dy, y)
     dx = np.empty_like(dy)
 
     def body(r) -> None:
@@ -833,6 +881,7 @@ def sigmoid_forward(x: np.ndarray) -> np.ndarray:
 
 def sigmoid_backward(dy: np.ndarray, y: np.ndarray) -> np.ndarray:
     """dL/dx = dy * y * (1 - y), written in terms of the OUTPUT y = sigmoid(x)."""
+    check_same_shape("sigmoid_backward", dy, y)
     return dy * y * (1 - y)
 
 
@@ -882,6 +931,8 @@ def batchnorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray,
     if c == 0:
         raise ValueError(f"batchnorm_forward: x of shape {x.shape} has no channel axis "
                          "(or 0 channels)")
+    check_channels("batchnorm_forward", c, gamma=gamma, beta=beta, moving_mean=moving_mean,
+                   moving_variance=moving_variance)
     x2 = x.reshape(-1, c)
     m = x2.shape[0]
     if training and m == 0:  # the batch statistics (and so the moving ones) would be NaN
@@ -923,7 +974,9 @@ def batchnorm_backward(dy: np.ndarray, x: np.ndarray, gamma: np.ndarray, mean: n
     the forward's own formula (so no copy of y is kept; the GPU kernels do this as they read).
     """
     beta = leaky_fold_beta("batchnorm_backward", leaky_alpha, beta)
+    check_same_shape("batchnorm_backward", dy, x)
     c = x.shape[-1]
+    check_channels("batchnorm_backward", c, gamma=gamma, mean=mean, inv_std=inv_std, beta=beta)
     dy2, x2 = dy.reshape(-1, c), x.reshape(-1, c)
     if beta is not None:
         y2 = _bn_affine(x2, mean, gamma * inv_std, beta, training, np.empty_like(x2))
@@ -1016,6 +1069,7 @@ def dropout_backward(dy: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     """dL/dx = dy * mask (the same mask, scale included, as the forward)."""
     if mask is None:
         return dy
+    check_same_shape("dropout_backward", dy, mask)
     dx = np.empty_like(dy)
     _by_rows(lambda r: np.multiply(dy[r], mask[r], out=dx[r]), dy)
     return dx
