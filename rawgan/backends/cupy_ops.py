@@ -69,14 +69,13 @@ import numpy as np
 
 from . import BackendUnavailable
 from .numpy_ops import (
-    check_bias,
-    check_conv,
     conv_geometry,
     conv_pads,
     conv_transpose_geometry,
     leaky_fold_beta,
     pair,
 )
+from .shapes import check_bias, check_conv
 
 __all__ = [
     "asarray", "to_numpy", "synchronize", "check_available", "pair", "conv_pads",

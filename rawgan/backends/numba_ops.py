@@ -53,18 +53,21 @@ import math
 
 import numpy as np
 
-from .numpy_ops import (
+from .numpy_ops import (  # noqa: F401  (conv_pads: re-exported, as cupy_ops does)
     Padding,
+    conv_geometry,
+    conv_pads,
+    conv_transpose_geometry,
+    leaky_fold_beta,
+    pair,
+)
+from .shapes import (
     check_bias,
     check_channels,
     check_conv,
     check_dense,
     check_grad,
     check_same_shape,
-    conv_geometry,
-    conv_transpose_geometry,
-    leaky_fold_beta,
-    pair,
 )
 
 try:  # numba is only imported when backend "numba" is asked for (rawgan.backends.get)
@@ -946,6 +949,125 @@ def dropout_backward(dy, mask):
         return dy
     check_same_shape("dropout_backward", dy, mask)
     return _elementwise("multiply", dy, mask)
+
+
+# --------------------------------------------------------------------------------------
+# optimizers: one grid-stride kernel per tensor, updating it in place
+# --------------------------------------------------------------------------------------
+
+@functools.cache
+def _optimizer_kernels(scalar):
+    """Compile the update kernels for one dtype; the formulas (and their order of
+    operations) are numpy_ops.adam_update / sgd_update / rmsprop_update's."""
+    ONE = scalar(1)
+
+    @cuda.jit(device=True)
+    def clipped(v, clip, do_clip):
+        # WGAN weight clipping: clip(v, -c, c)
+        if do_clip:
+            return min(max(v, -clip), clip)
+        return v
+
+    @cuda.jit
+    def adam(p, g, m, v, alpha, c1, c2, eps, clip, do_clip):
+        # m += (1 - b1)(g - m);  v += (1 - b2)(g^2 - v);  p -= alpha m / (sqrt(v) + eps)
+        for e in range(cuda.grid(1), p.shape[0], cuda.gridsize(1)):
+            ge = g[e]
+            me = m[e] + (ge - m[e]) * c1
+            ve = v[e] + (ge * ge - v[e]) * c2
+            m[e] = me
+            v[e] = ve
+            p[e] = clipped(p[e] - me * alpha / (math.sqrt(ve) + eps), clip, do_clip)
+
+    @cuda.jit
+    def sgd(p, g, vel, lr, mu, nesterov, has_vel, clip, do_clip):
+        # v = mu v - lr g;  p += v  (Nesterov: p += mu v - lr g);  no velocity: p -= lr g
+        for e in range(cuda.grid(1), p.shape[0], cuda.gridsize(1)):
+            ge = g[e]
+            if has_vel:
+                ve = vel[e] * mu - lr * ge
+                vel[e] = ve
+                step = mu * ve - lr * ge if nesterov else ve
+                p[e] = clipped(p[e] + step, clip, do_clip)
+            else:
+                p[e] = clipped(p[e] - lr * ge, clip, do_clip)
+
+    @cuda.jit
+    def rmsprop(p, g, acc, lr, rho, eps, clip, do_clip):
+        # a = rho a + (1 - rho) g^2;  p -= lr g / (sqrt(a) + eps)
+        for e in range(cuda.grid(1), p.shape[0], cuda.gridsize(1)):
+            ge = g[e]
+            a = acc[e] * rho + (ONE - rho) * ge * ge
+            acc[e] = a
+            p[e] = clipped(p[e] - lr * ge / (math.sqrt(a) + eps), clip, do_clip)
+
+    return {"adam": adam, "sgd": sgd, "rmsprop": rmsprop}
+
+
+def _flat_tensors(what: str, params, *slots) -> list[list]:
+    """Each tensor list as flat views (the tensors themselves, updated in place)."""
+    out = []
+    for lst in (params, *slots):
+        if lst is None:
+            out.append(None)
+            continue
+        if len(lst) != len(params):
+            raise ValueError(f"{what}: the tensor lists differ in length")
+        flat = []
+        for a, p in zip(lst, params, strict=True):
+            if a.shape != p.shape:
+                raise ValueError(f"{what}: shapes {tuple(a.shape)} and {tuple(p.shape)} differ")
+            if not a.flags.c_contiguous:
+                raise ValueError(f"{what}: tensors must be C-contiguous")
+            flat.append(a.reshape(-1))
+        out.append(flat)
+    return out
+
+
+def _clip_args(scalar, clip_value):
+    return scalar(0 if clip_value is None else clip_value), clip_value is not None
+
+
+def adam_update(params, grads, ms, vs, alpha: float, beta_1: float, beta_2: float,
+                epsilon: float, clip_value: float | None = None) -> None:
+    """Adam in place on every tensor, as numpy_ops.adam_update (alpha bias-corrected by the
+    caller): ``m += (1 - b1)(g - m); v += (1 - b2)(g^2 - v); p -= alpha m / (sqrt(v) + eps)``,
+    then clipping when ``clip_value`` is given. One kernel launch per tensor."""
+    ps, gs, mm, vv = _flat_tensors("adam_update", params, grads, ms, vs)
+    for p, g, m, v in zip(ps, gs, mm, vv, strict=True):
+        _same_dtype("adam_update", p, g, m, v)
+        t = _scalar(p.dtype)
+        _optimizer_kernels(t)["adam"][_grid_1d(p.size)](
+            p, g, m, v, t(alpha), t(1.0 - beta_1), t(1.0 - beta_2), t(epsilon),
+            *_clip_args(t, clip_value))
+
+
+def sgd_update(params, grads, velocities, lr: float, momentum: float = 0.0,
+               nesterov: bool = False, clip_value: float | None = None) -> None:
+    """SGD in place, as numpy_ops.sgd_update: ``v = mu v - lr g; p += v`` (Nesterov:
+    ``p += mu v - lr g``); momentum 0: ``p -= lr g`` (``velocities`` may then be None)."""
+    if momentum != 0.0 and velocities is None:
+        raise ValueError("sgd_update: momentum != 0 needs the velocity tensors")
+    has_vel = momentum != 0.0
+    ps, gs, vs = _flat_tensors("sgd_update", params, grads, velocities if has_vel else None)
+    for i, (p, g) in enumerate(zip(ps, gs, strict=True)):
+        t = _scalar(p.dtype)
+        vel = vs[i] if has_vel else _empty((1,), p.dtype)  # (not read without momentum)
+        _same_dtype("sgd_update", p, g, vel)
+        _optimizer_kernels(t)["sgd"][_grid_1d(p.size)](
+            p, g, vel, t(lr), t(momentum), bool(nesterov), has_vel, *_clip_args(t, clip_value))
+
+
+def rmsprop_update(params, grads, accumulators, lr: float, rho: float = 0.9,
+                   epsilon: float = 1e-7, clip_value: float | None = None) -> None:
+    """RMSprop in place, as numpy_ops.rmsprop_update (epsilon outside the square root):
+    ``a = rho a + (1 - rho) g^2; p -= lr g / (sqrt(a) + eps)``."""
+    ps, gs, aa = _flat_tensors("rmsprop_update", params, grads, accumulators)
+    for p, g, a in zip(ps, gs, aa, strict=True):
+        _same_dtype("rmsprop_update", p, g, a)
+        t = _scalar(p.dtype)
+        _optimizer_kernels(t)["rmsprop"][_grid_1d(p.size)](
+            p, g, a, t(lr), t(rho), t(epsilon), *_clip_args(t, clip_value))
 
 
 def accumulate(acc, g) -> None:
