@@ -106,6 +106,8 @@ TILE = 4 if SIMULATOR else 16
 #: Threads per block of the 1-D (elementwise, gather) kernels, and the most blocks they
 #: launch: grid-stride loops make any grid correct, so the simulator runs few threads.
 THREADS_1D = 8 if SIMULATOR else 256
+#: the longest run of one GEMM's inner dimension a thread sums before a split-K boundary
+MAX_K_CHUNK = 4096
 MAX_BLOCKS_1D = 2 if SIMULATOR else 65535
 
 #: Fill fresh outputs with NaN before the kernel that should overwrite them (tests).
@@ -309,6 +311,9 @@ def _gemm(load_a, a, load_b, b, M: int, N: int, K: int, geo=NO_GEO, bias=None,
     if splits is None:
         splits = 1 if K <= 8 * TILE else min(max(1, _target_blocks() // tiles),
                                               K // (4 * TILE), 64)
+        # and at most MAX_K_CHUNK terms summed one after another in a float32 accumulator
+        # (~sqrt(K) eps rounding: a batch-1024 weight gradient sums K = 200,704 pixels)
+        splits = max(splits, min(64, -(-K // MAX_K_CHUNK)))
     splits = max(1, min(int(splits), -(-K // TILE)))
     k_chunk = -(-K // (splits * TILE)) * TILE  # >= K / splits, a multiple of TILE
     splits = -(-K // k_chunk)  # no empty chunk
