@@ -88,6 +88,9 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+_ROW_SUM_TOL = 1e-4  # |sum_k t_nk - 1| allowed: float32 rounding of K terms, with room
+
+
 def _targets(labels: np.ndarray, n: int, k: int, dtype) -> np.ndarray:
     """Integer labels (N,) -> one-hot (N, K); (N, K) probability rows pass through."""
     labels = np.asarray(labels)
@@ -107,8 +110,21 @@ def _targets(labels: np.ndarray, n: int, k: int, dtype) -> np.ndarray:
     if labels.shape != (n, k):
         raise ValueError(f"softmax_cross_entropy: targets of shape {labels.shape} do not "
                          f"match logits ({n}, {k}); pass (N,) integer labels or (N, K) rows")
+    if labels.dtype.kind not in "fiub":
+        raise TypeError(f"softmax_cross_entropy: targets must be real numbers, got "
+                        f"{labels.dtype}")
     if not np.all(np.isfinite(labels)):
         raise ValueError("softmax_cross_entropy: targets contain NaN or inf")
+    if labels.min() < 0:
+        raise ValueError(f"softmax_cross_entropy: target probabilities must be >= 0, got "
+                         f"{labels.min()}")
+    # dL/dz = p - t relies on sum_k t_k = 1 (the general form is p sum_k t_k - t).
+    row_sums = labels.sum(axis=1, dtype=np.float64)
+    worst = int(np.argmax(np.abs(row_sums - 1)))
+    if abs(row_sums[worst] - 1) > _ROW_SUM_TOL:
+        raise ValueError(f"softmax_cross_entropy: each target row must sum to 1 (a "
+                         f"distribution over the {k} classes); row {worst} sums to "
+                         f"{row_sums[worst]:.6g}")
     return labels.astype(dtype, copy=False)
 
 

@@ -58,7 +58,12 @@ def critic_step(G: Sequential, D: Sequential, opt_d, kind: str, real, z) -> tupl
     D sees ``[real; fake]`` as one batch of 2N (one GEMM per layer instead of two) unless it
     contains batch normalization, whose statistics would then mix the two batches.
     """
+    losses._check_kind(kind)  # before any forward pass: a typo costs nothing
     fake = G.forward(z, training=True)
+    if tuple(real.shape[1:]) != tuple(fake.shape[1:]):
+        raise ValueError(f"critic_step: real images of shape {tuple(real.shape[1:])} but the "
+                         f"generator makes {tuple(fake.shape[1:])} (batch shapes "
+                         f"{tuple(real.shape)} and {tuple(fake.shape)})")
     n = real.shape[0]
     D.zero_grad()
     if _has_batchnorm(D):
@@ -87,6 +92,7 @@ def generator_step(G: Sequential, D: Sequential, opt_g, kind: str, fake) -> tupl
     ``fake`` must be ``G.forward(z)`` with G's cache still in place (the last critic step's).
     Returns (g_loss, fake_logits).
     """
+    losses._check_kind(kind)
     fake_logits = D.forward(fake, training=True)
     g_loss, d_f = losses.generator_loss(kind, fake_logits)
     dx = D.backward(d_f, param_grads=False)  # only dL/d(fake image) is needed from D
@@ -102,6 +108,7 @@ def train_step(G: Sequential, D: Sequential, opt_g, opt_d, kind: str, reals: Seq
 
     ``noise(n)`` returns a noise batch (n, noise_dim) on G's backend.
     """
+    losses._check_kind(kind)
     if len(reals) < 1:
         raise ValueError("train_step: need at least one real batch (k >= 1 critic steps)")
     for real in reals:

@@ -128,8 +128,8 @@ def bce_with_logits(logits: Array, targets: Array | float) -> tuple[float, Array
         Raw scores ``l_i``; the predicted probability is ``s(l_i)``.
     targets : array of the same shape as ``logits``, or a real number
         Target probabilities ``y_i`` in ``[0, 1]`` (0/1 labels, or smoothed labels
-        such as 0.9). A number is used for every element. Arrays are cast to the
-        logits' dtype.
+        such as 0.9). A number (Python, NumPy scalar or 0-d array) is used for every
+        element. Arrays are cast to the logits' dtype.
 
     Returns
     -------
@@ -154,7 +154,7 @@ def bce_with_logits(logits: Array, targets: Array | float) -> tuple[float, Array
     """
     _check_logits(logits, "logits")
     xp = _array_module(logits)
-    if hasattr(targets, "shape"):
+    if hasattr(targets, "shape") and len(targets.shape) > 0:
         if tuple(targets.shape) != tuple(logits.shape):
             raise ValueError(
                 f"targets shape {tuple(targets.shape)} must equal logits shape "

@@ -67,10 +67,23 @@ def test_softmax_cross_entropy_gradient_rows_sum_to_zero():
     (np.zeros((2, 3)), np.array([0, 1, 2]), ValueError),            # count mismatch
     (np.zeros((2, 3)), np.array([0.0, 1.0]), TypeError),            # float labels
     (np.zeros((2, 3)), np.zeros((2, 4)), ValueError),               # target shape
+    (np.zeros((2, 3)), np.full((2, 3), 0.5), ValueError),           # rows sum to 1.5
+    (np.zeros((2, 3)), np.array([[1.5, -0.5, 0], [1, 0, 0]]), ValueError),  # negative
+    (np.zeros((2, 3)), np.array([[1, 0, 0], [0, 0, 0]]).astype(complex), TypeError),
 ])
 def test_softmax_cross_entropy_rejects_bad_input(bad, labels, err):
     with pytest.raises(err):
         C.softmax_cross_entropy(bad, labels)
+
+
+def test_soft_targets_that_are_not_distributions_are_named():
+    with pytest.raises(ValueError, match=r"row 1 sums to 0\.9"):
+        C.softmax_cross_entropy(np.zeros((2, 3)), np.array([[1, 0, 0], [0.5, 0.4, 0]]))
+    with pytest.raises(ValueError, match=r"must be >= 0, got -0\.5"):
+        C.softmax_cross_entropy(np.zeros((2, 3)), np.array([[1.5, -0.5, 0], [1, 0, 0]]))
+    # float32 rounding of a Dirichlet row is inside the tolerance
+    t = np.random.default_rng(0).dirichlet(np.ones(10), size=50).astype(np.float32)
+    C.softmax_cross_entropy(np.zeros((50, 10), np.float32), t)
 
 
 def test_softmax_cross_entropy_torch_twin():

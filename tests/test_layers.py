@@ -357,3 +357,15 @@ def test_optimizer_state_of_a_converted_model_is_refused():
     m.backward(rand(4, 2, dtype=np.float64))
     with pytest.raises(ValueError, match="now float64 .* state is float32"):
         opt.step()
+
+
+def test_deepcopy_of_a_model_copies_arrays_and_shares_the_backend():
+    import copy
+
+    m = models.build("mlp", seed=0, dtype=np.float64)[0]
+    twin = copy.deepcopy(m)
+    assert twin.ops is m.ops and twin.layers[0].ops is m.ops
+    z = RNG.standard_normal((3, 100))
+    np.testing.assert_array_equal(twin.forward(z, training=False), m.forward(z, training=False))
+    twin.layers[0].params["kernel"][...] = 0.0  # the copy owns its arrays
+    assert (m.layers[0].params["kernel"] != 0).any()

@@ -395,6 +395,16 @@ def test_bad_targets():
         bce_with_logits(logits, "ones")
 
 
+@pytest.mark.parametrize("target", [0.9, np.float64(0.9), np.float32(0.9), np.array(0.9)])
+def test_scalar_targets_of_every_kind_match_a_full_array(target):
+    """A NumPy scalar or 0-d array is a number, not an array of the wrong shape."""
+    logits = np.random.default_rng(0).normal(size=5)
+    loss, grad = bce_with_logits(logits, target)
+    ref_loss, ref_grad = bce_with_logits(logits, np.full(5, float(target)))
+    assert loss == ref_loss
+    np.testing.assert_array_equal(grad, ref_grad)
+
+
 # ------------------------------------------------------------------- dtype and shape
 
 

@@ -12,6 +12,7 @@ A layer owns three dicts keyed by Keras names:
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from types import ModuleType
@@ -64,6 +65,16 @@ class Layer:
         self.dtype: np.dtype | None = None
         self.rng: np.random.Generator | None = None  # set by Sequential, or drawn at build
         self._cache: dict | None = None
+
+    def __deepcopy__(self, memo: dict) -> Layer:
+        """``copy.deepcopy(model)``: every array copied (an EMA generator, a frozen critic);
+        the backend module is shared, not copied (a module cannot be)."""
+        twin = type(self).__new__(type(self))
+        memo[id(self)] = twin
+        for key, value in self.__dict__.items():
+            twin.__dict__[key] = value if isinstance(value, ModuleType) else copy.deepcopy(
+                value, memo)
+        return twin
 
     # -- identity ---------------------------------------------------------------------------
     @property
