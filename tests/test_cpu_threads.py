@@ -219,7 +219,8 @@ def test_finite_differences_on_the_parallel_path(forced, case):
     assert max(errors.values()) < TOLERANCE, errors
 
 
-def test_same_thread_count_gives_bitwise_identical_results():
+def test_same_thread_count_gives_bitwise_identical_results(forced):
+    """Three threads each time (the fixture), so the chunked reductions are exercised."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((64, 14, 14, 8)).astype(np.float32)
     w = rng.standard_normal((5, 5, 8, 16)).astype(np.float32)

@@ -231,16 +231,52 @@ def test_tf32_path_within_its_tolerance(ops, monkeypatch, tile):
             assert _rel(g, r) < 3e-3
 
 
+def launches(monkeypatch) -> list[tuple[str, tuple]]:
+    """Record every (kernel name, args) cupy_ops launches from now on."""
+    seen: list[tuple[str, tuple]] = []
+    real = cupy_ops._launch
+
+    def recording(filename, kernel, grid, block, args):
+        seen.append((kernel, tuple(args)))
+        return real(filename, kernel, grid, block, args)
+
+    monkeypatch.setattr(cupy_ops, "_launch", recording)
+    return seen
+
+
 @pytest.mark.parametrize("tile", ["L", "M", "S", "T"])
 @pytest.mark.parametrize("sms", [1, 1000])
-def test_conv_every_tile_with_and_without_split_k(ops, tile, sms):
+def test_conv_every_tile_with_and_without_split_k(ops, monkeypatch, tile, sms):
     cupy_ops.FORCE_TILE = tile
-    cupy_ops._device_info["sms"] = sms  # 1: no split-K; 1000: many splits
+    cupy_ops._device_info["sms"] = sms  # 1: at most 2 splits (2 blocks/SM); 1000: many
+    monkeypatch.setattr(cupy_ops, "MAX_K_CHUNK", 1 << 30)  # the SM count alone decides
+    seen = launches(monkeypatch)
     rng = np.random.default_rng(6)
     for case in ((2, 9, 11, 4, 8, 3, 2, "same", 1), (3, 10, 10, 3, 5, 4, 3, 1, None),
                  (8, 14, 14, 64, 128, 5, 2, "same", None)):
         for dtype in DTYPES:
             check_conv_case(ops, case, dtype, rng)
+    splits = [int(args[1]) for name, args in seen if name.startswith("splitk_reduce_")]
+    if sms == 1:
+        assert max(splits, default=1) <= 2, splits
+    else:
+        assert max(splits, default=1) >= 8, splits
+
+
+def test_weight_gradient_sums_at_most_max_k_chunk_pixels_per_split(ops, monkeypatch):
+    """A weight gradient over N*Ho*Wo = 4,608 pixels with the cap lowered to 256: at least
+    18 splits even on a 1-SM device, each chunk <= 256 pixels, and the result unchanged."""
+    monkeypatch.setattr(cupy_ops, "MAX_K_CHUNK", 256)
+    cupy_ops._device_info["sms"] = 1
+    seen = launches(monkeypatch)
+    check_conv_case(ops, (8, 24, 24, 3, 4, 3, 1, "same", None), np.float32,
+                    np.random.default_rng(12))
+    wgrad = [args for name, args in seen if name.startswith("conv_wgrad_")]
+    assert wgrad, "no weight-gradient launch"
+    chunks = [int(args[-3]) for args in wgrad]  # (x, dy, out, *geometry, chunk, vec, vec)
+    splits = [int(args[1]) for name, args in seen if name.startswith("splitk_reduce_")]
+    assert max(chunks) <= 256 and len(splits) == len(wgrad) and min(splits) >= 18, (
+        chunks, splits)
 
 
 def test_non_contiguous_inputs(ops):
@@ -362,12 +398,13 @@ def test_gan_losses_match_rawgan_losses(ops, kind, dtype):
     r[0, 0], f[0, 0] = 40.0, -40.0
     loss, dr, df = ops.gan_discriminator_loss(kind, ops.asarray(r), ops.asarray(f))
     ref, ref_dr, ref_df = losses.discriminator_loss(kind, *f64(r, f))
-    assert abs(float(loss) - ref) <= 1e-5 * max(1.0, abs(ref))
+    tol = TOL[dtype]
+    assert abs(float(loss) - ref) <= tol * max(1.0, abs(ref))
     close(dr, ref_dr, "d_real")
     close(df, ref_df, "d_fake")
     loss, df = ops.gan_generator_loss(kind, ops.asarray(f))
     ref, ref_df = losses.generator_loss(kind, *f64(f))
-    assert abs(float(loss) - ref) <= 1e-5 * max(1.0, abs(ref))
+    assert abs(float(loss) - ref) <= tol * max(1.0, abs(ref))
     close(df, ref_df, "g d_fake")
 
 
@@ -388,8 +425,13 @@ def test_adam_update_matches_rawgan_optim(ops, dtype):
     for t in (1, 2):
         alpha = 1e-3 * (1 - 0.999**t) ** 0.5 / (1 - 0.9**t)
         ops.adam_update(P, Gr, M, V, alpha, 0.9, 0.999, 1e-7)
-    for (name, p, _), Pd in zip(G.parameters(), P, strict=True):
+    slots = opt.state_dict()["slots"]
+    for (name, p, _), p0, Pd, Md, Vd in zip(G.parameters(), ps, P, M, V, strict=True):
         close(Pd, p, name)
+        # the update itself (p - p0 is ~1e-3 of p: comparing p alone would hide its error)
+        close(Pd - ops.asarray(p0), p - p0, f"{name} update")
+        close(Md, slots[f"{name}/m"], f"{name} m")
+        close(Vd, slots[f"{name}/v"], f"{name} v")
 
 
 # -- whole training steps ---------------------------------------------------------------
@@ -407,9 +449,15 @@ def _train(ops, dtype, steps, batch, model="dcgan"):
     return np.array(out), {k: ops.to_numpy(v) for k, v in G.get_weights().items()}
 
 
-@pytest.mark.parametrize("dtype, steps, rtol", [(np.float64, 5, 1e-9), (np.float32, 3, 2e-3)])
+@pytest.mark.parametrize("dtype, steps, rtol", [(np.float64, 5, 1e-9), (np.float32, 3, 1e-4)])
 def test_dcgan_training_tracks_numpy(ops, dtype, steps, rtol):
-    """Same seeds, host-drawn dropout uniforms: the GPU run's losses track NumPy's."""
+    """Same seeds, host-drawn dropout uniforms: the GPU run's losses and weights track
+    NumPy's in the same dtype. float32: on the CPU emulator (same kernels, host FP) the
+    losses of 3 steps differ from NumPy float32 by <= 1.3e-5 relative (Adam's first steps,
+    ~lr * sign(g), amplify rounding); 1e-4 leaves room for the GPU's FMA contraction.
+    The float32 weights are not compared: where a gradient is rounding noise, Adam's step
+    m / sqrt(v) is +-1 whatever its size, so those elements differ by up to 2 lr per step
+    (emulator: 4.6e-4 after 3 steps) while the losses, which they barely move, agree."""
     got, w_got = _train(ops, dtype, steps, 64)
     want, w_want = _train(numpy_ops, dtype, steps, 64)
     np.testing.assert_allclose(got, want, rtol=rtol, atol=1e-6)

@@ -200,6 +200,16 @@ def test_classifier_score_constant_or_uncertain_is_one():
     assert M.classifier_score_from_probs(two, splits=10)[0] == pytest.approx(2.0)
 
 
+def test_classifier_score_std_is_over_the_splits():
+    """Two splits of different scores: chunk 1 balanced over 10 classes (10), chunk 2 over
+    2 classes (2); the mean and the population std of [10, 2]."""
+    ten = np.eye(10)[np.arange(1000) % 10]
+    two = np.eye(10)[np.arange(1000) % 2]
+    mean, std = M.classifier_score_from_probs(np.concatenate([ten, two]), splits=2)
+    assert mean == pytest.approx(6.0) and std == pytest.approx(np.std([10.0, 2.0]))
+    assert std == pytest.approx(4.0)
+
+
 def test_classifier_score_warnings_and_errors():
     probs = np.eye(10)[np.arange(50) % 10]
     with pytest.warns(M.SampleSizeWarning, match="per split"):

@@ -105,6 +105,8 @@ TILES = {"L": (128, 128), "M": (128, 64), "S": (64, 64), "T": (256, 4)}
 #: Force one tile configuration (tests use it to exercise every kernel); None: heuristic.
 FORCE_TILE: str | None = None
 _BK = 8            # the K slab of every tile configuration
+#: the longest run of a weight gradient's pixel sum one thread does before a split-K boundary
+MAX_K_CHUNK = 4096
 _THREADS = 256     # threads per block of the GEMM-shaped and elementwise kernels
 _CHUNK = 4096      # elements per block of the multi-tensor optimizer kernels
 
@@ -514,6 +516,9 @@ def _conv_wgrad(x, dy, w_shape, stride, pads):
     tiles = -(-k // bm) * -(-o // bn)
     slabs = -(-p // _BK)
     s = max(1, min((2 * _sm_count()) // tiles, slabs // 8, 1024))  # >= 8 slabs per split
+    # and at most MAX_K_CHUNK pixels summed one after another in one accumulator (float32
+    # rounding grows ~sqrt(terms); a batch-1024 weight gradient sums up to 802,816 pixels)
+    s = min(max(s, -(-p // MAX_K_CHUNK)), slabs, 1024)
     chunk = -(-slabs // s) * _BK
     s = -(-p // chunk)
     out = dw if s == 1 else _empty((s, k, o), x.dtype)
