@@ -421,8 +421,41 @@ def torch_models(channels_last: bool, seed: int):
     return G, D
 
 
+def twin_problems(G_t, D_t) -> list[str]:
+    """Where the PyTorch twin's structure differs from rawgan's seed DCGAN: the parameter
+    count of each layer that has parameters (in order), and the shapes of G(z) and D(x) at
+    batch 2 (NCHW read as NHWC). Empty when they agree. Values are not compared: the
+    stride-2 windows sit one pixel apart (see :func:`torch_models`)."""
+    G, D = models.build("dcgan", seed=0)
+    problems = []
+    for tag, ours, theirs in (("G", G, G_t), ("D", D, D_t)):
+        mine = [sum(int(np.prod(p.shape)) for p in layer.params.values()
+                    if not isinstance(p, float))
+                for layer in ours.layers if layer.params]
+        twin = [sum(p.numel() for p in m.parameters(recurse=False))
+                + sum(b.numel() for b in m.buffers(recurse=False) if b.dim() > 0)
+                for m in theirs.modules() if list(m.parameters(recurse=False))]
+        if mine != twin:
+            problems.append(f"{tag}: parameters per layer {mine} (rawgan) vs {twin} (PyTorch)")
+    z = np.zeros((2, models.NOISE_DIM), np.float32)
+    x = np.zeros((2, *models.IMAGE_SHAPE), np.float32)
+    modes = (G_t.training, D_t.training)
+    G_t.eval(), D_t.eval()  # no batch-norm running statistics updated by this check
+    with torch.no_grad():
+        g_t = tuple(G_t(torch.from_numpy(z)).permute(0, 2, 3, 1).shape)
+        d_t = tuple(D_t(torch.from_numpy(x).permute(0, 3, 1, 2)).shape)
+    G_t.train(modes[0]), D_t.train(modes[1])
+    for what, a, b in (("G(z)", G.forward(z).shape, g_t), ("D(x)", D.forward(x).shape, d_t)):
+        if tuple(a) != b:
+            problems.append(f"{what}: shape {tuple(a)} (rawgan) vs {b} (PyTorch)")
+    return problems
+
+
 def torch_setup(batch: int, seed: int, channels_last: bool):
     G, D = torch_models(channels_last, seed)
+    problems = twin_problems(G, D)
+    if problems:  # timing a different network would make every ratio meaningless
+        raise RuntimeError("the PyTorch twin is not rawgan's DCGAN: " + "; ".join(problems))
     G.train()
     D.train()
     opt_g = torch.optim.Adam(G.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-7)

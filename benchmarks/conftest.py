@@ -112,6 +112,10 @@ def _callable(case: bench.Case, impl: str):
         fn = bench.torch_fn(case, dev, layout == "channels_last", sets)
         if fn is None:
             pytest.skip("PyTorch has no symmetric padding giving this output size")
+        # before timing it: the twin computes what rawgan computes (same inputs, same shapes)
+        twin = bench.twin_agreement(case, ops, dev, layout == "channels_last")
+        if twin is not None and not twin["ok"]:
+            pytest.fail(f"the PyTorch twin of {case.key} disagrees with rawgan: {twin}")
         if dev != "cpu":
             bench._tf32(torch, dev, False)  # the float32 reference
         return fn, (torch.cuda.synchronize if dev != "cpu" else None), sets

@@ -66,6 +66,12 @@ reference (and a TF32-on row is kept for context). The step's reference is
 benchmarks/bench_step.py's PyTorch twin (same architecture, step structure, batch, device).
 ratio = reference median / rawgan median: above 1, rawgan is faster.
 
+Before a reference is timed it is checked to compute what rawgan computes: each kernel
+twin on the same inputs as rawgan (``twin_agreement``: equal output shapes, values within
+1e-4 on PyTorch's symmetric padding; the row's ``twin`` key; a twin that disagrees gets no
+ratio), the step twin for the same per-layer parameter counts and G/D output shapes
+(``bench_step.twin_problems``; a mismatch is an error).
+
 JSON (``--json``; default ``benchmarks/results/bench-<backend>-<date>.json`` when run from the
 repository, else the current folder; ``--quick`` writes only with ``--json``) holds the keys
 ``schema``, ``date``, ``machine`` (cpu, cores, BLAS/torch threads, thread variables),
@@ -100,7 +106,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
@@ -260,6 +266,12 @@ def valid_taps(out_size: int, in_size: int, k: int, s: int, pad: int) -> int:
                for i in range(out_size))
 
 
+def _convt_padding(padding) -> tuple:
+    """A transposed conv's ``(padding, output_padding)``: its geometry's padding is "same",
+    "valid", an int, or PyTorch's pair ``(p, output_padding)`` (:func:`twin_agreement`)."""
+    return tuple(padding) if isinstance(padding, tuple) else (padding, None)
+
+
 def conv_macs(n: int, h: int, w: int, ci: int, co: int, k: int, s: int, padding,
               transpose: bool = False) -> tuple[int, int, tuple[int, int]]:
     """``(nominal, useful, (Ho, Wo))`` multiply-accumulates of one pass of a conv (or a
@@ -269,7 +281,8 @@ def conv_macs(n: int, h: int, w: int, ci: int, co: int, k: int, s: int, padding,
         nominal = n * ho * wo * k * k * ci * co
         useful = n * ci * co * valid_taps(ho, h, k, s, pt) * valid_taps(wo, w, k, s, pl)
         return nominal, useful, (ho, wo)
-    ho, wo, ((pt, _), (pl, _)) = conv_transpose_geometry(h, w, k, k, s, padding)
+    ho, wo, ((pt, _), (pl, _)) = conv_transpose_geometry(h, w, k, k, s,
+                                                         *_convt_padding(padding))
     nominal = n * h * w * k * k * ci * co  # the adjoint conv maps (ho, wo) -> (h, w)
     useful = n * ci * co * valid_taps(h, ho, k, s, pt) * valid_taps(w, wo, k, s, pl)
     return nominal, useful, (ho, wo)
@@ -430,44 +443,65 @@ def rotation_sets(case: Case, cache: int, cap: int) -> int:
     return max(1, min(cap, math.ceil(2 * cache / max(case.nbytes, 1))))
 
 
-def rawgan_fn(case: Case, ops, sets: int = 1, seed: int = 0):
-    """A no-argument callable running ``case`` on backend ``ops`` (float32 random inputs,
-    rotating over ``sets`` input copies)."""
-    rng = np.random.default_rng(seed)
+def case_inputs(case: Case, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One set of float32 standard-normal inputs of ``case`` in rawgan's layouts (NHWC
+    activations, Keras kernels): ``x``, ``dy`` and, by op, ``w``, ``b`` (None without bias),
+    ``gamma``, ``beta``. :func:`rawgan_fn` and :func:`torch_fn` both draw from here, so with
+    the same seed they compute on the same values (:func:`twin_agreement` checks it)."""
 
     def rnd(*shape):
-        return ops.asarray(rng.standard_normal(shape, dtype=np.float32))
+        return rng.standard_normal(shape, dtype=np.float32)
 
-    n, p = case.batch, case.pass_
+    n = case.batch
+    if case.op == "dense":
+        fin, fout, bias = case.geom
+        return {"x": rnd(n, fin), "w": rnd(fin, fout), "dy": rnd(n, fout),
+                "b": rnd(fout) if bias else None}
+    if case.op in ("conv2d", "conv2d_transpose"):
+        h, wd, ci, co, k, s, padding, bias = case.geom
+        _, _, (ho, wo) = conv_macs(1, h, wd, ci, co, k, s, padding,
+                                   case.op == "conv2d_transpose")
+        x, dy = rnd(n, h, wd, ci), rnd(n, ho, wo, co)
+        b = rnd(co) if bias else None
+        w = rnd(k, k, ci, co) if case.op == "conv2d" else rnd(k, k, co, ci)
+        return {"x": x, "dy": dy, "b": b, "w": w}
+    x, dy = rnd(n, *case.geom), rnd(n, *case.geom)
+    if case.op == "batchnorm":
+        c = case.geom[-1]
+        return {"x": x, "dy": dy, "gamma": rnd(c), "beta": rnd(c)}
+    return {"x": x, "dy": dy}
+
+
+def rawgan_fn(case: Case, ops, sets: int = 1, seed: int = 0):
+    """A no-argument callable running ``case`` on backend ``ops`` (float32 random inputs
+    from :func:`case_inputs`, rotating over ``sets`` input copies); it returns the op's
+    outputs."""
+    rng = np.random.default_rng(seed)
+    p = case.pass_
 
     def one():
+        a = {k: None if v is None else ops.asarray(v) for k, v in case_inputs(case, rng).items()}
+        x, dy = a["x"], a["dy"]
         if case.op == "dense":
-            fin, fout, bias = case.geom
-            x, w, dy = rnd(n, fin), rnd(fin, fout), rnd(n, fout)
-            b = rnd(fout) if bias else None
+            w, b = a["w"], a["b"]
             return {"fwd": lambda: ops.dense_forward(x, w, b),
                     "dgrad": lambda: ops.dense_backward(dy, x, w, need_dw=False),
                     "wgrad": lambda: ops.dense_backward(dy, x, w, need_dx=False)}[p]
         if case.op in ("conv2d", "conv2d_transpose"):
-            h, wd, ci, co, k, s, padding, bias = case.geom
-            _, _, (ho, wo) = conv_macs(1, h, wd, ci, co, k, s, padding,
-                                       case.op == "conv2d_transpose")
-            x, dy = rnd(n, h, wd, ci), rnd(n, ho, wo, co)
-            b = rnd(co) if bias else None
+            _, _, _, _, _, s, padding, _ = case.geom
+            w, b = a["w"], a["b"]
             if case.op == "conv2d":
-                w = rnd(k, k, ci, co)
                 return {"fwd": lambda: ops.conv2d_forward(x, w, b, s, padding),
                         "dgrad": lambda: ops.conv2d_backward(dy, x, w, s, padding,
                                                              need_dw=False),
                         "wgrad": lambda: ops.conv2d_backward(dy, x, w, s, padding,
                                                              need_dx=False)}[p]
-            w = rnd(k, k, co, ci)
-            return {"fwd": lambda: ops.conv2d_transpose_forward(x, w, b, s, padding),
-                    "dgrad": lambda: ops.conv2d_transpose_backward(dy, x, w, s, padding,
+            pad, opad = _convt_padding(padding)
+            return {"fwd": lambda: ops.conv2d_transpose_forward(x, w, b, s, pad, opad),
+                    "dgrad": lambda: ops.conv2d_transpose_backward(dy, x, w, s, pad, opad,
                                                                    need_dw=False),
-                    "wgrad": lambda: ops.conv2d_transpose_backward(dy, x, w, s, padding,
+                    "wgrad": lambda: ops.conv2d_transpose_backward(dy, x, w, s, pad, opad,
                                                                    need_dx=False)}[p]
-        x, dy = rnd(n, *case.geom), rnd(n, *case.geom)
         if case.op == "leaky_relu":
             return {"fwd": lambda: ops.leaky_relu_forward(x, 0.3),
                     "bwd": lambda: ops.leaky_relu_backward(dy, x, 0.3)}[p]
@@ -477,7 +511,7 @@ def rawgan_fn(case: Case, ops, sets: int = 1, seed: int = 0):
             return {"fwd": lambda: ops.dropout_forward(x, 0.3, drop_rng, training=True),
                     "bwd": lambda: ops.dropout_backward(dy, mask)}[p]
         c = case.geom[-1]
-        gamma, beta = rnd(c), rnd(c)
+        gamma, beta = a["gamma"], a["beta"]
         mm, mv = ops.asarray(np.zeros(c, np.float32)), ops.asarray(np.ones(c, np.float32))
         _, mean, inv_std = ops.batchnorm_forward(x, gamma, beta, mm, mv, 0.99, 1e-3, True)
         return {"fwd": lambda: ops.batchnorm_forward(x, gamma, beta, mm, mv, 0.99, 1e-3, True),
@@ -496,7 +530,8 @@ def _torch_pads(case: Case) -> tuple[int, int] | None:
         p = max(pt, pb, pl, pr)
         ok = ((h + 2 * p - k) // s + 1, (wd + 2 * p - k) // s + 1) == (ho, wo)
         return (p, 0) if ok else None
-    ho, wo, ((pt, pb), (pl, pr)) = conv_transpose_geometry(h, wd, k, k, s, padding)
+    ho, wo, ((pt, pb), (pl, pr)) = conv_transpose_geometry(h, wd, k, k, s,
+                                                           *_convt_padding(padding))
     p = max(pt, pb, pl, pr)
     op_h, op_w = ho - ((h - 1) * s - 2 * p + k), wo - ((wd - 1) * s - 2 * p + k)
     return (p, op_h) if op_h == op_w and 0 <= op_h < max(s, 1) else None
@@ -512,35 +547,41 @@ def torch_fn(case: Case, device: str = "cpu", channels_last: bool = True, sets: 
     import torch.nn.functional as F
 
     aten = torch.ops.aten
-    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
 
-    def rnd(*shape):
-        t = torch.randn(*shape, generator=gen).to(device)
-        return t.contiguous(memory_format=fmt) if t.dim() == 4 else t
+    def tensor(a: np.ndarray | None, kernel: bool = False):
+        """rawgan layout -> PyTorch's: NHWC -> NCHW (in ``fmt`` memory); a Keras kernel
+        (kh, kw, in, out) -> (out, in, kh, kw), a Conv2DTranspose one (kh, kw, out, in) ->
+        (in, out, kh, kw): the same permutation."""
+        if a is None:
+            return None
+        t = torch.from_numpy(a)
+        if t.dim() == 4:
+            t = t.permute(3, 2, 0, 1) if kernel else t.permute(0, 3, 1, 2)
+        t = t.to(device)
+        return t.contiguous(memory_format=fmt) if t.dim() == 4 and not kernel else \
+            t.contiguous()
 
-    n, p = case.batch, case.pass_
+    p = case.pass_
     pads = _torch_pads(case) if case.op in ("conv2d", "conv2d_transpose") else None
     if case.op in ("conv2d", "conv2d_transpose") and pads is None:
         return None
 
     def one():
+        a = case_inputs(case, rng)
+        x, dy = tensor(a["x"]), tensor(a["dy"])
         if case.op == "dense":
-            fin, fout, bias = case.geom
-            x, w, dy = rnd(n, fin), rnd(fin, fout), rnd(n, fout)
-            b = rnd(fout) if bias else None
-            return {"fwd": (lambda: torch.addmm(b, x, w)) if bias else (lambda: torch.mm(x, w)),
+            w, b = tensor(a["w"]), tensor(a["b"])
+            return {"fwd": (lambda: torch.addmm(b, x, w)) if b is not None
+                    else (lambda: torch.mm(x, w)),
                     "dgrad": lambda: torch.mm(dy, w.t()),
                     "wgrad": lambda: (torch.mm(x.t(), dy), dy.sum(0))}[p]
         if case.op in ("conv2d", "conv2d_transpose"):
-            h, wd, ci, co, k, s, _, bias = case.geom
+            _, _, _, co, _, s, _, bias = case.geom
             pad, opad = pads
-            _, _, (ho, wo) = conv_macs(1, h, wd, ci, co, k, s, case.geom[6],
-                                       case.op == "conv2d_transpose")
-            x, dy = rnd(n, ci, h, wd), rnd(n, co, ho, wo)
-            b = rnd(co) if bias else None
+            w, b = tensor(a["w"], kernel=True), tensor(a["b"])
             transposed = case.op == "conv2d_transpose"
-            w = rnd(ci, co, k, k) if transposed else rnd(co, ci, k, k)
             bias_sizes = [co] if bias else None
 
             def bwd(mask):
@@ -552,9 +593,6 @@ def torch_fn(case: Case, device: str = "cpu", channels_last: bool = True, sets: 
                    else (lambda: F.conv2d(x, w, b, s, pad)))
             return {"fwd": fwd, "dgrad": bwd([True, False, False]),
                     "wgrad": bwd([False, True, bool(bias)])}[p]
-        shape = case.geom
-        full = (n, shape[-1], *shape[:-1]) if len(shape) == 3 else (n, *shape)
-        x, dy = rnd(*full), rnd(*full)
         if case.op == "leaky_relu":
             return {"fwd": lambda: F.leaky_relu(x, 0.3),
                     "bwd": lambda: aten.leaky_relu_backward(dy, x, 0.3, False)}[p]
@@ -562,8 +600,8 @@ def torch_fn(case: Case, device: str = "cpu", channels_last: bool = True, sets: 
             _, mask = aten.native_dropout(x, 0.3, True)
             return {"fwd": lambda: aten.native_dropout(x, 0.3, True),
                     "bwd": lambda: aten.native_dropout_backward(dy, mask, 1 / 0.7)}[p]
-        c = shape[-1]
-        gamma, beta = rnd(c), rnd(c)
+        c = case.geom[-1]
+        gamma, beta = tensor(a["gamma"]), tensor(a["beta"])
         rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
         _, mean, invstd = aten.native_batch_norm(x, gamma, beta, rm, rv, True, 0.01, 1e-3)
         return {"fwd": lambda: aten.native_batch_norm(x, gamma, beta, rm, rv, True, 0.01, 1e-3),
@@ -572,6 +610,84 @@ def torch_fn(case: Case, device: str = "cpu", channels_last: bool = True, sets: 
 
     with torch.no_grad():  # no input requires grad: no autograd graph is built either way
         return _cycle([one() for _ in range(sets)])
+
+
+#: ``twin_agreement``: ||rawgan - PyTorch|| / ||PyTorch|| allowed per output (both float32,
+#: TF32 off; sums of up to 2e5 terms in different orders)
+TWIN_TOL = 1e-4
+
+
+def _slots(out, case: Case, torch_side: bool) -> list:
+    """An op's outputs as a list in rawgan's order: backward GEMM passes ``[dx, dw, db]``
+    (None where not computed), the rest as the op returns them."""
+    if case.op == "dense" and torch_side and case.pass_ != "fwd":
+        return [out, None, None] if case.pass_ == "dgrad" else [None, *out]
+    return list(out) if isinstance(out, tuple | list) else [out]
+
+
+def _rawgan_layout(t, kernel: bool) -> np.ndarray:
+    """A PyTorch output -> NumPy in rawgan's layout (NCHW -> NHWC; OIHW -> Keras HWIO)."""
+    if t.dim() == 4:
+        t = t.permute(2, 3, 1, 0) if kernel else t.permute(0, 2, 3, 1)
+    return t.detach().cpu().numpy()
+
+
+def twin_agreement(case: Case, ops, device: str = "cpu", channels_last: bool = True,
+                   seed: int = 0) -> dict | None:
+    """Does the PyTorch twin compute what rawgan computes? One call of each on the same
+    inputs (:func:`case_inputs`, same seed), before either is timed.
+
+    Shapes are compared on the case itself. Values are compared on its PyTorch-padding
+    variant (the padding geometry replaced by PyTorch's symmetric ``p`` and
+    ``output_padding``, which rawgan also takes): TF's "same" pads stride-2 layers (1, 2)
+    where PyTorch pads (2, 2), so the case's own windows sit one pixel apart. Dropout's
+    values are not compared (two random masks). Returns ``{"ok", "shapes", "max_rel_err",
+    "values_compared", "padding"}``, or None when PyTorch is absent or cannot express the
+    case; ``ok`` means equal shapes and every compared output within :data:`TWIN_TOL`.
+    """
+    torch = _torch()
+    if torch is None:
+        return None
+    conv = case.op in ("conv2d", "conv2d_transpose")
+    pads = _torch_pads(case) if conv else None
+    if conv and pads is None:
+        return None
+    if device != "cpu":
+        _tf32(torch, device, False)
+
+    def run(c: Case) -> tuple[list, list]:
+        mine = _slots(rawgan_fn(c, ops, 1, seed)(), c, False)
+        twin = _slots(torch_fn(c, device, channels_last, 1, seed)(), c, True)
+        mine = [None if a is None else np.asarray(ops.to_numpy(a)) for a in mine]
+        kernel_slot = 1 if conv and c.pass_ == "wgrad" else -1
+        twin = [None if t is None else _rawgan_layout(t, i == kernel_slot)
+                for i, t in enumerate(twin)]
+        return mine, twin
+
+    mine, twin = run(case)
+    shapes = [(None if a is None else tuple(a.shape), None if t is None else tuple(t.shape))
+              for a, t in zip(mine, twin, strict=False)]
+    same_shapes = len(mine) == len(twin) and all(
+        a == t for a, t in shapes if a is not None and t is not None)
+    padding = None
+    if conv:
+        geom = list(case.geom)
+        geom[6] = pads[0] if case.op == "conv2d" else pads
+        padding = geom[6]
+        mine, twin = run(replace(case, geom=tuple(geom)))
+    errors = []
+    if case.op != "dropout":
+        for a, t in zip(mine, twin, strict=False):
+            if a is None or t is None or a.shape != t.shape:
+                continue
+            ref = float(np.linalg.norm(t.astype(np.float64)))
+            err = float(np.linalg.norm(a.astype(np.float64) - t.astype(np.float64)))
+            errors.append(err / max(ref, 1e-30))
+    worst = max(errors) if errors else None
+    return {"ok": bool(same_shapes and (worst is None or worst <= TWIN_TOL)),
+            "shapes": [[None if a is None else list(a), None if t is None else list(t)]
+                       for a, t in shapes],
+            "max_rel_err": worst, "values_compared": len(errors), "padding": padding}
 
 
 # --------------------------------------------------------------------------------------
@@ -789,6 +905,13 @@ def kernel_row(case: Case, backend: str, ops, budget: Budget, h, ceilings: dict,
     if torch_device and torch_device != "cpu":
         _tf32(torch, torch_device, False)
     _pick_reference(row)
+    if row["references"]:
+        # the twin must compute what rawgan computes, or the ratio compares two different ops
+        row["twin"] = twin_agreement(case, ops, torch_device, True)
+        if row["twin"] is not None and not row["twin"]["ok"]:
+            row["ratio_vs_reference"] = None
+            print(f"WARNING: {case.key}: the PyTorch twin disagrees with rawgan "
+                  f"({row['twin']}); no ratio reported", file=sys.stderr)
     return row
 
 

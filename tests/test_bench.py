@@ -59,6 +59,8 @@ def test_quick_json_has_the_documented_keys(quick):
         if row["reference"] is not None:
             assert row["ratio_vs_reference"] == pytest.approx(
                 row["reference"]["time"]["median"] / t["median"])
+        if row["op"] != "step" and row["references"]:  # the twin was checked before timing
+            assert row["twin"]["ok"], row["twin"]
 
 
 def test_cases_cover_every_dcgan_layer_and_pass():
@@ -247,3 +249,54 @@ def test_unavailable_backend_is_a_clear_error(capsys):
         assert "cupy" in capsys.readouterr().err
     else:
         pytest.skip("CuPy loads here")
+
+
+# --------------------------------------------------------------------------------------
+# the PyTorch twins compute what rawgan computes
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", [c for c in bench.dcgan_cases(batches=[3]) if c.op != "step"],
+                         ids=lambda c: c.key)
+def test_every_kernel_twin_agrees_with_rawgan(case):
+    pytest.importorskip("torch")
+    for channels_last in (True, False):
+        res = bench.twin_agreement(case, numpy_ops, "cpu", channels_last)
+        assert res["ok"], res
+        assert res["values_compared"] >= (0 if case.op == "dropout" else 1), res
+
+
+def test_a_twin_that_computes_something_else_is_caught(monkeypatch):
+    pytest.importorskip("torch")
+    case = next(c for c in bench.dcgan_cases(batches=[2])
+                if c.op == "conv2d" and c.pass_ == "wgrad")
+    real = bench.torch_fn
+
+    def off_by_one_percent(*a, **kw):
+        fn = real(*a, **kw)
+        return lambda: tuple(None if t is None else t * 1.01 for t in fn())
+
+    monkeypatch.setattr(bench, "torch_fn", off_by_one_percent)
+    res = bench.twin_agreement(case, numpy_ops)
+    assert not res["ok"] and res["max_rel_err"] == pytest.approx(0.01 / 1.01, rel=1e-3)
+
+    def wrong_layout(*a, **kw):  # the kernel gradient left in PyTorch's (O, I, kh, kw)
+        fn = real(*a, **kw)
+        return lambda: (None, fn()[1].permute(2, 3, 0, 1), fn()[2])
+
+    monkeypatch.setattr(bench, "torch_fn", wrong_layout)
+    res = bench.twin_agreement(case, numpy_ops)
+    assert not res["ok"] and res["shapes"][1] == [[5, 5, 1, 64], [64, 1, 5, 5]]
+
+
+def test_step_twin_is_rawgans_dcgan():
+    torch = pytest.importorskip("torch")
+    bs = bench.load_script("bench_step")
+    if bs is None:
+        pytest.skip("benchmarks/bench_step.py not found")
+    G, D = bs.torch_models(True, 0)
+    assert bs.twin_problems(G, D) == []
+    wide = torch.nn.Sequential(*list(D)[:-1], torch.nn.Linear(7 * 7 * 128, 2))
+    problems = bs.twin_problems(G, wide)
+    assert any("D: parameters per layer" in p for p in problems)
+    assert any("D(x): shape (2, 1) (rawgan) vs (2, 2)" in p for p in problems)
