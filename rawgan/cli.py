@@ -272,6 +272,13 @@ def _train_config(args: argparse.Namespace, parser: argparse.ArgumentParser,
             parser.error(f"--config: cannot read {args.config}: {exc.strerror or exc}")
         except tomllib.TOMLDecodeError as exc:
             parser.error(f"--config: {args.config} is not valid TOML: {exc}")
+        spelled: dict[str, list[str]] = {}
+        for k in values:
+            spelled.setdefault(k.replace("-", "_"), []).append(k)
+        twice = [" and ".join(map(repr, ks)) for ks in spelled.values() if len(ks) > 1]
+        if twice:
+            parser.error(f"--config: {args.config} sets the same option twice: "
+                         f"{'; '.join(twice)}")
         values = {**dict(base or {}), **{k.replace("-", "_"): v for k, v in values.items()}}
         nested = [k for k, v in values.items() if isinstance(v, dict)]
         if nested:
@@ -352,6 +359,10 @@ def _cmd_sample(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         gen = checkpoint.load_generator(args.checkpoint)
         x = gen.sample(args.num, seed=args.seed)
         if len(gen.image_shape) == 1:
+            if args.nrow is not None or args.scale != 1:
+                _err("sample", f"--nrow/--scale lay out image grids; {args.checkpoint} makes "
+                               "2-D points, drawn as a scatter plot")
+                return 2
             name = gen.config.get("data")
             modes = data.toy_modes(name)[0] if name in ("ring", "grid") else None
             save_scatter(args.out, x, modes=modes, title=f"{args.num} samples, seed {args.seed}")

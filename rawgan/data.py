@@ -10,8 +10,8 @@ Files are the four published ones per dataset (``train-images-idx3-ubyte.gz``,
 either gzip-compressed (checked against the published MD5) or decompressed (checked only
 for a well-formed IDX structure). Where they are looked for, in order:
 
-1. ``data_dir`` if given, else the environment variable ``RAWGAN_DATA``: first that folder
-   itself, then its ``<dataset>/`` subfolder (``mnist/`` or ``fashion/``);
+1. ``data_dir`` if given, else the environment variable ``RAWGAN_DATA``: first its
+   ``<dataset>/`` subfolder (``mnist/`` or ``fashion/``), then that folder itself;
 2. otherwise the user cache, ``$XDG_CACHE_HOME/rawgan/<dataset>/`` (``~/.cache/rawgan/...``).
 
 Missing files are downloaded (``download=True``) into ``<root>/<dataset>/``, where root is

@@ -106,12 +106,18 @@ def image_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2,
 
 def save_image_grid(path: str | os.PathLike[str], images: np.ndarray, nrow: int | None = None,
                     padding: int = 2, scale: int = 1) -> Path:
-    """Write :func:`image_grid` of ``images`` as a PNG (atomically) and return the path."""
+    """Write :func:`image_grid` of ``images`` (atomically) and return the path: a PNG, or
+    the type the suffix names where Pillow writes it (``.jpg``, ...)."""
     Image = _pil()
     grid = image_grid(images, nrow=nrow, padding=padding, scale=scale)
     path = Path(path)
+    ext = path.suffix.lower()
+    fmt = Image.registered_extensions().get(ext, None) if ext else "PNG"
+    if fmt is None or fmt not in Image.SAVE:
+        raise ValueError(f"save_image_grid: {path.name}: Pillow cannot write {ext!r} images "
+                         "(use .png, or another type Pillow writes: .jpg, .bmp, .tif, ...)")
     with atomic_write(path) as tmp:
-        Image.fromarray(grid).save(tmp, format="PNG")
+        Image.fromarray(grid).save(tmp, format=fmt)
     return path
 
 
@@ -149,8 +155,12 @@ def save_scatter(path: str | os.PathLike[str], points: np.ndarray,
         ax.set_title(title, fontsize="medium")
     fig.tight_layout()
     path = Path(path)
+    ext = path.suffix.lower().lstrip(".") or "png"
+    if ext not in fig.canvas.get_supported_filetypes():
+        raise ValueError(f"save_scatter: {path.name}: matplotlib cannot write {ext!r} files "
+                         f"(it writes {', '.join(sorted(fig.canvas.get_supported_filetypes()))})")
     with atomic_write(path) as tmp:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format=ext)
     return path
 
 

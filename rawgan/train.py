@@ -55,6 +55,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import hashlib
 import itertools
 import json
 import math
@@ -114,7 +115,9 @@ TOY_EVAL_POINTS = 2500  # generated points for the toy scatter plot and mode cov
 #: where and how it reports, not what it computes.
 RUN_KEYS = frozenset({"epochs", "max_steps", "save_every", "sample_every", "grid_size",
                       "eval_every", "eval_samples", "out", "progress", "backend", "data_dir",
-                      "download", "distributed", "collective_timeout", "cuda_graph"})
+                      "download", "distributed", "collective_timeout"})
+# (not cuda_graph: the graphed step draws its noise and dropout masks on the device, other
+# random numbers than the eager step's, so switching it would not continue the same run)
 #: Fields added after runs were first saved: a saved config without them had these values.
 _ADDED_KEYS = {"dtype": "float32", "distributed": False, "sync_batchnorm": False,
                "collective_timeout": distributed.DEFAULT_TIMEOUT, "cuda_graph": False}
@@ -244,10 +247,40 @@ class TrainConfig:
         if not (math.isfinite(self.collective_timeout) and self.collective_timeout > 0):
             raise ValueError(f"collective_timeout must be a positive number of seconds, got "
                              f"{self.collective_timeout}")
+        self._check_applicable()
         if self.cuda_graph and (self.backend != "cupy" or self.distributed):
             raise ValueError("cuda_graph: the graph-captured step runs on backend 'cupy' "
                              f"without --distributed (got backend {self.backend!r}"
                              f"{', distributed' if self.distributed else ''})")
+
+    def _check_applicable(self) -> None:
+        """An option set away from its default where it has no effect is an error naming it
+        (``--beta-1 0.5`` with WGAN's RMSprop would otherwise be silently ignored)."""
+        unused = []
+        if self.optimizer != "adam":
+            unused += [f"{k} {getattr(self, k)} (Adam's)" for k, d in
+                       (("beta_1", 0.9), ("beta_2", 0.999)) if getattr(self, k) != d]
+        if self.optimizer != "sgd" and self.momentum != 0.0:
+            unused.append(f"momentum {self.momentum} (SGD's)")
+        if unused:
+            raise ValueError(f"{', '.join(unused)}: no effect with optimizer "
+                             f"{self.optimizer!r} (loss {self.loss!r}); leave "
+                             f"{'it' if len(unused) == 1 else 'them'} out, or choose the "
+                             "optimizer that takes it")
+        if self.data in TOY_DATA:
+            toy = [f"{k} {getattr(self, k)!r}" for k, d in
+                   (("split", "train"), ("data_dir", None), ("grid_size", 64))
+                   if getattr(self, k) != d]
+            if toy:
+                raise ValueError(f"{', '.join(toy)}: no effect with data {self.data!r} (toy "
+                                 f"points are generated, and plotted {TOY_EVAL_POINTS} at a "
+                                 "time)")
+        if not self.distributed:
+            solo = [f"{k} {getattr(self, k)!r}" for k, d in
+                    (("sync_batchnorm", False), ("collective_timeout", _COLLECTIVE_TIMEOUT))
+                    if getattr(self, k) != d]
+            if solo:
+                raise ValueError(f"{', '.join(solo)}: only with distributed (--distributed)")
 
     def _check_types(self) -> None:
         kinds = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
@@ -265,7 +298,11 @@ class TrainConfig:
                 raise ValueError(f"{f.name}: expected {base}"
                                  f"{' or nothing' if 'None' in ann else ''}, got {value!r}")
             if base == "float":
-                setattr(self, f.name, float(value))
+                try:
+                    setattr(self, f.name, float(value))
+                except OverflowError:
+                    raise ValueError(f"{f.name}: an integer of {len(str(value))} digits is "
+                                     "too large for a float") from None
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes``; fields the loss family filled in (left at None when this
@@ -461,6 +498,9 @@ def _check_out_dir(out: Path, cfg: TrainConfig, resume: bool) -> checkpoint.Chec
         except (OSError, json.JSONDecodeError) as exc:
             raise RunDirError(f"{out} holds a run whose {CONFIG} cannot be read ({exc}); "
                               "choose another output folder") from None
+        if not isinstance(previous, dict):
+            raise RunDirError(f"{out / CONFIG} holds a JSON {type(previous).__name__}, not "
+                              "the object of a run's settings; choose another output folder")
     else:
         previous = {}
     previous = {**_ADDED_KEYS, **previous}
@@ -475,8 +515,24 @@ def _check_out_dir(out: Path, cfg: TrainConfig, resume: bool) -> checkpoint.Chec
             f"{out} already holds this run ({', '.join(present)}); pass resume=True "
             "(--resume) to continue it, or choose another output folder (--out)")
     if ck is None:
+        if (out / GENERATOR).exists() or (out / SUMMARY).exists():
+            # a generator or summary is written with/after a checkpoint: it was lost, and
+            # starting over would overwrite what the run made
+            raise RunDirError(
+                f"{out} holds a run that got further ({', '.join(present)}) but no "
+                f"{CHECKPOINT} (deleted or moved?): resuming would start it again and "
+                f"overwrite its {GENERATOR} and {METRICS}. Put the checkpoint back, or "
+                "choose another output folder (--out)")
         _say(cfg, f"rawgan train: {out} has no checkpoint yet: starting the run again")
     return ck
+
+
+def _fingerprint(x: np.ndarray) -> str:
+    """SHA-256 of the training set as trained on (dtype, shape, bytes): a resume on other
+    data of the same size is refused by it (checkpoint meta ``data_sha256``)."""
+    h = hashlib.sha256(f"{x.dtype.str} {x.shape}".encode())
+    h.update(memoryview(np.ascontiguousarray(x)).cast("B"))
+    return h.hexdigest()
 
 
 def _check_progress(ck: checkpoint.Checkpoint) -> None:
@@ -736,6 +792,14 @@ def _train(cfg: TrainConfig, resume: bool, comm: distributed.Communicator) -> di
             f"{out / CHECKPOINT} was saved with {saved_spe} steps per epoch, the data found now "
             f"gives {steps_per_epoch} ({len(x)} examples): not the same training set (other "
             "files in the data folder?); resuming would not continue the same run"))
+    data_sha256 = _fingerprint(x)
+    saved_sha = ck.meta.get("data_sha256") if ck is not None else None
+    if saved_sha is not None and saved_sha != data_sha256:
+        raise distributed.mark_agreed(RunDirError(
+            f"{out / CHECKPOINT} was saved training on other data: the {len(x)} examples "
+            f"found now have SHA-256 {data_sha256[:16]}..., the run's had {saved_sha[:16]}... "
+            "(another data set in the folder, e.g. Fashion-MNIST files where MNIST was?); "
+            "resuming would not continue the same run"))
     if ck is not None:
         checkpoint.restore(ck, models=nets, optimizers=opts, rngs=rngs)
         step, epoch = int(ck.meta["step"]), int(ck.meta["epoch"])
@@ -752,6 +816,9 @@ def _train(cfg: TrainConfig, resume: bool, comm: distributed.Communicator) -> di
         out.mkdir(parents=True, exist_ok=True)
         (out / METRICS).unlink(missing_ok=True)
     if root:
+        for stale in (checkpoint.remove_stale_temporaries(out)
+                      + checkpoint.remove_stale_temporaries(out / SAMPLES)):
+            _say(cfg, f"rawgan train: removed {stale.name}, left by a save that was killed")
         _write_text_atomic(out / CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n")
     if ranks > 1:
         _say(cfg, f"rawgan train: {ranks} ranks ({comm.kind}), {cfg.batch_size // ranks} of "
@@ -812,7 +879,8 @@ def _train(cfg: TrainConfig, resume: bool, comm: distributed.Communicator) -> di
             return None
         meta = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                 "epoch_start_data_rng": epoch_start_state, "train_seconds": train_seconds,
-                "steps_per_epoch": steps_per_epoch, "world_size": ranks}
+                "steps_per_epoch": steps_per_epoch, "world_size": ranks,
+                "data_sha256": data_sha256}
         return checkpoint.save_checkpoint(out / CHECKPOINT, models=nets, optimizers=opts,
                                           rngs=rngs, config=cfg.to_dict(), meta=meta,
                                           arch=_arch(cfg))
@@ -990,8 +1058,17 @@ def _train(cfg: TrainConfig, resume: bool, comm: distributed.Communicator) -> di
                 "out": str(out)}
     records = read_metrics(out / METRICS)
     evals = [r for r in records if "eval" in r]
-    if sampled_at["step"] != step:  # the final generator, when it was not just sampled
+    trained = step > resumed_from or ck is None
+    if sampled_at["step"] != step and trained:  # the final generator, unless just sampled
         write_samples(f"step_{step:08d}.png")
+    if not trained and (out / SUMMARY).exists():
+        # a resume with nothing left to do: the run's summary stays as the run wrote it
+        try:
+            kept = json.loads((out / SUMMARY).read_text())
+        except (OSError, json.JSONDecodeError):
+            kept = None
+        if isinstance(kept, dict):
+            return kept
     loss_curve = (str(save_loss_curve(out / LOSS_CURVE, records,
                                       title=f"{cfg.model} / {cfg.data} / {cfg.loss}"))
                   if records else None)

@@ -224,6 +224,16 @@ def test_format_1_files_without_a_checksum_still_load(saved):
         checkpoint.load_checkpoint(path)
 
 
+def test_downgrading_the_version_does_not_skip_the_checksum(saved):
+    """An edit that also sets format_version = 1 (format 1 had no digest) is still caught."""
+    path, _ = saved
+    with h5py.File(path, "r+") as f:
+        f.attrs["format_version"] = 1
+        f["models/generator/dense/kernel"][0, 0] = 1e6
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        checkpoint.load_checkpoint(path)
+
+
 def test_missing_group_and_missing_file(saved, tmp_path):
     path, _ = saved
     with h5py.File(path, "r+") as f:

@@ -106,6 +106,11 @@ def test_config_file_and_flag_override(capsys, tmp_path):
     ('loss = "gan"\n', "loss: 'gan' is not one of"),
     ('[train]\nepochs = 3\n', "tables are not supported"),
     ('epochs = \n', "not valid TOML"),
+    ('batch-size = 2\nbatch_size = 4\n', "sets the same option twice: 'batch-size' and "
+                                          "'batch_size'"),
+    ('lr_g = ' + '1' * 400 + '\n', "lr_g: an integer of 400 digits is too large"),
+    ('loss = "wgan"\nbeta_1 = 0.5\n', "beta_1 0.5 (Adam's): no effect with optimizer "
+                                      "'rmsprop'"),
 ])
 def test_bad_config_file_exits_2(capsys, tmp_path, text, message):
     cfg = tmp_path / "bad.toml"
@@ -153,6 +158,11 @@ def test_train_then_sample(capsys, mnist_dir, tmp_path):
     code, stdout, err = run(capsys, *small_args(mnist_dir, out), "--epochs", "2", "--resume")
     assert code == 0, err
     assert "completed: 8 steps, 2 epochs" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from_step"] == 4  # continued, not started again
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if '"d_loss"' in line]
+    assert steps == list(range(1, 9))
 
 
 def test_sample_toy_generator_writes_scatter(capsys, tmp_path):
@@ -164,6 +174,10 @@ def test_sample_toy_generator_writes_scatter(capsys, tmp_path):
                        str(tmp_path / "s.png"))
     assert code == 0, err
     assert PIL.open(tmp_path / "s.png").size == (500, 500)
+    code, _, err = run(capsys, "sample", str(path), "-n", "200", "--nrow", "5", "--out",
+                       str(tmp_path / "t.png"))
+    assert code == 2 and "--nrow/--scale lay out image grids" in err
+    assert not (tmp_path / "t.png").exists()
 
 
 def test_sample_errors_exit_1(capsys, tmp_path):

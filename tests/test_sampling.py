@@ -62,3 +62,24 @@ def test_save_image_grid_writes_the_grid_as_png(tmp_path):
     np.testing.assert_array_equal(np.asarray(Image.open(path)),
                                   image_grid(x, nrow=3, scale=2))
     assert [p.name for p in tmp_path.iterdir()] == ["g.png"]  # no temporary left behind
+
+
+def test_the_suffix_picks_the_image_type(tmp_path):
+    pytest.importorskip("PIL.Image")
+    x = np.zeros((2, 4, 4, 1))
+    assert save_image_grid(tmp_path / "g.jpg", x).read_bytes()[:2] == b"\xff\xd8"  # JPEG
+    assert save_image_grid(tmp_path / "g", x).read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match=r"Pillow cannot write '\.xyz' images"):
+        save_image_grid(tmp_path / "g.xyz", x)
+    assert not (tmp_path / "g.xyz").exists()
+
+
+def test_scatter_suffix_picks_the_type(tmp_path):
+    pytest.importorskip("matplotlib")
+    from rawgan.sampling import save_scatter
+
+    pts = np.random.default_rng(0).normal(size=(20, 2))
+    assert b"<svg" in save_scatter(tmp_path / "s.svg", pts).read_bytes()[:400]
+    assert save_scatter(tmp_path / "s.png", pts).read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match=r"matplotlib cannot write 'xyz' files"):
+        save_scatter(tmp_path / "s.xyz", pts)

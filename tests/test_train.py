@@ -40,6 +40,13 @@ def mnist_cfg(mnist_dir, out, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
+def toy_cfg(out, **kw) -> TrainConfig:
+    """A run of a few steps on the ring toy data (no data files needed)."""
+    base = {"model": "mlp", "data": "ring", "num_examples": 256, "batch_size": 64,
+            "epochs": 1, "progress": False, "out": str(out)}
+    return TrainConfig(**{**base, **kw})
+
+
 def losses_of(out) -> list[tuple[float, float, float, float]]:
     return [(r["d_loss"], r["g_loss"], r["d_real"], r["d_fake"])
             for r in read_metrics(Path(out) / "metrics.jsonl") if "d_loss" in r]
@@ -332,6 +339,84 @@ def test_resume_with_another_training_set_is_refused(tmp_path):
     assert s["steps"] == 20
 
 
+def test_resume_on_other_data_of_the_same_size_is_refused(tmp_path):
+    """Same number of examples, other content (Fashion files where MNIST was): the
+    checkpoint's data SHA-256 names it, before anything is written."""
+    def idx(arr: np.ndarray) -> bytes:
+        return bytes([0, 0, 0x08, arr.ndim]) + b"".join(
+            int(d).to_bytes(4, "big") for d in arr.shape) + arr.tobytes()
+
+    rng = np.random.default_rng(1)
+    for name in ("a", "b"):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "t10k-images-idx3-ubyte").write_bytes(idx(rng.integers(0, 256, (128, 28, 28),
+                                                                    dtype=np.uint8)))
+        (d / "t10k-labels-idx1-ubyte").write_bytes(idx(rng.integers(0, 10, 128,
+                                                                    dtype=np.uint8)))
+    out = tmp_path / "run"
+    cfg = {"model": "mlp", "split": "test", "download": False, "batch_size": 64,
+           "progress": False, "out": str(out)}
+    train(TrainConfig(**cfg, data_dir=str(tmp_path / "a"), epochs=1))
+    assert len(checkpoint.load_checkpoint(out / "checkpoint.h5").meta["data_sha256"]) == 64
+    before = digest(out)
+    with pytest.raises(RunDirError, match="saved training on other data: the 128 examples"):
+        train(TrainConfig(**cfg, data_dir=str(tmp_path / "b"), epochs=2), resume=True)
+    assert digest(out) == before
+
+
+def test_resume_without_the_checkpoint_of_a_finished_run_is_refused(tmp_path):
+    """checkpoint.h5 deleted, generator.h5 still there: starting over would overwrite it."""
+    out = tmp_path / "run"
+    cfg = toy_cfg(out, epochs=1)
+    train(cfg)
+    (out / "checkpoint.h5").unlink()
+    before = digest(out)
+    with pytest.raises(RunDirError, match="got further.*no checkpoint.h5.*Put the checkpoint"):
+        train(cfg, resume=True)
+    assert digest(out) == before
+
+
+def test_a_config_json_that_is_not_an_object(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("[1, 2]\n")
+    with pytest.raises(RunDirError, match="holds a JSON list, not the object"):
+        train(toy_cfg(out, epochs=1), resume=True)
+
+
+def test_resume_with_nothing_left_to_do_keeps_the_summary(tmp_path):
+    out = tmp_path / "run"
+    cfg = toy_cfg(out, epochs=1)
+    first = train(cfg)
+    samples = sorted(p.name for p in (out / "samples").iterdir())
+    again = train(cfg, resume=True)
+    assert again == first and again["d_loss"] is not None
+    assert json.loads((out / "summary.json").read_text()) == first
+    assert sorted(p.name for p in (out / "samples").iterdir()) == samples
+
+
+def test_switching_cuda_graph_on_resume_is_a_different_run():
+    """The graphed step draws other random numbers: not a run-length option (backend is)."""
+    a = toy_cfg("x").to_dict()
+    assert train_module.config_differences(a, {**a, "cuda_graph": True}) == [
+        "cuda_graph: False -> True"]
+    assert train_module.config_differences(a, {**a, "backend": "cupy", "epochs": 9}) == []
+
+
+def test_temporaries_of_a_killed_save_are_removed(tmp_path):
+    out = tmp_path / "run"
+    train(toy_cfg(out, epochs=1))
+    dead = out / ".checkpoint.h5.999999999.0123abcd.tmp"  # no such pid
+    dead.write_bytes(b"half a checkpoint")
+    live = out / f".checkpoint.h5.{os.getpid()}.0123abcd.tmp"  # its writer still runs
+    live.write_bytes(b"being written")
+    for p in (dead, live):
+        os.utime(p, (0, 0))
+    train(toy_cfg(out, epochs=2), resume=True)
+    assert not dead.exists() and live.exists()
+
+
 def test_resume_from_a_truncated_checkpoint(mnist_dir, tmp_path):
     out = tmp_path / "run"
     train(mnist_cfg(mnist_dir, out, epochs=1))
@@ -425,6 +510,30 @@ def test_config_errors():
         TrainConfig(eval_samples=1)
     with pytest.raises(ValueError, match="MNIST classifier"):
         TrainConfig(data="fashion", eval_every=1)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"loss": "wgan", "beta_1": 0.5}, r"beta_1 0\.5 \(Adam's\): no effect with optimizer "
+                                      r"'rmsprop' \(loss 'wgan'\)"),
+    ({"optimizer": "rmsprop", "beta_2": 0.99}, r"beta_2 0\.99 \(Adam's\)"),
+    ({"momentum": 0.9}, r"momentum 0\.9 \(SGD's\): no effect with optimizer 'adam'"),
+    ({"model": "mlp", "data": "ring", "grid_size": 16}, r"grid_size 16: no effect with data "
+                                                        r"'ring'"),
+    ({"model": "mlp", "data": "grid", "split": "test"}, r"split 'test': no effect"),
+    ({"model": "mlp", "data": "ring", "data_dir": "/x"}, r"data_dir '/x': no effect"),
+    ({"sync_batchnorm": True}, r"sync_batchnorm True: only with distributed"),
+    ({"collective_timeout": 5.0}, r"collective_timeout 5\.0: only with distributed"),
+])
+def test_options_that_would_be_ignored_are_errors(kw, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kw)
+
+
+def test_options_that_apply_are_accepted():
+    TrainConfig(optimizer="sgd", momentum=0.9)
+    TrainConfig(beta_1=0.5, beta_2=0.99)
+    TrainConfig(distributed=True, sync_batchnorm=True, collective_timeout=5.0)
+    TrainConfig(loss="wgan", beta_1=0.9)  # the default value: nothing to ignore
 
 
 def test_loss_family_defaults():
