@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -48,7 +49,11 @@ TOLERANCE = 1e-6
 
 
 def relative_error(a: np.ndarray, b: np.ndarray) -> float:
-    """``max|a - b| / max(max|a|, max|b|)``: scale-free, 0 for two zero arrays."""
+    """``max|a - b| / max(max|a|, max|b|)``: scale-free, 0 for two zero arrays, inf when
+    either holds a NaN or inf (a NaN would otherwise compare as "not larger" than any
+    tolerance, and ``max`` over errors would pass it by)."""
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        return math.inf
     scale = max(float(np.max(np.abs(a), initial=0.0)), float(np.max(np.abs(b), initial=0.0)))
     if scale == 0.0:
         return 0.0
@@ -117,7 +122,8 @@ def check_layer(layer: Layer, input_shape: tuple[int, ...], rng: np.random.Gener
 
     Parameters
     ----------
-    layer : an unbuilt or built layer (or Sequential); it is converted to float64.
+    layer : an unbuilt or built layer (or Sequential); a float64 copy of it is checked
+        (random weights, filled gradients), the caller's layer is left as it was.
     input_shape : (N, ...) shape of the random input.
     max_coords : check at most this many random entries per tensor (None: all).
     kinks : skip entries whose difference quotient crosses a kink (see
@@ -130,6 +136,7 @@ def check_layer(layer: Layer, input_shape: tuple[int, ...], rng: np.random.Gener
     """
     rng = rng or np.random.default_rng(0)
     x = rng.standard_normal(input_shape)
+    layer = copy.deepcopy(layer)
     if not layer.built:
         if layer.rng is None:
             layer.rng = np.random.default_rng(rng.integers(2**63))

@@ -22,6 +22,9 @@ from .checks import number
 class Optimizer:
     """Base: holds ``(name, param, grad)`` triples and per-parameter state arrays."""
 
+    #: the per-parameter state arrays a subclass keeps (load_state_dict refuses others)
+    SLOTS: tuple[str, ...] | None = None
+
     def __init__(self, model, lr: float, clip_value: float | None = None) -> None:
         where = type(self).__name__
         self.model = model
@@ -87,6 +90,9 @@ class Optimizer:
             name, slot = key.rsplit("/", 1)
             if name not in names:
                 raise ValueError(f"{type(self).__name__}: state for unknown parameter {name!r}")
+            if self.SLOTS is not None and slot not in self.SLOTS:
+                raise ValueError(f"{type(self).__name__}: state {key!r} is not one of its "
+                                 f"slots ({', '.join(self.SLOTS)}): another optimizer's state?")
             if tuple(arr.shape) != tuple(names[name].shape):
                 raise ValueError(f"{type(self).__name__}: state {key!r} has shape "
                                  f"{tuple(arr.shape)}, parameter has {tuple(names[name].shape)}")
@@ -111,6 +117,7 @@ class SGD(Optimizer):
         self.nesterov = bool(nesterov)
 
     FUSED = "sgd_update"
+    SLOTS = ("momentum",)
 
     def _fused_step(self, fused, names, params, grads):
         vel = None if self.momentum == 0.0 else [
@@ -148,6 +155,7 @@ class RMSprop(Optimizer):
         self.epsilon = number(epsilon, "RMSprop: epsilon", low=0.0, low_open=True)
 
     FUSED = "rmsprop_update"
+    SLOTS = ("velocity",)
 
     def _fused_step(self, fused, names, params, grads):
         acc = [self._slot(n, "velocity", p) for n, p in zip(names, params, strict=True)]
@@ -191,6 +199,7 @@ class Adam(Optimizer):
         super().step()
 
     FUSED = "adam_update"
+    SLOTS = ("m", "v")
 
     def _fused_step(self, fused, names, params, grads):
         ms = [self._slot(n, "m", p) for n, p in zip(names, params, strict=True)]

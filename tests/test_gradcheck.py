@@ -13,8 +13,10 @@ CASES = list(random_cases(np.random.default_rng(1234), trials=12))
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.layer}-{c.config}" for c in CASES])
 def test_layer_gradients(case):
-    errors = check_layer(case.make(), case.input_shape, np.random.default_rng(7), case.training)
-    assert set(errors) >= {"input"}
+    layer = case.make()
+    errors = check_layer(layer, case.input_shape, np.random.default_rng(7), case.training)
+    # every trainable parameter was checked, not only the input
+    assert set(errors) == {"input", *layer.trainable}, errors
     assert max(errors.values()) < TOLERANCE, errors
 
 
@@ -55,6 +57,34 @@ def test_checker_catches_a_wrong_backward():
 
     errors = check_layer(Broken(0.2), (2, 3, 3, 2), np.random.default_rng(0))
     assert errors["input"] > 1e-4
+
+
+def test_a_nan_gradient_fails():
+    """NaN compares as not-larger than the tolerance: relative_error makes it inf."""
+    from rawgan.nn import Dense
+
+    class NanBias(Dense):
+        def _backward(self, dy, cache, input_grad, param_grads):
+            dx = super()._backward(dy, cache, input_grad, param_grads)
+            if param_grads:
+                self.grads["bias"][...] = np.nan
+            return dx
+
+    errors = check_layer(NanBias(3), (4, 5), np.random.default_rng(0))
+    assert errors["bias"] == np.inf and errors["input"] < TOLERANCE
+    case = gradcheck.Case("Dense", "nan bias", lambda: NanBias(3), (4, 5))
+    assert gradcheck.run([case], np.random.default_rng(0), print_fn=lambda *a: None) is False
+
+
+def test_check_layer_leaves_the_callers_layer_alone():
+    from rawgan import models
+
+    D = models.build("mlp", seed=0)[1]
+    before = D.get_weights()
+    check_layer(D, (2, 28, 28, 1), np.random.default_rng(0), max_coords=2)
+    assert D.dtype == np.float32
+    after = D.get_weights()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
 
 
 def test_gradcheck_cli_passes(capsys):

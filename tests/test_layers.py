@@ -312,7 +312,8 @@ def test_unknown_model():
 
 def test_critic_step_with_batchnorm_in_d_runs_each_batch_once():
     """A D with batch norm sees the real batch once and the fake batch once per critic step
-    (two moving-statistics updates), and its gradient equals the sum of both passes'."""
+    (two moving-statistics updates). That its gradient is the finite-difference one of the
+    two-pass loss is tests/test_gan_step.py's check."""
     from rawgan import gan, optim
 
     G = models.build("mlp", seed=0, dtype=np.float64)[0]
@@ -369,3 +370,64 @@ def test_deepcopy_of_a_model_copies_arrays_and_shares_the_backend():
     np.testing.assert_array_equal(twin.forward(z, training=False), m.forward(z, training=False))
     twin.layers[0].params["kernel"][...] = 0.0  # the copy owns its arrays
     assert (m.layers[0].params["kernel"] != 0).any()
+
+
+def test_automatic_names_skip_names_already_taken():
+    m = Sequential([Dense(4, name="dense_1"), Dense(4), Dense(4)], seed=0, input_shape=(4,))
+    assert [layer.name for layer in m.layers] == ["dense_1", "dense", "dense_2"]
+    assert len(m.weights()) == 6 and sum(v.size for v in m.weights().values()) == m.count_params()
+    with pytest.raises(ValueError, match="two layers are named 'a'"):
+        Sequential([Dense(4, name="a"), Dense(4, name="a")])
+
+
+def test_nesting_and_repeating_a_layer_are_refused():
+    with pytest.raises(TypeError, match="nesting is not supported, list its layers"):
+        Sequential([Sequential([Dense(3)]), Dense(1)])
+    d = Dense(3)
+    with pytest.raises(ValueError, match="already in the list"):
+        Sequential([d, LeakyReLU(), d])
+
+
+def test_a_prebuilt_layer_of_another_dtype_or_shape_is_refused():
+    d = Dense(3)
+    d.build((None, 2), np.float64)
+    with pytest.raises(ValueError, match=r"'dense' was built for float64 inputs of shape "
+                                         r"\(2,\), the model gives it float32 inputs"):
+        Sequential([d, Dense(1)], input_shape=(2,))
+    with pytest.raises(ValueError, match=r"shape \(2,\), the model gives it float64 inputs "
+                                         r"of shape \(5,\)"):
+        Sequential([d, Dense(1)])._built((None, 5), np.float64)
+
+
+def test_calling_a_model_is_inference_as_in_keras():
+    G = models.build("dcgan", seed=0)[0]
+    z = RNG.standard_normal((4, 100)).astype(np.float32)
+    moving = G.layers[1].params["moving_mean"].copy()
+    np.testing.assert_array_equal(G(z), G.forward(z, training=False))
+    np.testing.assert_array_equal(G.layers[1].params["moving_mean"], moving)  # not updated
+    G(z, training=True)
+    assert not np.array_equal(G.layers[1].params["moving_mean"], moving)
+
+
+def test_optimizer_state_of_another_optimizer_is_refused():
+    from rawgan import optim
+
+    m = Sequential([Dense(2)], seed=0, input_shape=(3,))
+    m.layers[0].grads["kernel"][...] = 1.0
+    sgd = optim.SGD(m, lr=0.1, momentum=0.9)
+    sgd.step()
+    with pytest.raises(ValueError, match=r"'dense/kernel/momentum' is not one of its slots "
+                                         r"\(m, v\)"):
+        optim.Adam(m).load_state_dict(sgd.state_dict())
+
+
+@pytest.mark.parametrize("shape", [(2.7, 3), 6, "ab", (2, None)])
+def test_reshape_refuses_a_target_that_is_not_integers(shape):
+    with pytest.raises(ValueError, match="target shape must be a tuple of integers"):
+        Reshape(shape)
+
+
+def test_a_list_into_a_built_conv_is_a_type_error():
+    c = Sequential([Conv2D(2, 3)], seed=0, input_shape=(5, 5, 1))
+    with pytest.raises(TypeError, match="expected an array, got list"):
+        c.forward([[0.0] * 5] * 5)

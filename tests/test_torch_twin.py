@@ -162,14 +162,18 @@ def _padding_choice(rng):
     return (int(rng.integers(0, 3)), int(rng.integers(0, 3)))
 
 
-def _conv_configs(count: int, seed: int):
+def _conv_configs(count: int, seed: int, channels: tuple[int, int] = (1, 5),
+                  kernels: tuple[int, int] = (1, 6)):
+    """Random conv geometries. The default channels keep kh*kw*c_in under numpy_ops'
+    SMALL_K (the padded-map GEMM); ``channels=(16, 40), kernels=(3, 6)`` reach the
+    tap-group im2col, the Winograd and the strided phase paths (kh*kw*c_in >= 256)."""
     rng = np.random.default_rng(seed)
     out = []
     while len(out) < count:
         n = int(rng.integers(1, 4))
         h, w = (int(v) for v in rng.integers(1, 10, size=2))
-        ci, co = (int(v) for v in rng.integers(1, 5, size=2))
-        kh, kw = (int(v) for v in rng.integers(1, 6, size=2))
+        ci, co = (int(v) for v in rng.integers(*channels, size=2))
+        kh, kw = (int(v) for v in rng.integers(*kernels, size=2))
         if rng.random() < 0.5:
             kw = kh
         sh, sw = (int(v) for v in rng.integers(1, 4, size=2))
@@ -184,7 +188,8 @@ def _conv_configs(count: int, seed: int):
     return out
 
 
-@pytest.mark.parametrize("cfg", _conv_configs(48, 2024))
+@pytest.mark.parametrize("cfg", _conv_configs(48, 2024)
+                         + _conv_configs(16, 99, channels=(16, 40), kernels=(3, 6)))
 def test_conv2d(cfg):
     rng = np.random.default_rng(zlib.crc32(str(cfg).encode()))
     (kh, kw), (sh, sw), padding = cfg["k"], cfg["s"], cfg["padding"]
@@ -248,7 +253,8 @@ def _tconv_param(n, h, w, ci, co, k, s, padding, op):
     return pytest.param(cfg, id=name.replace(" ", ""))
 
 
-def _tconv_configs(count: int, seed: int):
+def _tconv_configs(count: int, seed: int, channels: tuple[int, int] = (1, 5),
+                   kernels: tuple[int, int] = (1, 6), picked: bool = True):
     out = [  # hand-picked: the seeds' layers, and output_padding past the "full" output
         _tconv_param(2, 7, 7, 3, 2, (5, 5), (1, 1), "same", None),
         _tconv_param(2, 7, 7, 3, 2, (5, 5), (2, 2), "same", None),
@@ -261,12 +267,13 @@ def _tconv_configs(count: int, seed: int):
         _tconv_param(2, 4, 3, 2, 2, (3, 3), (2, 2), "valid", (1, 0)),  # a 0 in the pair
     ]
     assert all(p is not None for p in out)
+    out = out if picked else []
     rng = np.random.default_rng(seed)
     while len(out) < count:
         n = int(rng.integers(1, 4))
         h, w = (int(v) for v in rng.integers(1, 8, size=2))
-        ci, co = (int(v) for v in rng.integers(1, 5, size=2))
-        kh, kw = (int(v) for v in rng.integers(1, 6, size=2))
+        ci, co = (int(v) for v in rng.integers(*channels, size=2))
+        kh, kw = (int(v) for v in rng.integers(*kernels, size=2))
         if rng.random() < 0.5:
             kw = kh
         sh, sw = (int(v) for v in rng.integers(1, 4, size=2))
@@ -280,7 +287,9 @@ def _tconv_configs(count: int, seed: int):
     return out
 
 
-@pytest.mark.parametrize("cfg", _tconv_configs(48, 7))
+@pytest.mark.parametrize("cfg", _tconv_configs(48, 7)
+                         + _tconv_configs(16, 98, channels=(16, 40), kernels=(3, 6),
+                                          picked=False))
 def test_conv2d_transpose(cfg):
     rng = np.random.default_rng(zlib.crc32(str(cfg).encode()))
     (kh, kw), (sh, sw), padding, op = cfg["k"], cfg["s"], cfg["padding"], cfg["op"]

@@ -51,7 +51,8 @@ class _ConvBase(Layer):
                 f"strides={self.strides}, padding={self.padding!r}")
 
     def _check_channels(self, x) -> None:
-        if self.built and x.ndim == 4 and x.shape[-1] != self.input_shape[-1]:
+        if (self.built and getattr(x, "ndim", None) == 4
+                and x.shape[-1] != self.input_shape[-1]):  # (not an array: the base's error)
             raise ValueError(f"{self._where()}: expected {self.input_shape[-1]} input channels, "
                              f"got input of shape {tuple(x.shape)}")
 

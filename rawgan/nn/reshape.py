@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from ..checks import is_int
 from .layer import Layer
 
 
@@ -12,6 +13,9 @@ class Reshape(Layer):
 
     def __init__(self, shape: tuple[int, ...], **kw) -> None:
         super().__init__(**kw)
+        if not isinstance(shape, tuple | list) or not all(is_int(s) for s in shape):
+            raise ValueError(f"Reshape: the target shape must be a tuple of integers (one "
+                             f"may be -1), got {shape!r}")
         shape = tuple(int(s) for s in shape)
         if sum(s == -1 for s in shape) > 1 or any(s == 0 or s < -1 for s in shape):
             raise ValueError(f"Reshape: invalid target shape {shape}")

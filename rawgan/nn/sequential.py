@@ -40,22 +40,40 @@ class Sequential(Layer):
         for i, layer in enumerate(layers):
             if not isinstance(layer, Layer):
                 raise TypeError(f"Sequential: item {i} is a {type(layer).__name__}, not a Layer")
+            if isinstance(layer, Sequential):  # its parameters would be invisible here
+                raise TypeError(f"Sequential: item {i} is a Sequential; nesting is not "
+                                "supported, list its layers instead (Sequential([*inner, "
+                                "...]))")
+            if any(layer is other for other in layers[:i]):
+                raise ValueError(f"Sequential: item {i} ({layer.name or layer.kind}) is "
+                                 "already in the list (one layer object, one place)")
         self.layers = layers
         self.seed = seed
         self.fuse = True
         self.rng = np.random.default_rng(seed)
+        # names as Keras gives them: explicit ones kept (and unique), the others
+        # <kind>, <kind>_1, ... in order, skipping any name already taken
+        taken: set[str] = set()
+        for layer in layers:
+            if layer.name is not None:
+                if layer.name in taken:
+                    raise ValueError(f"Sequential: two layers are named {layer.name!r}")
+                taken.add(layer.name)
         seen: dict[str, int] = {}
         for layer, child in zip(layers, self.rng.spawn(len(layers)), strict=True):
             if layer.rng is None:
                 layer.rng = child
             layer.to(self.ops)
-            base = layer.name or snake_case(layer.kind)
-            count = seen.get(base, 0)
-            seen[base] = count + 1
             if layer.name is None:
-                layer.name = base if count == 0 else f"{base}_{count}"
-            elif count:
-                raise ValueError(f"Sequential: two layers are named {layer.name!r}")
+                base = snake_case(layer.kind)
+                count = seen.get(base, 0)
+                name = base if count == 0 else f"{base}_{count}"
+                while name in taken:
+                    count += 1
+                    name = f"{base}_{count}"
+                seen[base] = count + 1
+                layer.name = name
+                taken.add(name)
         if input_shape is not None:
             self.build((None, *input_shape))
 
@@ -85,6 +103,12 @@ class Sequential(Layer):
         for layer in self.layers:
             if not layer.built:
                 layer.build(shape, dtype)
+            elif layer.dtype != np.dtype(dtype) or tuple(layer.input_shape) != tuple(
+                    int(d) for d in shape[1:]):
+                raise ValueError(
+                    f"{self._where()}: layer {layer.name!r} was built for {layer.dtype} "
+                    f"inputs of shape {tuple(layer.input_shape)}, the model gives it "
+                    f"{np.dtype(dtype)} inputs of shape {tuple(shape[1:])}")
             shape = layer.compute_output_shape(shape)
         self.input_shape = tuple(int(d) for d in input_shape[1:])
         self.dtype = np.dtype(dtype)
@@ -97,7 +121,11 @@ class Sequential(Layer):
 
     # -- passes ---------------------------------------------------------------------------
     def forward(self, x, training: bool = True):
-        """Run every layer in order. x (N, *input_shape) -> (N, *output_shape)."""
+        """Run every layer in order. x (N, *input_shape) -> (N, *output_shape).
+
+        ``training=True`` (the default of this training-engine call, paired with
+        :meth:`backward`): batch statistics, dropout on, moving statistics updated.
+        """
         if not self.built:
             self._check_input(x)
             self.build(x.shape, x.dtype)
@@ -114,7 +142,10 @@ class Sequential(Layer):
                 i += 1
         return x
 
-    __call__ = forward
+    def __call__(self, x, training: bool = False):
+        """``model(x)``: as Keras, INFERENCE unless ``training=True`` (moving statistics,
+        no dropout, nothing updated); :meth:`forward` is the training pass."""
+        return self.forward(x, training)
 
     def backward(self, dy, *, input_grad: bool = True, param_grads: bool = True):
         """Backpropagate ``dy = dL/d(output)`` through every layer in reverse.
