@@ -36,6 +36,7 @@ The batch loss is the MEAN over N rows, so the gradient w.r.t. the logits is
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -66,6 +67,10 @@ IMAGE_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
 #: The shipped weights.
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "assets" / "mnist_classifier.h5"
+#: :func:`weights_sha256` of the shipped weights: every FLD/KID/score rawgan reports is
+#: computed in their feature space, so results record it and a test pins it (retraining
+#: with scripts/train_classifier.py prints the new value to put here)
+SHIPPED_SHA256 = "0d4d16d2bb0c262838c8198b1d0c3e3c6d8cf44e17d5f2edfd5ecb2419e76ffa"
 _MAGIC = "rawgan-classifier"
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -212,6 +217,11 @@ class Classifier:
                 f"accuracy={acc!r}, features={self.feature_dim})")
 
     @property
+    def weights_sha256(self) -> str:
+        """:func:`weights_sha256` of this classifier (``SHIPPED_SHA256``: the shipped one)."""
+        return weights_sha256(self.model)
+
+    @property
     def feature_dim(self) -> int:
         return _output_dim(self.model, self._n_features)
 
@@ -318,6 +328,17 @@ def save_classifier(path: str | os.PathLike[str], model: Sequential, **meta: Any
             g.create_dataset(name, data=np.asarray(arr, dtype=np.float32),
                              compression="gzip", compression_opts=9, shuffle=True)
     return Path(path)
+
+
+def weights_sha256(model: Sequential) -> str:
+    """SHA-256 (hex) of a model's weights: for each ``layer/key`` in name order, the name,
+    dtype, shape and bytes. Independent of the HDF5 file's layout and compression."""
+    h = hashlib.sha256()
+    for name, arr in sorted(model.get_weights().items()):
+        a = np.ascontiguousarray(arr)
+        h.update(f"{name} {a.dtype.str} {a.shape}\n".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
 
 
 def load_classifier(path: str | os.PathLike[str] | None = None) -> Classifier:

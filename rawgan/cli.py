@@ -117,13 +117,16 @@ def _optional(kind):
     return parse
 
 
-def _add_train_options(p: argparse.ArgumentParser) -> None:
+def _add_train_options(p: argparse.ArgumentParser, defaults: dict[str, str] | None = None
+                       ) -> None:
+    """Every TrainConfig field as a flag; ``defaults`` overrides the defaults shown."""
     from .train import CHOICES, TrainConfig
 
     types = {"int": int, "float": float, "str": str}
+    shown = {**_DEFAULT_TEXT, **(defaults or {})}
     for f in dataclasses.fields(TrainConfig):
         help_text, metavar = _HELP[f.name]
-        default = _DEFAULT_TEXT.get(f.name, f.default)
+        default = shown.get(f.name, f.default)
         if isinstance(default, bool):
             default = "on" if default else "off"
         help_text = f"{help_text} (default: {default})"
@@ -236,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--config", metavar="FILE.toml", type=Path,
                    help="TOML file with training options, as for rawgan train "
                         "(default: none)")
-    _add_train_options(i)
+    _add_train_options(i, {"out": "runs/inspect-MODEL-DATA"})
     i.set_defaults(func=_cmd_inspect, sub_parser=i)
 
     g = sub.add_parser("gradcheck", add_help=False,

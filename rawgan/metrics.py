@@ -109,6 +109,27 @@ def _psd_sqrt(c: np.ndarray) -> np.ndarray:
     return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
 
 
+#: relative to the largest entry: asymmetry and negative eigenvalues beyond rounding
+_COV_TOL = 1e-9
+
+
+def _check_covariance(c: np.ndarray, name: str) -> np.ndarray:
+    """``c`` symmetrised, after checking it is a covariance up to rounding: symmetric and
+    positive semi-definite (a sample covariance's smallest eigenvalues are ~1e-16 below 0
+    when n <= d; a matrix that is not a covariance would give a meaningless distance)."""
+    scale = max(float(np.abs(c).max()), 1e-300)
+    asym = float(np.abs(c - c.T).max())
+    if asym > _COV_TOL * scale:
+        raise ValueError(f"frechet_distance: {name} is not symmetric (max |C - C^T| = "
+                         f"{asym:.3g}); expected a covariance matrix")
+    c = 0.5 * (c + c.T)
+    low = float(np.linalg.eigvalsh(c)[0])
+    if low < -_COV_TOL * scale * c.shape[0]:
+        raise ValueError(f"frechet_distance: {name} is not positive semi-definite (smallest "
+                         f"eigenvalue {low:.3g}); expected a covariance matrix")
+    return c
+
+
 def frechet_distance(mu1, cov1, mu2, cov2) -> float:
     """Frechet (2-Wasserstein) distance between N(mu1, cov1) and N(mu2, cov2), squared.
 
@@ -137,8 +158,8 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
     for name, arr in (("mu1", mu1), ("cov1", cov1), ("mu2", mu2), ("cov2", cov2)):
         if not np.all(np.isfinite(arr)):
             raise ValueError(f"frechet_distance: {name} contains NaN or inf")
-    cov1 = 0.5 * (cov1 + cov1.T)
-    cov2 = 0.5 * (cov2 + cov2.T)
+    cov1 = _check_covariance(cov1, "cov1")
+    cov2 = _check_covariance(cov2, "cov2")
     s1 = _psd_sqrt(cov1)
     m = s1 @ cov2 @ s1
     lam = np.linalg.eigvalsh(0.5 * (m + m.T))
@@ -462,7 +483,9 @@ def evaluate_generator(G_or_sample_fn, real_images: np.ndarray, n: int | None = 
     ``generator``       ``n`` samples of the generator (``seed`` picks the noise) vs A
     ``real_vs_real``    the first ``n`` images of B vs A (the floor: what a perfect
                         generator would score)
-    ``real_vs_noise``   ``n`` uniform-noise images in [-1, 1] vs A (the ceiling)
+    ``real_vs_noise``   ``n`` uniform-noise images in [-1, 1] vs A (a reference point for
+                        a generator that learned nothing; not an upper bound: a collapsed
+                        generator can score worse)
 
     Each row: ``fld``, ``kid``, ``kid_std``, ``score``, ``score_std`` (the classifier score
     of the row's own images) and ``n``. ``G_or_sample_fn``: an object with
@@ -475,6 +498,8 @@ def evaluate_generator(G_or_sample_fn, real_images: np.ndarray, n: int | None = 
     """
     clf = classifier or default_classifier()
     real = np.asarray(real_images)
+    if real.ndim in (2, 3) and len(real) >= 4:  # (N, 784) or (N, 28, 28), as features() takes
+        real = clf._check(real)
     if real.ndim != 4 or len(real) < 4:
         raise ValueError(f"evaluate_generator: real_images must be (N >= 4, 28, 28, 1), got "
                          f"shape {real.shape}")
@@ -491,8 +516,9 @@ def evaluate_generator(G_or_sample_fn, real_images: np.ndarray, n: int | None = 
         _warn(f"KID: subset_size {kid_subset_size} exceeds n = {n}; using {n}")
     ref_feats = _reference_features(a, clf, batch_size)
     out: dict[str, Any] = {"n_reference": int(len(a)), "n": n, "seed": int(seed),
-                           "classifier": {k: clf.meta.get(k) for k in
-                                          ("architecture", "accuracy", "split")}}
+                           "classifier": {**{k: clf.meta.get(k) for k in
+                                             ("architecture", "accuracy", "split")},
+                                          "weights_sha256": clf.weights_sha256}}
     sets: dict[str, np.ndarray] = {}
     if G_or_sample_fn is not None:
         fake = np.asarray(_sampler(G_or_sample_fn)(n, seed))
@@ -526,13 +552,15 @@ def evaluate_toy(G_or_sample_fn, name: str, n: int = 2500, seed: int = 0, *,
 
 def evaluate_checkpoint(path, n: int | None = None, seed: int = 0, *, data_dir=None,
                         real_images: np.ndarray | None = None, toy: str | None = None,
-                        min_count: int = 1, **image_kwargs) -> dict[str, Any]:
+                        min_count: int = 1, download: bool | None = None,
+                        **image_kwargs) -> dict[str, Any]:
     """Load a generator checkpoint (``rawgan.load_generator``) and evaluate it.
 
     A generator of 2-D points is scored with :func:`evaluate_toy` on ``toy`` (default: the
     checkpoint config's ``data``) with ``n`` samples (default 2,500) and ``min_count``; an
     image generator with :func:`evaluate_generator` against ``real_images`` (default: the
-    10,000 real MNIST test images, ``rawgan.data.load_mnist("test", data_dir=...)``),
+    10,000 real MNIST test images, ``rawgan.data.load_mnist("test", data_dir=...)``,
+    downloaded when missing if ``download``; default: only without ``data_dir``),
     ``image_kwargs`` passed on (``kid_subsets``, ``kid_subset_size``, ``splits``,
     ``classifier``, ``batch_size``, ``references``).
     """
@@ -552,7 +580,8 @@ def evaluate_checkpoint(path, n: int | None = None, seed: int = 0, *, data_dir=N
             raise ValueError(f"{path}: a Fashion-MNIST generator; the scores use rawgan's "
                              "pinned MNIST digit classifier, which means nothing for it (pass "
                              "real_images= to score against images of your own)")
-        real_images, _ = load_mnist("test", data_dir=data_dir, download=data_dir is None)
+        real_images, _ = load_mnist("test", data_dir=data_dir,
+                                    download=data_dir is None if download is None else download)
     return evaluate_generator(gen, real_images, n=n, seed=seed, **image_kwargs)
 
 
@@ -602,6 +631,9 @@ def main(argv: list[str] | None = None) -> int:
                    "and the KID subsets (default: 0)")
     p.add_argument("--data-dir", default=None, help="folder with the MNIST t10k files "
                    "(default: rawgan.data's search path)")
+    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=None,
+                   help="download the t10k files when they are missing (default: only "
+                        "without --data-dir)")
     p.add_argument("--kid-subsets", type=int, default=DEFAULT_KID_SUBSETS)
     p.add_argument("--kid-subset-size", type=int, default=DEFAULT_KID_SUBSET_SIZE)
     p.add_argument("--splits", type=int, default=DEFAULT_SPLITS,
@@ -620,7 +652,8 @@ def main(argv: list[str] | None = None) -> int:
             from .data import load_mnist
 
             real, _ = load_mnist("test", data_dir=args.data_dir,
-                                 download=args.data_dir is None)
+                                 download=args.data_dir is None if args.download is None
+                                 else args.download)
             results = evaluate_generator(None, real, n=args.n, seed=args.seed,
                                          kid_subsets=args.kid_subsets,
                                          kid_subset_size=args.kid_subset_size,
@@ -628,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             results = evaluate_checkpoint(args.checkpoint, n=args.n, seed=args.seed,
                                           data_dir=args.data_dir, toy=args.toy,
-                                          min_count=args.min_count,
+                                          min_count=args.min_count, download=args.download,
                                           kid_subsets=args.kid_subsets,
                                           kid_subset_size=args.kid_subset_size,
                                           splits=args.splits)

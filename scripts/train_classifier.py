@@ -35,6 +35,7 @@ from rawgan.classifier import (
     lenet,
     save_classifier,
     softmax_cross_entropy,
+    weights_sha256,
 )
 
 N_TRAIN = 8000  # images t10k[0:8000] train, t10k[8000:10000] are held out
@@ -73,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val", type=int, default=0, help="hold out the last N of the 8,000 "
                    "training images as a validation set (recipe selection)")
-    p.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS)
+    p.add_argument("--out", type=Path, default=Path("runs/mnist_classifier.h5"),
+                   help="where to write the weights (default: runs/mnist_classifier.h5; "
+                        f"pass --out {DEFAULT_WEIGHTS.relative_to(DEFAULT_WEIGHTS.parents[2])} "
+                        "to replace the shipped ones, then update "
+                        "rawgan.classifier.SHIPPED_SHA256)")
     p.add_argument("--no-readme", action="store_true", help="do not rewrite "
                    "assets/README.md next to --out")
     args = p.parse_args(argv)
@@ -136,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         "trained_with": "scripts/train_classifier.py",
     }
     out = save_classifier(args.out, model, **meta)
-    print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB)")
+    print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB); weights_sha256 "
+          f"{weights_sha256(model)}")
     if not args.no_readme:
         write_readme(out.parent / "README.md", out.name, meta, model)
     return 0
@@ -164,9 +170,12 @@ def write_readme(path: Path, weights_name: str, meta: dict, model) -> None:
         "Weights are float32, gzip-compressed, under `/weights/<layer>/<key>`.",
         "`train_seconds` was measured on a shared 2-core CPU (NumPy backend).",
         "",
-        "Reproduce: `python scripts/train_classifier.py --data-dir ../shared/data/mnist` "
-        f"(seed {meta['seed']}). The test `tests/test_classifier.py` checks that the shipped "
-        "weights reproduce the recorded accuracy on the held-out images.",
+        "Reproduce: `python scripts/train_classifier.py --data-dir ../shared/data/mnist "
+        f"--out rawgan/assets/mnist_classifier.h5` (seed {meta['seed']}; without `--out` it "
+        "writes runs/mnist_classifier.h5 and leaves the shipped file alone). The test "
+        "`tests/test_classifier.py` checks that the shipped weights reproduce the recorded "
+        "accuracy on the held-out images and that their SHA-256 is "
+        "`rawgan.classifier.SHIPPED_SHA256` (update it when replacing them).",
         "",
     ]
     path.write_text("\n".join(lines))

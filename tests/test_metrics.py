@@ -387,10 +387,17 @@ def test_evaluate_checkpoint_toy_and_main(tmp_path, capsys):
     out = M.evaluate_checkpoint(path, n=800, seed=1)
     assert out["data"] == "ring" and out["n"] == 800
     assert out["real"]["modes_covered"] == 8
-    assert 0 <= out["generator"]["modes_covered"] <= 8
-    assert M.main([str(path), "--n", "800", "--json", str(tmp_path / "r.json")]) == 0
+    from rawgan.checkpoint import load_generator
+    from rawgan.data import toy_modes
+
+    centers, std = toy_modes("ring")
+    fake = load_generator(path).sample(800, seed=1).reshape(800, -1)
+    assert out["generator"] == M.mode_metrics(fake, centers, std)
+    assert M.main([str(path), "--n", "800", "--seed", "1", "--json",
+                   str(tmp_path / "r.json")]) == 0
     assert "modes" in capsys.readouterr().out
-    assert (tmp_path / "r.json").is_file()
+    assert json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(
+        M._jsonable(out)))
     assert M.main([str(tmp_path / "missing.h5")]) == 1
     assert "error" in capsys.readouterr().err
 
@@ -413,3 +420,88 @@ def test_evaluate_checkpoint_refuses_a_fashion_generator(tmp_path):
     path = _export(tmp_path, "fashion.h5", (28, 28, 1), "fashion")
     with pytest.raises(ValueError, match="Fashion-MNIST generator"):
         M.evaluate_checkpoint(path, n=10)
+
+
+# --------------------------------------------------------------------------------------
+# pinned values: the classifier, the reference rows, the formulas' details
+# --------------------------------------------------------------------------------------
+
+
+def test_the_scoring_classifier_is_the_shipped_one():
+    """Every FLD/KID/score is computed in this classifier's feature space: its weights are
+    pinned by hash (replacing them must be deliberate), and results record the hash."""
+    from rawgan import classifier as C
+
+    clf = M.default_classifier()
+    assert clf.weights_sha256 == C.SHIPPED_SHA256
+
+
+def test_reference_rows_are_the_readme_ones(mnist_dir):
+    """README.md's reference rows (seed 0, the 10,000 t10k images, the defaults): a change
+    of the features layer, the covariance or the KID estimator moves them."""
+    from rawgan.data import load_mnist
+
+    real, _ = load_mnist("test", data_dir=mnist_dir, download=False)
+    res = M.evaluate_generator(None, real, seed=0)
+    rr, rn = res["real_vs_real"], res["real_vs_noise"]
+    got = [rr["fld"], rr["kid"], rr["score"], rn["fld"], rn["kid"], rn["score"]]
+    np.testing.assert_allclose(got, [1.146, 0.0152, 9.507, 324.075, 12.161, 1.160],
+                               rtol=2e-3, atol=1e-4)
+    from rawgan import classifier as C
+
+    assert res["classifier"]["weights_sha256"] == C.SHIPPED_SHA256
+
+
+def test_format_results_puts_each_number_in_its_column():
+    row = {"fld": 1.5, "kid": 0.25, "kid_std": 0.125, "score": 7.75, "score_std": 0.5, "n": 9}
+    res = {"generator": row, "n": 9, "n_reference": 10, "seed": 0,
+           "classifier": {"architecture": "x", "accuracy": 0.9}}
+    header, line = M.format_results(res).splitlines()[:2]
+    assert header.split() == ["FLD", "KID", "±", "std", "score", "±", "std"]
+    assert line.split() == ["generator", "1.500", "0.25000", "0.12500", "7.750", "0.500"]
+
+
+def test_feature_statistics_is_the_unbiased_covariance():
+    f = np.random.default_rng(0).standard_normal((7, 3))
+    mu, cov = M.feature_statistics(f)
+    np.testing.assert_allclose(mu, f.mean(0))
+    d = f - f.mean(0)
+    np.testing.assert_allclose(cov, d.T @ d / 6)  # n - 1
+
+
+@pytest.mark.filterwarnings("ignore::rawgan.metrics.SampleSizeWarning")
+def test_kid_subsets_follow_the_rng():
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((60, 4)), rng.standard_normal((60, 4)) + 0.3
+    a = M.kid(x, y, n_subsets=5, subset_size=20, rng=1)
+    assert M.kid(x, y, n_subsets=5, subset_size=20, rng=1) == a
+    assert M.kid(x, y, n_subsets=5, subset_size=20, rng=2) != a
+
+
+def test_frechet_distance_of_rank_deficient_covariances_has_its_closed_form():
+    """Commuting (here diagonal, singular) covariances: d^2 = |dmu|^2 + sum (sqrt a -
+    sqrt b)^2."""
+    a, b = np.diag([1.0, 0.0, 4.0]), np.diag([4.0, 0.0, 0.0])
+    mu1, mu2 = np.zeros(3), np.array([1.0, 0.0, 0.0])
+    assert M.frechet_distance(mu1, a, mu2, b) == pytest.approx(1 + (1 - 2) ** 2 + 2 ** 2,
+                                                               abs=1e-12)
+
+
+@pytest.mark.parametrize("cov, message", [
+    ([[1.0, 5.0], [0.0, 1.0]], "cov1 is not symmetric"),
+    (np.diag([-4.0, 1.0]), "cov1 is not positive semi-definite"),
+])
+def test_frechet_distance_refuses_what_is_not_a_covariance(cov, message):
+    with pytest.raises(ValueError, match=message):
+        M.frechet_distance(np.zeros(2), cov, np.zeros(2), np.eye(2))
+
+
+def test_evaluate_generator_takes_the_layouts_the_classifier_takes():
+    rng = np.random.default_rng(0)
+    real = rng.uniform(-1, 1, (40, 28, 28))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", M.SampleSizeWarning)
+        a = M.evaluate_generator(None, real, kid_subsets=2, kid_subset_size=10, splits=2)
+        b = M.evaluate_generator(None, real.reshape(40, 784), kid_subsets=2,
+                                 kid_subset_size=10, splits=2)
+    assert a == b
