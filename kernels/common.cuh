@@ -95,12 +95,14 @@ __device__ __forceinline__ void colreduce_partial(int M, int C, int rows_per, T*
                                                   const F& f) {
     __shared__ T sm[NV][8][33];
     const int col = blockIdx.x * 32 + threadIdx.x;
-    const int r0 = blockIdx.y * rows_per;
-    const int r1 = rg_min(M, r0 + rows_per);
+    // rows in 64 bits: the last split's r0 + rows_per (and r + 8) may pass INT_MAX when M
+    // is near 2^31; every row handed to f is < M, so the int cast is exact
+    const i64 r0 = (i64)blockIdx.y * rows_per;
+    const i64 r1 = r0 + rows_per < (i64)M ? r0 + rows_per : (i64)M;
     T acc[NV];
     for (int v = 0; v < NV; ++v) acc[v] = T(0);
     if (col < C)
-        for (int r = r0 + (int)threadIdx.y; r < r1; r += 8) f(r, col, acc);
+        for (i64 r = r0 + threadIdx.y; r < r1; r += 8) f((int)r, col, acc);
     for (int v = 0; v < NV; ++v) sm[v][threadIdx.y][threadIdx.x] = acc[v];
     __syncthreads();
     if (threadIdx.y == 0 && col < C) {

@@ -60,6 +60,7 @@ def ops(monkeypatch):
 
     monkeypatch.setattr(cupy_ops, "_empty", poisoned)
     monkeypatch.setattr(cupy_ops, "FORCE_TILE", None)
+    monkeypatch.setattr(cupy_ops, "TF32", False)  # whatever RAWGAN_TF32 says: FP32 tolerances
     monkeypatch.setattr(cupy_ops, "DROPOUT_RNG", "host")
     yield mod
     cupy_ops._device_info.clear()
@@ -160,9 +161,31 @@ def random_conv_cases(seed: int, count: int):
     return cases
 
 
+def random_rectangular_conv_cases(seed: int, count: int):
+    """As random_conv_cases with kh != kw and sh != sw drawn independently (a swap of the
+    two axes anywhere in the kernels' geometry fails these, not the square ones)."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    while len(cases) < count:
+        kh, kw = (int(v) for v in rng.integers(1, 6, size=2))
+        sh, sw = (int(v) for v in rng.integers(1, 4, size=2))
+        if kh == kw and sh == sw:
+            continue
+        padding = [str(rng.choice(["same", "valid"])), int(rng.integers(0, min(kh, kw)))][
+            int(rng.integers(0, 2))]
+        h, w = int(rng.integers(max(kh, 2), 16)), int(rng.integers(max(kw, 2), 16))
+        op = None if rng.random() < 0.5 else (int(rng.integers(0, sh)),
+                                              int(rng.integers(0, sw)))
+        cases.append((int(rng.integers(1, 6)), h, w, int(rng.choice([1, 3, 4, 12])),
+                      int(rng.choice([1, 4, 16, 20])), (kh, kw), (sh, sw), padding, op))
+    return cases
+
+
 def check_conv_case(ops, case, dtype, rng) -> None:
     n, h, w, ci, co, k, s, padding, op = case
-    x, wt, b = rand(rng, (n, h, w, ci), dtype), rand(rng, (k, k, ci, co), dtype), \
+    kh, kw = k if isinstance(k, tuple) else (k, k)
+    sh, sw = s if isinstance(s, tuple) else (s, s)
+    x, wt, b = rand(rng, (n, h, w, ci), dtype), rand(rng, (kh, kw, ci, co), dtype), \
         rand(rng, (co,), dtype)
     y = numpy_ops.conv2d_forward(*f64(x, wt, b), s, padding)
     dy = rand(rng, y.shape, dtype)
@@ -173,10 +196,10 @@ def check_conv_case(ops, case, dtype, rng) -> None:
     for g, r, what in zip(got, want, ("dx", "dw", "db"), strict=True):
         close(g, r, f"conv {what} {case}")
     try:
-        numpy_ops.conv_transpose_geometry(h, w, k, k, (s, s), padding, op)
+        numpy_ops.conv_transpose_geometry(h, w, kh, kw, (sh, sw), padding, op)
     except ValueError:
         return
-    wt_t = rand(rng, (k, k, co, ci), dtype)
+    wt_t = rand(rng, (kh, kw, co, ci), dtype)
     yt = numpy_ops.conv2d_transpose_forward(*f64(x, wt_t, b), s, padding, op)
     dyt = rand(rng, yt.shape, dtype)
     WTT, DYT = ops.asarray(wt_t), ops.asarray(dyt)
@@ -191,6 +214,13 @@ def check_conv_case(ops, case, dtype, rng) -> None:
 def test_conv_random_geometries_match_numpy(ops, dtype):
     rng = np.random.default_rng(3)
     for case in random_conv_cases(seed=4, count=40):
+        check_conv_case(ops, case, dtype, rng)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv_rectangular_kernels_and_strides_match_numpy(ops, dtype):
+    rng = np.random.default_rng(13)
+    for case in random_rectangular_conv_cases(seed=14, count=24):
         check_conv_case(ops, case, dtype, rng)
 
 
@@ -434,6 +464,71 @@ def test_adam_update_matches_rawgan_optim(ops, dtype):
         close(Vd, slots[f"{name}/v"], f"{name} v")
 
 
+SHAPES = ((3, 5), (7,), (4, 4, 2, 3), (4099,))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sgd_rmsprop_and_the_graph_helpers_match_numpy(ops, dtype):
+    """The multi-tensor SGD (plain, momentum, Nesterov, clipped) and RMSprop kernels, and
+    clip_update / accumulate / zero_grads / copy_into, on tensors of several sizes."""
+    rng = np.random.default_rng(18)
+
+    def tensors():
+        return [rand(rng, s, dtype) for s in SHAPES]
+
+    p, g, slot = tensors(), tensors(), [np.abs(a) for a in tensors()]
+    for kw in ({"momentum": 0.0}, {"momentum": 0.9}, {"momentum": 0.9, "nesterov": True},
+               {"momentum": 0.5, "clip_value": 0.3}):
+        P, G, S = ([ops.asarray(a) for a in arrs] for arrs in (p, g, slot))
+        pn, sn = [a.copy() for a in p], [a.copy() for a in slot]
+        ops.sgd_update(P, G, S, 0.05, **kw)
+        numpy_ops.sgd_update(pn, g, sn, 0.05, **kw)
+        for a, b, c, d in zip(P, pn, S, sn, strict=True):
+            close(a, b, f"sgd p {kw}")
+            close(c, d, f"sgd v {kw}")
+    P, G, S = ([ops.asarray(a) for a in arrs] for arrs in (p, g, slot))
+    pn, sn = [a.copy() for a in p], [a.copy() for a in slot]
+    ops.rmsprop_update(P, G, S, 1e-2, 0.9, 1e-7, clip_value=0.7)
+    numpy_ops.rmsprop_update(pn, g, sn, 1e-2, 0.9, 1e-7, clip_value=0.7)
+    for a, b, c, d in zip(P, pn, S, sn, strict=True):
+        close(a, b, "rmsprop p")
+        close(c, d, "rmsprop a")
+    P = [ops.asarray(a) for a in p]
+    ops.clip_update(P, 0.25)
+    for a, b in zip(P, p, strict=True):
+        close(a, np.clip(b, -0.25, 0.25), "clip_update")
+    A, B = ops.asarray(p[3]), ops.asarray(g[3])
+    ops.accumulate(A, B)
+    close(A, p[3] + g[3], "accumulate")
+    Z = [ops.asarray(a) for a in g]
+    ops.zero_grads(Z)
+    assert all(not bool(cp.any(z)) for z in Z)
+    D = ops.asarray(np.zeros_like(p[2]))
+    ops.copy_into(D, ops.asarray(p[2]))
+    assert _bits(D) == p[2].tobytes()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_numpy_scalar_hyper_parameters_are_numbers(ops, dtype):
+    """np.float32 / np.float64 hyper-parameters (they have a .shape) are converted to the
+    kernel's type, never passed as a pointer or at their own size: the same bits as the
+    same values given as Python floats."""
+    rng = np.random.default_rng(19)
+    p, g = [rand(rng, s, dtype) for s in SHAPES], [rand(rng, s, dtype) for s in SHAPES]
+
+    def run(h):
+        P, G = [ops.asarray(a) for a in p], [ops.asarray(a) for a in g]
+        M, V = [cp.zeros_like(a) for a in P], [cp.zeros_like(a) for a in P]
+        ops.adam_update(P, G, M, V, h[0], h[1], h[2], h[3])
+        ops.sgd_update(P, G, None, h[4])
+        ops.rmsprop_update(P, G, V, h[5], h[1], h[3], clip_value=h[6])
+        return [cp.asnumpy(a).tobytes() for a in P]
+
+    for num in (np.float32, np.float64):
+        h = [num(v) for v in (1e-3, 0.9, 0.999, 1e-7, 0.05, 0.01, 0.9)]
+        assert run(h) == run([float(v) for v in h]), num.__name__
+
+
 # -- whole training steps ---------------------------------------------------------------
 
 def _train(ops, dtype, steps, batch, model="dcgan"):
@@ -559,20 +654,29 @@ import numpy as np
 from rawgan.backends import cupy_ops as ops
 from rawgan import backends
 backends.get("cupy")
+# no memory pool: every array is its own allocation, so memcheck sees any overrun (a pool
+# rounds blocks up to 512 bytes and an overrun would land in valid memory)
+ops._cupy().cuda.set_allocator(None)
 rng = np.random.default_rng(0)
 def r(*s, dt=np.float32):
     return ops.asarray(rng.standard_normal(s).astype(dt))
+def shifted(*s, dt=np.float32):  # contiguous but one element past an aligned start
+    return r(1 + int(np.prod(s)), dt=dt)[1:].reshape(s)
 for dt in (np.float32, np.float64):
     for tile in (None, "L", "M", "S", "T"):
         ops.FORCE_TILE = tile
-        x, w, b = r(5, 9, 10, 4, dt=dt), r(3, 3, 4, 6, dt=dt), r(6, dt=dt)
-        y = ops.conv2d_forward(x, w, b, 2, "same", leaky_alpha=0.3)
-        ops.conv2d_backward(y, x, w, 2, "same")
-        wt = r(5, 5, 6, 4, dt=dt)
-        yt = ops.conv2d_transpose_forward(x, wt, b, 2, "same", 1, leaky_alpha=0.3)
-        ops.conv2d_transpose_backward(yt, x, wt, 2, "same", 1)
-        a, m = r(7, 13, dt=dt), r(13, 5, dt=dt)
-        ops.dense_backward(ops.dense_forward(a, m, r(5, dt=dt), leaky_alpha=0.3), a, m)
+        # odd sizes (the scalar paths) and multiples of 4 (the 128-bit loads), aligned and
+        # shifted by one element
+        for c, o, make in ((4, 6, r), (8, 8, r), (8, 8, shifted)):
+            x, w, b = make(5, 9, 10, c, dt=dt), make(3, 3, c, o, dt=dt), make(o, dt=dt)
+            y = ops.conv2d_forward(x, w, b, 2, "same", leaky_alpha=0.3)
+            ops.conv2d_backward(y, x, w, 2, "same")
+            wt = make(5, 5, o, c, dt=dt)
+            yt = ops.conv2d_transpose_forward(x, wt, b, 2, "same", 1, leaky_alpha=0.3)
+            ops.conv2d_transpose_backward(yt, x, wt, 2, "same", 1)
+        for k, n, make in ((13, 5, r), (16, 8, r), (16, 8, shifted)):
+            a, m = make(7, k, dt=dt), make(k, n, dt=dt)
+            ops.dense_backward(ops.dense_forward(a, m, make(n, dt=dt), leaky_alpha=0.3), a, m)
     ops.FORCE_TILE = None
     z = r(4, 6, 6, 3, dt=dt)
     for f in ("relu", "tanh", "sigmoid"):
@@ -647,15 +751,24 @@ def test_graphed_step_replays_match_eager_steps(ops, monkeypatch, tf32):
         step = GraphedStep(G, D, opt_g, opt_d, "bce", batch_size=16, d_steps=1, noise_dim=100,
                            seed=7, capture=capture)
         data = np.random.default_rng(4)
-        stats = [step([data.uniform(-1, 1, (16, 28, 28, 1)).astype(np.float32)])
-                 for _ in range(5)]
+        z_eager = ops.asarray(np.random.default_rng(8).standard_normal((9, 100), np.float32))
+        stats, samples = [], []
+        for _ in range(5):
+            stats.append(step([data.uniform(-1, 1, (16, 28, 28, 1)).astype(np.float32)]))
+            # what rawgan train does between steps: an eager inference pass (replacing the
+            # layers' caches, freeing what the graph was recorded with) and fresh arrays
+            samples.append(cp.asnumpy(G(z_eager)))
+            cp.get_default_memory_pool().free_all_blocks()
+            _ = [cp.full((4096,), 7.0, np.float32) for _ in range(8)]
         weights = {**{f"G/{k}": v for k, v in G.get_weights().items()},
                    **{f"D/{k}": v for k, v in D.get_weights().items()},
                    **{f"optD/{k}": v for k, v in opt_d.state_dict()["slots"].items()}}
-        runs.append((stats, weights, step))
-    (eager, w_eager, s_eager), (graph, w_graph, s_graph) = runs
+        runs.append((stats, weights, step, samples))
+    (eager, w_eager, s_eager, x_eager), (graph, w_graph, s_graph, x_graph) = runs
     assert s_eager.graph is None and s_graph.graph is not None and s_graph.launches == 3
     assert graph == eager
+    for a, b in zip(x_graph, x_eager, strict=True):
+        assert a.tobytes() == b.tobytes()
     for key, w in w_eager.items():
         np.testing.assert_array_equal(w_graph[key], w, err_msg=key)
     assert len({s.d_loss for s in graph}) == 5

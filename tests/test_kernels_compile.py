@@ -778,6 +778,7 @@ class FakeCupy(types.ModuleType):
             Stream=lambda non_blocking=False: _FakeStream(self, non_blocking),
             MemoryPool=_FakePool,
             using_allocator=lambda malloc=None: _FakeAllocator(self, malloc),
+            set_allocator=lambda allocator=None: None,
             Event=_FakeEvent,
             get_elapsed_time=_elapsed_ms)
         rng = np.random.default_rng(0)

@@ -1023,9 +1023,12 @@ def _mt_launch(kernel: str, slots, *scalars) -> None:
     t = dt.type
 
     def arg(s):
-        if s is None or isinstance(s, np.int32) or hasattr(s, "shape"):  # pointers, ints
+        # device pointers (None, a CuPy array) and the int flags pass; every other scalar,
+        # a NumPy float32/float64 included, becomes the kernel's T (a NumPy scalar has a
+        # .shape too, but would be packed at its own size)
+        if s is None or isinstance(s, np.int32) or isinstance(s, _cupy().ndarray):
             return s
-        return t(s)
+        return t(float(s))
 
     _launch("optim.cu", f"{kernel}_{_suffix(dt)}", (nchunks, 1, 1), (_THREADS, 1, 1),
             (ptrs, _i32(len(params)), sizes, ct, cs, _i32(_CHUNK), *(arg(s) for s in scalars)))
@@ -1045,7 +1048,7 @@ def adam_update(params, grads, ms, vs, alpha: float, beta_1: float, beta_2: floa
     a float, or a one-element device array of the params' dtype that the kernel reads (a
     captured graph's per-step value); then ``p = clip(p, -clip_value, clip_value)`` when
     clip_value is given."""
-    if hasattr(alpha, "shape"):
+    if isinstance(alpha, _cupy().ndarray):  # (not a NumPy scalar: that is a float)
         if alpha.size != 1 or alpha.dtype != _dtype(*params):
             raise ValueError(f"adam_update: a device alpha must be one element of the params' "
                              f"dtype, got shape {tuple(alpha.shape)} dtype {alpha.dtype}")
