@@ -275,12 +275,9 @@ class TrainConfig:
                 raise ValueError(f"{', '.join(toy)}: no effect with data {self.data!r} (toy "
                                  f"points are generated, and plotted {TOY_EVAL_POINTS} at a "
                                  "time)")
-        if not self.distributed:
-            solo = [f"{k} {getattr(self, k)!r}" for k, d in
-                    (("sync_batchnorm", False), ("collective_timeout", _COLLECTIVE_TIMEOUT))
-                    if getattr(self, k) != d]
-            if solo:
-                raise ValueError(f"{', '.join(solo)}: only with distributed (--distributed)")
+        # (sync_batchnorm and collective_timeout stay accepted without distributed: one
+        # process normalises over the whole batch anyway, and a distributed run resumes on
+        # one process with its own config)
 
     def _check_types(self) -> None:
         kinds = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
