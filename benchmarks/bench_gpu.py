@@ -249,8 +249,22 @@ def _torch_conv_passes(kind, n, shape, co, k, s, channels_last):
     return {"fwd": fwd, "dgrad": bwd([True, False, False]), "wgrad": bwd([False, True, False])}
 
 
+def _same_work(flop: float, gemms: dict) -> dict:
+    """The cuBLAS reference GEMM of each pass with the layer's MACs: the backward-data
+    pass of a stride-s conv (and a transposed conv's forward) gives each output pixel only
+    ~k^2/s^2 of the k^2 taps (the stride-phase decomposition), so its (M, k^2 c, N) GEMM
+    would do s^2 times the layer's work; K becomes MACs / (M N) there."""
+    out = {}
+    for name, (m, kk, nn) in gemms.items():
+        if 2.0 * m * kk * nn > 1.01 * flop:
+            kk = max(1, round(flop / (2.0 * m * nn)))
+        out[name] = (m, kk, nn)
+    return out
+
+
 def _layer_passes(ops, n, kind, shape, co, k, s):
-    """rawgan's three passes of one layer, their FLOPs, and the implicit-GEMM shapes."""
+    """rawgan's three passes of one layer, their FLOPs, and the cuBLAS GEMM shapes of the
+    same work (:func:`_same_work`)."""
     if kind == "dense":
         fin = shape[0]
         x = cp.random.standard_normal((n, fin), dtype=cp.float32)
@@ -271,9 +285,10 @@ def _layer_passes(ops, n, kind, shape, co, k, s):
         ours = {"fwd": lambda: ops.conv2d_forward(x, w, None, s, "same"),
                 "dgrad": lambda: ops.conv2d_backward(dy, x, w, s, "same", need_dw=False),
                 "wgrad": lambda: ops.conv2d_backward(dy, x, w, s, "same", need_dx=False)}
-        return ours, 2.0 * n * ho * wo * k * k * ci * co, {
+        flop = 2.0 * n * ho * wo * k * k * ci * co
+        return ours, flop, _same_work(flop, {
             "fwd": (n * ho * wo, k * k * ci, co), "dgrad": (n * h * wd, k * k * co, ci),
-            "wgrad": (k * k * ci, n * ho * wo, co)}
+            "wgrad": (k * k * ci, n * ho * wo, co)})
     w = cp.random.standard_normal((k, k, co, ci), dtype=cp.float32)
     y = ops.conv2d_transpose_forward(x, w, None, s, "same")
     ho, wo = y.shape[1:3]
@@ -281,9 +296,10 @@ def _layer_passes(ops, n, kind, shape, co, k, s):
     ours = {"fwd": lambda: ops.conv2d_transpose_forward(x, w, None, s, "same"),
             "dgrad": lambda: ops.conv2d_transpose_backward(dy, x, w, s, "same", need_dw=False),
             "wgrad": lambda: ops.conv2d_transpose_backward(dy, x, w, s, "same", need_dx=False)}
-    return ours, 2.0 * n * h * wd * k * k * ci * co, {
+    flop = 2.0 * n * h * wd * k * k * ci * co
+    return ours, flop, _same_work(flop, {
         "fwd": (n * ho * wo, k * k * co, ci), "dgrad": (n * h * wd, k * k * ci, co),
-        "wgrad": (k * k * co, n * h * wd, ci)}
+        "wgrad": (k * k * co, n * h * wd, ci)})
 
 
 def _torch_dense_passes(n, fin, co):

@@ -38,10 +38,13 @@ THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 def _threads_from_argv(argv: list[str]) -> int | None:
     """``--threads T`` must act before NumPy loads OpenBLAS, so it is read here first."""
     for i, a in enumerate(argv):
-        if a == "--threads" and i + 1 < len(argv):
-            return int(argv[i + 1])
-        if a.startswith("--threads="):
-            return int(a.split("=", 1)[1])
+        text = (argv[i + 1] if a == "--threads" and i + 1 < len(argv)
+                else a.split("=", 1)[1] if a.startswith("--threads=") else None)
+        if text is not None:
+            try:
+                return int(text)
+            except ValueError:
+                return None  # argparse reports it, with the usage line
     return None
 
 
@@ -588,6 +591,14 @@ def main(argv=None) -> int:
                     help="first wait up to SECONDS for the CPU to be idle (other processes "
                          "under 10%% of the cores for 3 s in a row)")
     args = ap.parse_args(argv)
+    for flag, value, least in (("--batch", args.batch, 1), ("--repeats", args.repeats, 1),
+                               ("--warmup", args.warmup, 0), ("--threads", args.threads, 1),
+                               ("--breakdown-steps", args.breakdown_steps, 0),
+                               ("--max-retries", args.max_retries, 0),
+                               ("--retry-wait", args.retry_wait, 0),
+                               ("--wait-idle", args.wait_idle, 0)):
+        if value is not None and value < least:  # before minutes of warm-ups are spent
+            ap.error(f"{flag} must be at least {least}, got {value}")
 
     if args.wait_idle > 0:
         wait_quiet(args.wait_idle)

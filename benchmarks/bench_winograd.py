@@ -94,6 +94,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
+    if args.repeats < 1 or any(b < 1 for b in args.batch or []):
+        ap.error(f"--repeats and --batch must be at least 1, got {args.repeats} and "
+                 f"{args.batch}")
     batches = args.batch or [64, 256]
     calls = []
     real_corr, real_wgrad = winograd.correlate, winograd.weight_grad

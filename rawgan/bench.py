@@ -68,19 +68,25 @@ ratio = reference median / rawgan median: above 1, rawgan is faster.
 
 Before a reference is timed it is checked to compute what rawgan computes: each kernel
 twin on the same inputs as rawgan (``twin_agreement``: equal output shapes, values within
-1e-4 on PyTorch's symmetric padding; the row's ``twin`` key; a twin that disagrees gets no
-ratio), the step twin for the same per-layer parameter counts and G/D output shapes
-(``bench_step.twin_problems``; a mismatch is an error).
+1e-4 on PyTorch's symmetric padding; the row's ``twin`` key; a twin that disagrees is not
+timed, and the row gets no reference and no ratio), the step twin for the same per-layer
+parameter counts and G/D output shapes (``bench_step.twin_problems``; a mismatch is an
+error).
 
 JSON (``--json``; default ``benchmarks/results/bench-<backend>-<date>.json`` when run from the
 repository, else the current folder; ``--quick`` writes only with ``--json``) holds the keys
 ``schema``, ``date``, ``machine`` (cpu, cores, BLAS/torch threads, thread variables),
 ``device``, ``versions`` (python, numpy, numpy's BLAS, torch, torch's build config, rawgan),
 ``git`` (commit, dirty), ``loadavg_before`` / ``loadavg_after``, ``cpu_busy_before`` /
-``cpu_busy_after``, ``args``, ``conventions``, ``ceilings`` and ``rows`` (each row: ``key``,
-``op``, ``pass``, ``layer``, ``batch``, ``shape``, ``backend``, ``metric``, ``flop``,
-``flop_useful``, ``bytes``, ``time`` {median, min, mad, n, times, others_busy, clean},
-``rate``, ``pct_of_ceiling``, ``reference``, ``references``, ``ratio_vs_reference``).
+``cpu_busy_after``, ``args``, ``conventions``, ``ceilings``, ``notes`` (what a reader of
+the figures should know about this run) and ``rows``. Each kernel row: ``key``, ``op``,
+``pass``, ``layer``, ``batch``, ``shape``, ``backend``, ``dtype``, ``metric``, ``flop``,
+``flop_useful``, ``bytes``, ``formula`` (of the count), ``rotation_sets`` and
+``rotated_over_cache`` (input copies rotated, and their size over the cache), ``time``
+{median, min, mad, p10, p90, n, others_busy, clean; ``times`` itself only when n <= 20},
+``rate``, ``rate_useful``, ``pct_of_ceiling``, ``twin`` (when a reference was asked for),
+``reference``, ``references``, ``ratio_vs_reference``. The step row has the same keys
+except the rotation ones and ``twin``, plus ``gflops``.
 
 ``--compare OLD.json`` matches rows by key and backend and prints the change of the median;
 a change beyond max(3 x MAD / median of either run, 5%) is flagged (REGRESSION or faster).
@@ -892,6 +898,14 @@ def kernel_row(case: Case, backend: str, ops, budget: Budget, h, ceilings: dict,
            "rate": rate, "rate_useful": case.flop_useful / t["median"] / 1e9,
            "pct_of_ceiling": 100 * rate / ceiling, "references": []}
     torch = _torch()
+    if refs and torch is not None:
+        # before any reference is timed: the twin must compute what rawgan computes, or the
+        # ratio would compare two different ops (then no reference is timed at all)
+        row["twin"] = twin_agreement(case, ops, torch_device, True)
+        if row["twin"] is not None and not row["twin"]["ok"]:
+            print(f"WARNING: {case.key}: the PyTorch twin disagrees with rawgan "
+                  f"({row['twin']}); no reference timed, no ratio", file=sys.stderr)
+            refs = []
     for label, kw in refs:
         fn = torch_fn(case, torch_device, kw["channels_last"], sets)
         if fn is None:
@@ -905,13 +919,6 @@ def kernel_row(case: Case, backend: str, ops, budget: Budget, h, ceilings: dict,
     if torch_device and torch_device != "cpu":
         _tf32(torch, torch_device, False)
     _pick_reference(row)
-    if row["references"]:
-        # the twin must compute what rawgan computes, or the ratio compares two different ops
-        row["twin"] = twin_agreement(case, ops, torch_device, True)
-        if row["twin"] is not None and not row["twin"]["ok"]:
-            row["ratio_vs_reference"] = None
-            print(f"WARNING: {case.key}: the PyTorch twin disagrees with rawgan "
-                  f"({row['twin']}); no ratio reported", file=sys.stderr)
     return row
 
 
@@ -1476,12 +1483,28 @@ def main(argv: list[str] | None = None) -> int:
                                    ("--retry-wait", args.retry_wait, 0)):
             if value is not None and value < least:
                 parser.error(f"{flag} must be at least {least}")
+        if args.from_ is not None:  # nothing is measured: the measuring options do nothing
+            given = [flag for flag, value, default in (
+                ("--ops", args.ops, None), ("--backend", args.backend, "numpy"),
+                ("--batch", args.batch, None), ("--quick", args.quick, False),
+                ("--repeats", args.repeats, None), ("--min-time", args.min_time, 0.25),
+                ("--threads", args.threads, None), ("--max-retries", args.max_retries, 10),
+                ("--retry-wait", args.retry_wait, 30.0), ("--seed", args.seed, 0),
+                ("--json", args.json, None)) if value != default]
+            if given:
+                parser.error(f"--from measures nothing: {', '.join(given)} would be ignored")
         try:
             args.ops = _parse_ops(args.ops)
         except BenchError as exc:
             parser.error(str(exc))
         if args.from_ is not None and not (args.compare or args.plot):
             parser.error("--from only makes sense with --compare or --plot")
+        if args.fail_on_regression and args.compare is None:
+            parser.error("--fail-on-regression needs --compare OLD.json")
+        if args.plot_dir is not None and args.plot_dir.exists() and not args.plot_dir.is_dir():
+            parser.error(f"--plot-dir {args.plot_dir}: exists and is not a folder")
+        if args.plot_dir is not None and not args.plot:
+            parser.error("--plot-dir needs --plot")
     except SystemExit as exc:  # --help (0) or a usage error (2)
         return int(exc.code or 0)
     try:
@@ -1496,6 +1519,11 @@ def _main(args) -> int:
     # what is read or written after the measurement is checked before it (a full run takes
     # minutes: a typo must not lose it)
     old = load_result(args.compare) if args.compare is not None else None
+    if args.plot:
+        _pyplot()  # matplotlib missing would otherwise show after the measurement
+    if args.plot and args.quick and json_path is None and args.from_ is None:
+        raise BenchError("--quick --plot without --json: the plots would be written, the "
+                         "results they show would not (add --json OUT.json)")
     if json_path is not None and args.from_ is None and (
             Path(json_path).is_dir() or not Path(json_path).parent.is_dir()):
         raise BenchError(f"--json {json_path}: not a file in an existing folder")

@@ -175,7 +175,12 @@ def test_plot_without_matplotlib_names_the_extra(quick, tmp_path, monkeypatch, c
 
 
 @pytest.mark.parametrize("argv", [["--ops", "conv3d"], ["--batch", "0"], ["--repeats", "0"],
-                                  ["--backend", "tpu"], ["--from", "x.json"], ["--ops", ","]])
+                                  ["--backend", "tpu"], ["--from", "x.json"], ["--ops", ","],
+                                  ["--from", "x.json", "--plot", "--batch", "99"],
+                                  ["--from", "x.json", "--compare", "x.json", "--quick"],
+                                  ["--quick", "--fail-on-regression"],
+                                  ["--quick", "--plot-dir", "/tmp"],
+                                  ["--quick", "--plot", "--plot-dir", "/etc/passwd"]])
 def test_usage_errors_exit_2(argv, capsys):
     assert bench.main(argv) == 2
     assert "error" in capsys.readouterr().err
@@ -300,3 +305,20 @@ def test_step_twin_is_rawgans_dcgan():
     problems = bs.twin_problems(G, wide)
     assert any("D: parameters per layer" in p for p in problems)
     assert any("D(x): shape (2, 1) (rawgan) vs (2, 2)" in p for p in problems)
+
+
+@pytest.mark.parametrize("argv", [["--repeats", "0"], ["--batch", "0"], ["--threads", "abc"],
+                                  ["--warmup", "-1"]])
+def test_bench_step_refuses_bad_arguments_before_measuring(argv, capsys):
+    bs = bench.load_script("bench_step")
+    if bs is None:
+        pytest.skip("benchmarks/bench_step.py not found")
+    with pytest.raises(SystemExit) as exc:
+        bs.main(argv)
+    assert exc.value.code == 2 and "error" in capsys.readouterr().err
+
+
+def test_quick_plot_without_json_is_refused_before_measuring(capsys):
+    pytest.importorskip("matplotlib")
+    assert bench.main(["--quick", "--plot", "--ops", "dense"]) == 1
+    assert "--quick --plot without --json" in capsys.readouterr().err
