@@ -41,6 +41,8 @@ Their derivatives are the other two facts every gradient below uses::
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from types import ModuleType
 from typing import Any
 
@@ -106,9 +108,28 @@ def _check_logits(x: Array, name: str) -> None:
         raise ValueError(f"{name} must have shape (N,) or (N, 1), got shape {tuple(x.shape)}")
     if x.shape[0] == 0:
         raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)}); need N >= 1")
+    if getattr(_nonfinite, "allowed", False):
+        return
     xp = _array_module(x)
     if not bool(xp.isfinite(x).all()):
         raise NonFiniteLogits(f"{name} contains NaN or inf values; logits must be finite")
+
+
+_nonfinite = threading.local()
+
+
+@contextlib.contextmanager
+def nonfinite_allowed():
+    """In this thread, losses of NaN / inf logits are computed (NaN or inf) instead of
+    raising :class:`NonFiniteLogits`. Data-parallel training uses it: one rank raising alone
+    would leave the others waiting in the gradient all-reduce; computed, the NaN reaches
+    every rank through the all-reduced statistics, which stop them all at the same step."""
+    before = getattr(_nonfinite, "allowed", False)
+    _nonfinite.allowed = True
+    try:
+        yield
+    finally:
+        _nonfinite.allowed = before
 
 
 def _check_kind(kind: str) -> None:

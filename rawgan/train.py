@@ -524,6 +524,33 @@ def _check_out_dir(out: Path, cfg: TrainConfig, resume: bool) -> checkpoint.Chec
     return ck
 
 
+#: config keys that may differ between the ranks of one run (each machine's own paths)
+PER_RANK_KEYS = frozenset({"data_dir", "download", "progress", "out"})
+
+
+def _same_on_every_rank(comm: distributed.Communicator, what: str, mine: dict) -> None:
+    """Every rank's ``mine`` equals rank 0's (but for :data:`PER_RANK_KEYS`), else an error
+    on every rank: each rank that differs prints what, rank 0 names them. Without it a rank
+    launched with other options or other data would train on until its steps ran out (a
+    hang) or silently (the same weights, other data)."""
+    if comm.size == 1:
+        return
+    ref = comm.bcast_object(mine, what=f"comparing the ranks' {what}")
+    diffs = config_differences(ref, mine, ignore=PER_RANK_KEYS)
+    flags = np.zeros(comm.size)
+    flags[comm.rank] = bool(diffs)
+    comm.allreduce_sum(flags, what=f"comparing the ranks' {what}")
+    bad = [r for r in range(comm.size) if flags[r]]
+    if bad:
+        if diffs:
+            print(f"rank {comm.rank} of {comm.size}: {what} differ from rank 0's: "
+                  f"{'; '.join(diffs)} (rank 0's value first)", file=sys.stderr, flush=True)
+        raise distributed.mark_agreed(RunDirError(
+            f"rank{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} of {comm.size} "
+            f"do{'es' if len(bad) == 1 else ''} not have rank 0's {what} (each printed what "
+            "differs): every rank must run the same training"))
+
+
 def _fingerprint(x: np.ndarray) -> str:
     """SHA-256 of the training set as trained on (dtype, shape, bytes): a resume on other
     data of the same size is refused by it (checkpoint meta ``data_sha256``)."""
@@ -761,11 +788,16 @@ def _train(cfg: TrainConfig, resume: bool, comm: distributed.Communicator) -> di
             f"batch_size {cfg.batch_size} does not split over {ranks} ranks: each rank "
             f"computes on batch_size / ranks rows of every global batch, so the batch size "
             f"must be a multiple of {ranks}"))
+    _same_on_every_rank(comm, "settings", cfg.to_dict())
     out = cfg.out_dir
     ck = comm.root_result(lambda: _check_out_dir(out, cfg, resume),
                           what="checking the run folder")
 
     run = comm.root_first(lambda: setup_run(cfg), what="loading the data")
+    data_sha256 = _fingerprint(run.x)
+    # each rank loads its own copy (its own cache on another machine): the same bytes, or
+    # the ranks would train on different data with identical weights and no error
+    _same_on_every_rank(comm, "training data", {"data_sha256": data_sha256})
     ops, x, per_step, steps_per_epoch = run.ops, run.x, run.per_step, run.steps_per_epoch
     G, D, ema_G, opt_g, opt_d = run.G, run.D, run.ema_G, run.opt_g, run.opt_d
     data_rng, noise_rng, fixed_noise = run.data_rng, run.noise_rng, run.fixed_noise
@@ -789,7 +821,6 @@ def _train(cfg: TrainConfig, resume: bool, comm: distributed.Communicator) -> di
             f"{out / CHECKPOINT} was saved with {saved_spe} steps per epoch, the data found now "
             f"gives {steps_per_epoch} ({len(x)} examples): not the same training set (other "
             "files in the data folder?); resuming would not continue the same run"))
-    data_sha256 = _fingerprint(x)
     saved_sha = ck.meta.get("data_sha256") if ck is not None else None
     if saved_sha is not None and saved_sha != data_sha256:
         raise distributed.mark_agreed(RunDirError(
@@ -970,14 +1001,18 @@ def _train(cfg: TrainConfig, resume: bool, comm: distributed.Communicator) -> di
                     else:
                         reals = [ops.asarray(next(batches)) for _ in range(cfg.d_steps)]
                     try:
-                        if graphed is not None:
-                            stats = graphed(reals)
-                        else:
-                            stats = gan.train_step(G, D, step_opt_g, step_opt_d, cfg.loss,
-                                                   reals, noise)
+                        # several ranks: NaN / inf logits on one rank's rows are computed
+                        # on, so that rank still joins the all-reduces; the statistics
+                        # all-reduce below then stops every rank at this step, agreed
+                        with (losses.nonfinite_allowed() if ranks > 1
+                              else contextlib.nullcontext()):
+                            if graphed is not None:
+                                stats = graphed(reals)
+                            else:
+                                stats = gan.train_step(G, D, step_opt_g, step_opt_d,
+                                                       cfg.loss, reals, noise)
                     except losses.NonFiniteLogits as exc:  # D's output overflowed: the
-                        # weights diverged in an earlier update (on one rank's rows only,
-                        # maybe: with several ranks it is not agreed, the job is ended)
+                        # weights diverged in an earlier update (one process)
                         raise diverged(step + 1, epoch + 1, str(exc)) from None
                     interrupt = sigint.requested
                     if ranks > 1:  # the global batch's means, and a Ctrl-C seen by any rank

@@ -963,8 +963,8 @@ def dropout_backward(dy, mask):
 @functools.cache
 def _optimizer_kernels(scalar):
     """Compile the update kernels for one dtype; the formulas (and their order of
-    operations) are numpy_ops.adam_update / sgd_update / rmsprop_update's."""
-    ONE = scalar(1)
+    operations) are numpy_ops.adam_update / sgd_update / rmsprop_update's; ``scalar`` (the
+    dtype) keys the cache, the scalars arrive already converted to it."""
 
     @cuda.jit(device=True)
     def clipped(v, clip, do_clip):
@@ -998,11 +998,12 @@ def _optimizer_kernels(scalar):
                 p[e] = clipped(p[e] - lr * ge, clip, do_clip)
 
     @cuda.jit
-    def rmsprop(p, g, acc, lr, rho, eps, clip, do_clip):
-        # a = rho a + (1 - rho) g^2;  p -= lr g / (sqrt(a) + eps)
+    def rmsprop(p, g, acc, lr, rho, one_minus_rho, eps, clip, do_clip):
+        # a = rho a + (1 - rho) g^2;  p -= lr g / (sqrt(a) + eps); 1 - rho from the host in
+        # float64 then rounded, as numpy_ops (1 - float32(rho) is another number)
         for e in range(cuda.grid(1), p.shape[0], cuda.gridsize(1)):
             ge = g[e]
-            a = acc[e] * rho + (ONE - rho) * ge * ge
+            a = acc[e] * rho + one_minus_rho * ge * ge
             acc[e] = a
             p[e] = clipped(p[e] - lr * ge / (math.sqrt(a) + eps), clip, do_clip)
 
@@ -1072,7 +1073,7 @@ def rmsprop_update(params, grads, accumulators, lr: float, rho: float = 0.9,
         _same_dtype("rmsprop_update", p, g, a)
         t = _scalar(p.dtype)
         _optimizer_kernels(t)["rmsprop"][_grid_1d(p.size)](
-            p, g, a, t(lr), t(rho), t(epsilon), *_clip_args(t, clip_value))
+            p, g, a, t(lr), t(rho), t(1.0 - rho), t(epsilon), *_clip_args(t, clip_value))
 
 
 def accumulate(acc, g) -> None:
