@@ -859,7 +859,8 @@ def _train(cfg: TrainConfig, resume: bool, comm: distributed.Communicator) -> di
 
     def consistent() -> None:
         """Average the moving statistics over the ranks (per-rank batch norm) and check that
-        every rank holds the same weights, optimizer state and layer generators."""
+        every rank holds the same weights, optimizer state, layer generators and data and
+        noise generators."""
         if ranks == 1:
             return
         distributed.sync_buffers(list(nets.values()), comm)
@@ -874,6 +875,12 @@ def _train(cfg: TrainConfig, resume: bool, comm: distributed.Communicator) -> di
             groups[f"{name} optimizer state"] = [
                 np.asarray(ops.to_numpy(a)) for _, per in sorted(opt.state.items())
                 for _, a in sorted(per.items())]
+        # the run's own streams too (batch order and noise: every rank draws the global
+        # batch and takes its rows, so these must not drift apart either)
+        groups["data and noise generators"] = [
+            np.frombuffer(json.dumps(checkpoint.rng_state(g), sort_keys=True).encode(),
+                          dtype=np.uint8) for g in rngs.values()
+            if isinstance(g, np.random.Generator)]
         distributed.check_identical(groups, comm)
 
     def diverged(at_step: int, at_epoch: int, what: str) -> TrainingDiverged:
