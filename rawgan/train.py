@@ -1072,7 +1072,8 @@ def _train(cfg: TrainConfig, resume: bool, comm: distributed.Communicator) -> di
                 if ranks == 1:  # one process: a Ctrl-C during the epoch's end counts too
                     interrupt = interrupt or sigint.requested
                 if interrupt:
-                    stopped = "interrupted"
+                    if step < total_steps:  # (a Ctrl-C during the last step: it is done)
+                        stopped = "interrupted"
                     break
             comm.step = None
             if stopped != "interrupted" and step >= total_steps and epoch < cfg.epochs:

@@ -196,6 +196,26 @@ def test_ctrl_c_saves_then_resume_is_exact(mnist_dir, tmp_path, monkeypatch):
     assert_same_weights(final_weights(split), final_weights(full))
 
 
+def test_ctrl_c_during_the_last_step_completes_the_run(tmp_path, monkeypatch):
+    """The step finishes, and it was the last: a completed run (summary, final grid), not
+    an interruption the user must --resume to finish."""
+    real_step = gan.train_step
+    calls = {"n": 0}
+
+    def last_step_then_ctrl_c(*args, **kw):
+        calls["n"] += 1
+        stats = real_step(*args, **kw)
+        if calls["n"] == 4:  # 256 / 64 = 4 steps in all
+            os.kill(os.getpid(), signal.SIGINT)
+        return stats
+
+    monkeypatch.setattr(gan, "train_step", last_step_then_ctrl_c)
+    out = tmp_path / "run"
+    summary = train(toy_cfg(out, epochs=1))
+    assert calls["n"] == 4 and summary["stopped"] == "completed" and summary["steps"] == 4
+    assert (out / "summary.json").is_file()
+
+
 def test_abort_inside_a_step_keeps_last_checkpoint(mnist_dir, tmp_path, monkeypatch):
     """A KeyboardInterrupt raised INSIDE a step (a second Ctrl-C) cannot save a consistent
     state: the last checkpoint is left exactly as it was."""
