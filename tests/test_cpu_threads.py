@@ -421,8 +421,10 @@ def test_a_forked_child_gets_fresh_workers(monkeypatch):
 
 def test_concurrent_calls_from_two_threads_equal_the_serial_results(forced, monkeypatch):
     """Two user threads training at once (the pool is shared): every result is the one a
-    lone call gives. Winograd's weight-gradient partials once lived in the POOL thread's
-    workspace, where the other thread's call overwrote them before they were summed."""
+    lone call from such a thread gives (GEMM work off the main thread runs as one range:
+    see test_calls_from_other_threads_leave_the_blas_thread_count_alone). Winograd's
+    weight-gradient partials once lived in the POOL thread's workspace, where the other
+    thread's call overwrote them before they were summed."""
     import threading
 
     from rawgan.backends import winograd
@@ -435,7 +437,12 @@ def test_concurrent_calls_from_two_threads_equal_the_serial_results(forced, monk
         x = rng.standard_normal((6, 7, 7, 8))
         w = rng.standard_normal((5, 5, 8, 4))
         dy = rng.standard_normal((6, 7, 7, 4))
-        cases.append((x, w, dy, ops.conv2d_backward(dy, x, w, 1, "same")))
+        lone: list = []
+        t = threading.Thread(target=lambda a=(dy, x, w), out=lone: out.append(
+            ops.conv2d_backward(*a, 1, "same")))
+        t.start()
+        t.join()
+        cases.append((x, w, dy, lone[0]))
     wrong = [0, 0]
 
     def run(i: int) -> None:
@@ -495,3 +502,35 @@ def test_grouped_im2col_path_is_the_definition(monkeypatch, winograd_on, stride,
     (pt, _), (pl, _) = pads
     np.testing.assert_allclose(dx, dxp[:, pt:pt + 9, pl:pl + 8], rtol=1e-11, atol=1e-11)
     np.testing.assert_allclose(dw, dw_want, rtol=1e-11, atol=1e-11)
+
+
+def test_calls_from_other_threads_leave_the_blas_thread_count_alone():
+    """An app calling rawgan from its own threads (sample() in a web server, say): OpenBLAS
+    ignores a raise of its thread count from such a thread once it ran at one thread, so
+    rawgan never lowers it there; the count the process had is the count it keeps."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    if not cpu_threads._blas_controller():
+        pytest.skip("no BLAS that threadpoolctl controls")
+
+    def blas():
+        return [i["num_threads"] for i in threadpoolctl.threadpool_info()
+                if i["user_api"] == "blas"]
+
+    before = blas()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 14, 14, 8)).astype(np.float32)
+    w = rng.standard_normal((5, 5, 8, 16)).astype(np.float32)
+    want = ops.conv2d_forward(x, w, None, 2, "same")
+    got = []
+
+    def work():
+        for _ in range(3):
+            got.append(ops.conv2d_forward(x, w, None, 2, "same"))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert blas() == before
+    assert all(np.array_equal(g, want) for g in got)

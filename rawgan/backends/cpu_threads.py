@@ -14,7 +14,11 @@ the caller adds them in worker order, so a result is deterministic for a given t
 With ``blas_single=True`` (used by the convolutions and dense layers, whose workers call
 GEMMs) BLAS is held at one thread while the workers run: the parallelism is then ours, not
 BLAS's, and the cores are not oversubscribed. That needs ``threadpoolctl``; without it such
-work runs on the calling thread alone, with BLAS's own threads.
+work runs on the calling thread alone, with BLAS's own threads. So does such work called
+from any thread but the main one (an app sampling from its own threads): OpenBLAS ignores a
+raise of its thread count made from another thread once it ran at one thread, so rawgan
+changes the count only from the main thread (GEMM results off the main thread are then
+those of a 1-worker split: reductions may round differently from the main thread's).
 
 The thread count is ``RAWGAN_NUM_THREADS``, else ``OMP_NUM_THREADS`` / ``OPENBLAS_NUM_THREADS``
 (so a process told to use one core, e.g. one MPI rank of several, uses one), else the cores
@@ -90,16 +94,21 @@ def _get_pool() -> ThreadPoolExecutor:
 
 
 def _blas_controller():
+    """threadpoolctl's controller of the BLAS libraries, made once (under the lock: two
+    threads making their own would each save and restore the thread count through another
+    object), or False when there is none."""
     global _blas
     if _blas is None:
-        try:
-            from threadpoolctl import ThreadpoolController
+        with _blas_lock:
+            if _blas is None:
+                try:
+                    from threadpoolctl import ThreadpoolController
 
-            ctl = ThreadpoolController().select(user_api="blas")
-        except Exception:  # not installed, or it cannot inspect this process's libraries
-            _blas = False
-        else:
-            _blas = ctl if ctl.lib_controllers else False
+                    ctl = ThreadpoolController().select(user_api="blas")
+                except Exception:  # not installed, or it cannot inspect this process's libs
+                    _blas = False
+                else:
+                    _blas = ctl if ctl.lib_controllers else False
     return _blas
 
 
@@ -169,6 +178,13 @@ def parallel_rows(body: Callable[[int, int, int], object], n_rows: int, *,
     """
     if getattr(_state, "inside", False):
         return [body(_state.worker, 0, n_rows)]
+    if blas_single and threading.current_thread() is not threading.main_thread():
+        # OpenBLAS ignores a raise of its thread count made from a thread other than the
+        # one that started it once BLAS has run at one thread (measured: OpenBLAS 0.3.31),
+        # so holding it at one thread from here could leave the whole process there (an
+        # app calling sample() from its threads): these GEMMs run as ONE range, with BLAS's
+        # own threads, and the count is never touched
+        return [_run_one(body, n_rows)]
     t = workers_for(n_rows, size, blas_single)
     limit = _blas_single() if blas_single and _blas_controller() else contextlib.nullcontext()
     bounds = [n_rows * k // t for k in range(t + 1)]
@@ -189,6 +205,15 @@ def parallel_rows(body: Callable[[int, int, int], object], n_rows: int, *,
         finally:
             wait(futures)  # every body has finished before an error propagates
     return [first, *(f.result() for f in futures)]
+
+
+def _run_one(body: Callable[[int, int, int], object], n_rows: int):
+    """``body(0, 0, n_rows)`` as worker 0 (nested parallel_rows calls run inline)."""
+    _state.inside, _state.worker = True, 0
+    try:
+        return body(0, 0, n_rows)
+    finally:
+        _state.inside = False
 
 
 class Workspace:
