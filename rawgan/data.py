@@ -444,8 +444,8 @@ def fetch_file(
     if not failures:
         lines = "  (no mirrors configured)"
     msg = (f"could not download {name} into {folder}:\n{lines}\n"
-           f"Download it by hand into that folder, or point data_dir= / ${_ENV_DATA} at a "
-           "folder that has it.")
+           f"Download it by hand into that folder, or point --data-dir (data_dir=) or "
+           f"${_ENV_DATA} at a folder that has it.")
     if failures and all(isinstance(exc, ChecksumError) for _, exc in failures):
         raise ChecksumError(msg) from failures[-1][1]
     raise DownloadError(msg, failures) from (failures[-1][1] if failures else None)
@@ -513,6 +513,11 @@ def _load_checked(path: Path, dataset: str, verify: bool) -> np.ndarray:
         actual = _md5_bytes(raw)
         if expected is not None and actual != expected:
             err = _checksum_error(path, dataset, expected, actual)
+            if "this is the published" in str(err):  # the other dataset's intact file
+                raise ChecksumError(
+                    f"{err}. This folder holds the other dataset: point --data-dir "
+                    f"(data_dir=) at a {_DATASET_TITLES[dataset]} folder, or put its files "
+                    f"in a {dataset}/ subfolder, which is searched first; keep this file.")
             raise ChecksumError(f"{err}. Delete the file to download it again (or, from "
                                 "Python, pass verify=False if you trust it).")
     return _parse_idx(_decompress(raw, str(path)), str(path))
@@ -582,11 +587,15 @@ def load_mnist(
         if path is None:
             if not download:
                 where = ", ".join(str(d) for d in dirs)
+                others = [s for s, files in SPLIT_FILES.items() if s != split
+                          and all(_find(f, dirs) is not None for f in files)]
+                hint = (f" The {others[0]!r} split's files are there: --split {others[0]} "
+                        f"(split={others[0]!r}) uses them." if others else "")
                 raise FileNotFoundError(
                     f"{_DATASET_TITLES[dataset]} file {name} (or {name.removesuffix('.gz')}) "
-                    f"not found in: {where}. Point --data-dir (data_dir=) or ${_ENV_DATA} at "
-                    "a folder holding the published IDX files, or allow the download "
-                    "(--download, download=True)."
+                    f"not found in: {where}.{hint} Point --data-dir (data_dir=) or "
+                    f"${_ENV_DATA} at a folder holding the published IDX files, or allow the "
+                    "download (--download, download=True)."
                 )
             urls = list(MIRRORS[dataset] if mirrors is None else mirrors)
             path = fetch_file(name, target, CHECKSUMS[dataset][name], urls, progress=progress)

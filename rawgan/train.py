@@ -503,10 +503,12 @@ def _check_out_dir(out: Path, cfg: TrainConfig, resume: bool) -> checkpoint.Chec
     previous = {**_ADDED_KEYS, **previous}
     diffs = config_differences(previous, cfg.to_dict())
     if diffs:
+        unsaved = ck is None and not (out / GENERATOR).exists()
         raise RunDirError(
             f"{out} holds a different run ({', '.join(present)}); its config differs in: "
             f"{'; '.join(diffs)}. Choose another output folder (--out), or resume it with its "
-            "own config.")
+            "own config." + (f" It has no {CHECKPOINT} (a run that stopped before its first "
+                             f"save?): delete {out} to reuse the folder." if unsaved else ""))
     if not resume:
         raise RunDirError(
             f"{out} already holds this run ({', '.join(present)}); pass resume=True "
