@@ -424,26 +424,30 @@ def _ema_update(ema_G, G, decay: float) -> None:
 
 
 class _SigintGuard:
-    """First Ctrl-C sets ``requested`` (the loop saves and stops after the current step); the
-    previous handler is put back at once, so a second Ctrl-C raises KeyboardInterrupt."""
+    """First Ctrl-C (SIGINT) or SIGTERM (``kill``, ``timeout``, a scheduler, ``docker stop``)
+    sets ``requested``: the loop saves and stops after the current step. The previous
+    handlers are put back at once, so a second signal acts as it would have (Ctrl-C raises
+    KeyboardInterrupt, SIGTERM terminates)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._installed = False
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _SigintGuard:
         if threading.current_thread() is threading.main_thread():
-            with contextlib.suppress(ValueError, OSError):
-                self._previous = signal.signal(signal.SIGINT, self._handle)
-                self._installed = True
+            for sig in self.SIGNALS:
+                with contextlib.suppress(ValueError, OSError):
+                    self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _restore(self) -> None:
-        if self._installed:
-            prev = self._previous if self._previous is not None else signal.default_int_handler
-            signal.signal(signal.SIGINT, prev)
-            self._installed = False
+        for sig, prev in self._previous.items():
+            if prev is None:
+                prev = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+            signal.signal(sig, prev)
+        self._previous = {}
 
     def _handle(self, signum, frame) -> None:
         self.requested = True

@@ -616,3 +616,24 @@ def test_ring_covers_modes(tmp_path):
     gen = checkpoint.load_generator(tmp_path / "ring" / "generator.h5")
     pts = gen.sample(100, seed=0)
     assert pts.shape == (100, 2) and 1.0 < np.median(np.linalg.norm(pts, axis=1)) < 3.0
+
+
+def test_sigterm_saves_like_ctrl_c(tmp_path, monkeypatch):
+    """kill / timeout / a scheduler send SIGTERM: the step finishes, the run is saved."""
+    real_step = gan.train_step
+    calls = {"n": 0}
+
+    def step_then_sigterm(*args, **kw):
+        calls["n"] += 1
+        stats = real_step(*args, **kw)
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return stats
+
+    monkeypatch.setattr(gan, "train_step", step_then_sigterm)
+    previous = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(toy_cfg(out, epochs=2))
+    assert signal.getsignal(signal.SIGTERM) is previous
+    assert checkpoint.load_checkpoint(out / "checkpoint.h5").meta["step"] == 2
