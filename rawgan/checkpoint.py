@@ -48,6 +48,8 @@ from typing import Any
 
 import numpy as np
 
+from .checks import is_int
+
 __all__ = [
     "FORMAT_VERSION",
     "MAGIC",
@@ -502,6 +504,12 @@ def build_generator(arch: Mapping, backend="numpy"):
                           f"{models.MODELS})")
 
 
+def _count(value, what: str, low: int) -> None:
+    """An integer >= ``low`` (Python or NumPy; not a bool, not 2.0), else a ValueError."""
+    if not is_int(value) or value < low:
+        raise ValueError(f"{what} must be an integer >= {low}, got {value!r}")
+
+
 class GeneratorSampler:
     """A trained generator, ready to sample: ``sample(n, seed=0) -> (n, *image_shape)``."""
 
@@ -522,11 +530,15 @@ class GeneratorSampler:
 
     def noise(self, n: int, seed: int | None = None) -> np.ndarray:
         """The noise batch ``sample(n, seed)`` uses: N(0, I) of shape (n, noise_dim)."""
+        _count(n, "n", 0)
+        if seed is not None and (not is_int(seed) or seed < 0):
+            raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
         rng = np.random.default_rng(seed)
         return rng.standard_normal((int(n), self.noise_dim), dtype=np.float32)
 
     def generate(self, z: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """``G(z)`` in inference mode (BatchNorm uses its moving statistics)."""
+        _count(batch_size, "batch_size", 1)
         z = np.asarray(z, dtype=self.G.dtype)
         if z.ndim != 2 or z.shape[1] != self.noise_dim:
             raise ValueError(f"z must have shape (n, {self.noise_dim}), got {z.shape}")
@@ -542,8 +554,7 @@ class GeneratorSampler:
         """``n`` samples, ``(n, *image_shape)`` in the generator's dtype (float32 unless it
         was trained in float64; images in [-1, 1]); the same ``seed`` gives the same
         samples."""
-        if isinstance(n, bool) or int(n) != n or n < 0:
-            raise ValueError(f"n must be a non-negative integer, got {n!r}")
+        _count(batch_size, "batch_size", 1)
         return self.generate(self.noise(n, seed), batch_size=batch_size)
 
 

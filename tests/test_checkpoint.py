@@ -370,3 +370,23 @@ def test_load_generator_needs_only_numpy_and_h5py(tmp_path):
                          env=env, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"n": 3, "batch_size": -5}, r"batch_size must be an integer >= 1, got -5"),
+    ({"n": 3, "batch_size": 0}, r"batch_size must be an integer >= 1, got 0"),
+    ({"n": 3, "seed": -1}, r"seed must be a non-negative integer or None, got -1"),
+    ({"n": 3, "seed": 1.5}, r"seed must be a non-negative integer or None, got 1\.5"),
+    ({"n": 2.0}, r"n must be an integer >= 0, got 2\.0"),
+    ({"n": -1}, r"n must be an integer >= 0, got -1"),
+])
+def test_sample_arguments_are_checked(tmp_path, kw, message):
+    from rawgan import models
+
+    G, _ = models.build("mlp", seed=0, image_shape=(2,))
+    path = checkpoint.export_generator(tmp_path / "g.h5", G, model="mlp", noise_dim=100,
+                                       image_shape=(2,))
+    gen = checkpoint.load_generator(path)
+    with pytest.raises(ValueError, match=message):
+        gen.sample(**kw)
+    assert gen.sample(np.int64(2), seed=np.int64(4)).shape == (2, 2)
