@@ -703,6 +703,10 @@ def evaluate_run(cfg: TrainConfig, G, ops, x: np.ndarray) -> dict[str, Any]:
     n = min(cfg.eval_samples or EVAL_IMAGES, len(real) // 2)
     if n < 2:
         raise ValueError(f"eval_every: {len(real)} training images are too few to evaluate")
+    if cfg.eval_samples is not None and n < cfg.eval_samples:
+        warnings.warn(f"eval_samples {cfg.eval_samples}: the {len(real)} training images give "
+                      f"a reference half of {len(real) // 2}, so each evaluation scores {n} "
+                      "samples", SampleSizeWarning, stacklevel=2)
     res = metrics.evaluate_generator(generator_sampler(G, ops, cfg.noise_dim), real, n=n,
                                      seed=cfg.seed, references=False)
     return {**res["generator"], "n_reference": res["n_reference"]}

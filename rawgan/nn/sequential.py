@@ -212,8 +212,10 @@ class Sequential(Layer):
         return self
 
     # -- display --------------------------------------------------------------------------
-    def summary(self, print_fn=print) -> str:
-        """Keras-style table: layer (type), output shape, parameter count."""
+    def summary(self, print_fn=print) -> str | None:
+        """Keras-style table: layer (type), output shape, parameter count. Printed with
+        ``print_fn`` and, as Keras, nothing returned (a REPL would show it twice); with
+        ``print_fn=None`` the table is returned instead."""
         if not self.built:
             raise ValueError(f"{self._where()}: build the model (or run forward) before summary()")
         rows = [("Layer (type)", "Output Shape", "Param #")]
@@ -232,6 +234,7 @@ class Sequential(Layer):
         out += [f"Total params: {total:,}", f"Trainable params: {trainable:,}",
                 f"Non-trainable params: {total - trainable:,}"]
         text = "\n".join(out)
-        if print_fn is not None:
-            print_fn(text)
-        return text
+        if print_fn is None:
+            return text
+        print_fn(text)
+        return None
