@@ -396,6 +396,12 @@ def _hist_steps(text: str, parser) -> list[int]:
     return out
 
 
+#: TrainConfig fields rawgan inspect accepts (the shared option table) but never uses
+_INSPECT_IGNORES = ("epochs", "max_steps", "save_every", "sample_every", "eval_every",
+                    "eval_samples", "ema", "grid_size", "cuda_graph", "sync_batchnorm",
+                    "collective_timeout")
+
+
 def _cmd_inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from . import backends, checkpoint, data, losses
     from .inspect import compare_run, format_comparison, inspect_run
@@ -415,6 +421,12 @@ def _cmd_inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     if args.d_warmup and kinds is None:
         parser.error("--d-warmup trains the discriminator alone before a --compare-losses "
                      "run; give --compare-losses too")
+    # the training options inspect has no use for: it records --steps steps and saves,
+    # samples, evaluates and keeps an EMA of nothing
+    unused = [f"--{k.replace('_', '-')}" for k in _INSPECT_IGNORES if k in vars(args)]
+    if unused:
+        parser.error(f"{', '.join(unused)}: rawgan inspect records --steps steps and does "
+                     "not use them (they are rawgan train's)")
     hist = _hist_steps(args.hist_steps, parser)
     outside = [h for h in hist if not -args.steps <= h < args.steps]
     if outside:
@@ -500,7 +512,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(bench.main(argv[1:]) or 0)
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # named by the subcommand's parser (its usage), not the top level's
+            (getattr(args, "sub_parser", None) or parser).error(
+                f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:
         return int(exc.code or 0)
     try:

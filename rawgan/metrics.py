@@ -575,6 +575,9 @@ def evaluate_checkpoint(path, n: int | None = None, seed: int = 0, *, data_dir=N
                              f"({name!r}); pass toy='ring' or 'grid'")
         return evaluate_toy(gen, name, n=2500 if n is None else n, seed=seed,
                             min_count=min_count)
+    if toy is not None:
+        raise ValueError(f"{path}: toy={toy!r} (--toy) is for generators of 2-D points; this "
+                         f"one makes images of shape {tuple(gen.image_shape)}")
     if real_images is None:
         if gen.config.get("data") == "fashion":
             raise ValueError(f"{path}: a Fashion-MNIST generator; the scores use rawgan's "
@@ -634,8 +637,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=None,
                    help="download the t10k files when they are missing (default: only "
                         "without --data-dir)")
-    p.add_argument("--kid-subsets", type=int, default=DEFAULT_KID_SUBSETS)
-    p.add_argument("--kid-subset-size", type=int, default=DEFAULT_KID_SUBSET_SIZE)
+    p.add_argument("--kid-subsets", type=int, default=DEFAULT_KID_SUBSETS,
+                   help=f"random subsets KID is averaged over (default: "
+                        f"{DEFAULT_KID_SUBSETS})")
+    p.add_argument("--kid-subset-size", type=int, default=DEFAULT_KID_SUBSET_SIZE,
+                   help=f"samples per KID subset (default: {DEFAULT_KID_SUBSET_SIZE}; at most "
+                        "--n)")
     p.add_argument("--splits", type=int, default=DEFAULT_SPLITS,
                    help="splits of the classifier score (default: 10)")
     p.add_argument("--toy", choices=("ring", "grid"), default=None,
@@ -647,6 +654,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.n is not None and args.n < 2:
         p.error("--n must be >= 2")
+    for flag, value, low in (("--kid-subsets", args.kid_subsets, 1),
+                             ("--kid-subset-size", args.kid_subset_size, 2),
+                             ("--splits", args.splits, 1), ("--min-count", args.min_count, 1)):
+        if value < low:  # before minutes of sampling and feature extraction
+            p.error(f"{flag} must be >= {low}, got {value}")
     try:
         if args.checkpoint is None:
             from .data import load_mnist

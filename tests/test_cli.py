@@ -264,3 +264,22 @@ def test_console_script_entry_point():
                          capture_output=True, text=True, timeout=120,
                          cwd=Path(rawgan.__file__).parents[1])
     assert res.returncode == 0 and "--d-steps" in res.stdout
+
+
+def test_a_misspelled_option_is_named_by_its_subcommand(capsys):
+    code, _, err = run(capsys, "train", "--stpes", "5")
+    assert code == 2 and "rawgan train: error: unrecognized arguments: --stpes 5" in err
+
+
+def test_inspect_refuses_the_training_options_it_would_ignore(capsys):
+    code, _, err = run(capsys, "inspect", "--max-steps", "1", "--ema", "0.9")
+    assert code == 2 and "--max-steps, --ema: rawgan inspect records --steps steps" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--splits", "0"], "--splits must be >= 1, got 0"),
+    (["--kid-subsets", "0"], "--kid-subsets must be >= 1, got 0"),
+])
+def test_eval_checks_its_counts_before_working(capsys, argv, message):
+    code, _, err = run(capsys, "eval", *argv)
+    assert code == 2 and message in err
