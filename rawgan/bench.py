@@ -64,7 +64,9 @@ same run: ``torch.mm`` / ``addmm``, ``F.conv2d`` / ``F.conv_transpose2d`` and
 faster is the reference (``--quick``: channels_last only); on a GPU TF32 is off in the
 reference (and a TF32-on row is kept for context). The step's reference is
 benchmarks/bench_step.py's PyTorch twin (same architecture, step structure, batch, device).
-ratio = reference median / rawgan median: above 1, rawgan is faster.
+ratio = reference median / rawgan median: above 1, rawgan is faster. A time measured while
+other processes were busy is marked ``(noisy)``, the reference's too, and a ratio from
+either is marked ``?`` (do not quote it).
 
 Before a reference is timed it is checked to compute what rawgan computes: each kernel
 twin on the same inputs as rawgan (``twin_agreement``: equal output shapes, values within
@@ -1011,7 +1013,7 @@ def step_row(batch: int, backend: str, ops, budget: Budget, h, ceilings: dict, r
 
 COLUMNS = (("op", 16), ("pass", 5), ("layer", 22), ("batch", 5), ("shape", 28),
            ("backend", 7), ("median/min ms", 27), ("rate", 16), ("%ceil", 6),
-           ("reference", 26), ("ref ms", 9), ("ratio", 6))
+           ("reference", 26), ("ref ms", 17), ("ratio", 7))
 
 
 def _ms(seconds) -> str:
@@ -1026,11 +1028,13 @@ def format_row(row: dict) -> str:
     flag = "" if t.get("clean", True) else " (noisy)"
     if row.get("rotated_over_cache", 2) < 2:  # inputs may partly stay in cache
         flag += " (cache)"
+    ref_flag = "" if ref is None or ref["time"].get("clean", True) else " (noisy)"
+    ratio = row["ratio_vs_reference"]
     cells = (row["op"], row["pass"], row["layer"], str(row["batch"]), row["shape"],
              row["backend"], f"{_ms(t['median'])} / {_ms(t['min'])}{flag}", rate,
              f"{row['pct_of_ceiling']:.0f}%", "-" if ref is None else ref["name"],
-             "-" if ref is None else _ms(ref["time"]["median"]),
-             "-" if row["ratio_vs_reference"] is None else f"{row['ratio_vs_reference']:.2f}")
+             "-" if ref is None else _ms(ref["time"]["median"]) + ref_flag,
+             "-" if ratio is None else f"{ratio:.2f}" + ("?" if flag or ref_flag else ""))
     return "  ".join(c.ljust(w) for c, (_, w) in zip(cells, COLUMNS, strict=True)).rstrip()
 
 
@@ -1407,7 +1411,9 @@ def _run(args, ops_names, batches, out, h, names, notes, torch, threads) -> dict
     result["device"] = ", ".join(dict.fromkeys(devices))
     result["loadavg_after"] = h.loadavg()
     result["cpu_busy_after"] = busy_after = h.cpu_busy(0.2 if args.quick else 0.5)
-    noisy = sum(not r["time"].get("clean", True) for r in result["rows"])
+    noisy = sum(not r["time"].get("clean", True)
+                or not all(ref["time"].get("clean", True) for ref in r.get("references", []))
+                for r in result["rows"])
     if noisy or (busy_after is not None and busy_after > h.NOISY):
         out(f"# WARNING: other processes were running ({noisy} row(s) disturbed; CPU busy after "
             f"the run {100 * (busy_after or 0):.0f}%): do not commit these timings")
