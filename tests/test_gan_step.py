@@ -162,3 +162,27 @@ def test_real_images_of_the_wrong_shape_are_named(d_batchnorm):
                                          r"makes \(12,\)"):
         gan.train_step(G, D, opt_g, opt_d, "bce", [np.zeros((N, 10))],
                        lambda n: np.zeros((n, NOISE)))
+
+
+@pytest.mark.parametrize("kind", losses.KINDS)
+def test_step_stats_are_the_mean_outputs_on_the_last_critic_batches(kind):
+    """d_real / d_fake: mean sigmoid(D) (bce, minimax) or mean raw critic value (others),
+    on the last critic step's real and fake batches, with D as it was for that step."""
+    rng = np.random.default_rng(3)
+    G, D = _models(False, 3)
+    G0 = copy.deepcopy(G)
+    opt_g, opt_d = RecordingSGD(G, lr=0.05), RecordingSGD(D, lr=0.05)
+    reals = [rng.uniform(-1, 1, (N, IMAGE)) for _ in range(2)]
+    zs = [rng.standard_normal((N, NOISE)) for _ in range(2)]
+    it = iter(zs)
+    stats = gan.train_step(G, D, opt_g, opt_d, kind, reals, lambda n: next(it))
+    D1 = _load(D, opt_d.seen[-1][0])
+    r = D1.forward(reals[-1], training=True)
+    f = D1.forward(copy.deepcopy(G0).forward(zs[-1], training=True), training=True)
+
+    def mean_out(logits):
+        return float((1 / (1 + np.exp(-logits))).mean()) if kind in ("bce", "minimax") \
+            else float(logits.mean())
+
+    assert stats.d_real == pytest.approx(mean_out(r), rel=1e-12)
+    assert stats.d_fake == pytest.approx(mean_out(f), rel=1e-12)

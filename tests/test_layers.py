@@ -431,3 +431,31 @@ def test_a_list_into_a_built_conv_is_a_type_error():
     c = Sequential([Conv2D(2, 3)], seed=0, input_shape=(5, 5, 1))
     with pytest.raises(TypeError, match="expected an array, got list"):
         c.forward([[0.0] * 5] * 5)
+
+
+def test_keras_defaults():
+    """The defaults the seed models and `rawgan train` rely on without passing them."""
+    from rawgan import optim
+
+    bn = BatchNormalization()
+    assert (bn.momentum, bn.epsilon) == (0.99, 1e-3)
+    assert LeakyReLU().alpha == 0.3
+    c = Conv2D(4, 3)
+    assert (c.strides, c.padding, c.use_bias) == ((1, 1), "valid", True)
+    assert Dense(3).use_bias
+    m = Sequential([Dense(2)], seed=0, input_shape=(3,))
+    adam, rms, sgd = optim.Adam(m), optim.RMSprop(m, lr=1e-3), optim.SGD(m)
+    assert (adam.lr, adam.beta_1, adam.beta_2, adam.epsilon) == (1e-3, 0.9, 0.999, 1e-7)
+    assert (rms.rho, rms.epsilon) == (0.9, 1e-7)
+    assert (sgd.lr, sgd.momentum, sgd.nesterov) == (0.01, 0.0, False)
+
+
+def test_a_layers_own_seed_survives_sequential():
+    """Dropout(rate, seed=s) keeps its generator inside a model (Sequential seeds only the
+    layers that have none)."""
+    x = np.ones((4, 50), np.float32)
+    alone = Dropout(0.5, seed=3)
+    alone.build((None, 50))
+    inside = Sequential([Dropout(0.5, seed=3)], seed=0, input_shape=(50,))
+    np.testing.assert_array_equal(inside.forward(x, training=True),
+                                  alone.forward(x, training=True))

@@ -764,11 +764,31 @@ def test_sgd_vs_torch_sgd(momentum, nesterov):
 
 
 def test_rmsprop_vs_torch_rmsprop():
+    """With rawgan's DEFAULT rho and epsilon (train builds RMSprop with lr alone): Keras'
+    0.9 and 1e-7, PyTorch's alpha and eps set to them."""
     model, tparams, rng = _opt_setup(19)
-    opt = optim.RMSprop(model, lr=1e-2, rho=0.9, epsilon=1e-7)
+    opt = optim.RMSprop(model, lr=1e-2)
     topt = torch.optim.RMSprop(tparams, lr=1e-2, alpha=0.9, eps=1e-7)
     for t in range(6):
         _set_grads(model, tparams, rng)
         opt.step()
         topt.step()
         _compare_params(model, tparams, f"step {t + 1}")
+
+
+def test_conv_outputs_that_see_only_padding_keep_the_bias():
+    """padding >= kernel with kh*kw*c_in >= 256 (the tap-group path): the border outputs'
+    windows read only zeros, and are the bias alone."""
+    rng = np.random.default_rng(31)
+    layer = build_layer(Conv2D(4, 2, padding=3), (3, 3, 64), 5)
+    layer.params["bias"][...] = normal(rng, 4)
+    x = normal(rng, (1, 3, 3, 64))
+    y = layer.forward(x)
+    tl = torch.nn.Conv2d(64, 4, 2, padding=3).double()
+    with torch.no_grad():
+        tl.weight.copy_(torch.from_numpy(np.transpose(layer.params["kernel"], (3, 2, 0, 1))))
+        tl.bias.copy_(torch.from_numpy(layer.params["bias"]))
+        want = nchw_to_nhwc(tl(nhwc_to_nchw(torch.from_numpy(x)))).numpy()
+    assert y.shape == want.shape
+    np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(y[0, 0, 0], layer.params["bias"], rtol=1e-12)

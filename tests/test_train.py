@@ -637,3 +637,53 @@ def test_sigterm_saves_like_ctrl_c(tmp_path, monkeypatch):
         train(toy_cfg(out, epochs=2))
     assert signal.getsignal(signal.SIGTERM) is previous
     assert checkpoint.load_checkpoint(out / "checkpoint.h5").meta["step"] == 2
+
+
+# --------------------------------------------------------------------------------------
+# what mutation testing found unpinned: resume with k > 1, the EMA, defaults
+# --------------------------------------------------------------------------------------
+
+
+def test_resume_mid_epoch_with_several_critic_steps_is_exact(tmp_path):
+    """d_steps = 2: each step takes two batches, so a mid-epoch resume skips 2 x the steps
+    done in the epoch (WGAN's default is 5)."""
+    cfg = {"num_examples": 512, "d_steps": 2, "epochs": 2}  # 8 batches: 4 steps an epoch
+    full, split = tmp_path / "full", tmp_path / "split"
+    train(toy_cfg(full, **cfg))
+    train(toy_cfg(split, **cfg, max_steps=2))
+    train(toy_cfg(split, **cfg), resume=True)
+    assert len(losses_of(full)) == 8
+    assert losses_of(split) == losses_of(full)
+
+
+def test_ema_update_is_the_exponential_average_of_every_weight():
+    """ema <- decay * ema + (1 - decay) * p, the batch norm's moving statistics included."""
+    from rawgan import models
+
+    G = models.build("dcgan", seed=0, dtype=np.float64)[0]
+    E = models.build("dcgan", seed=1, dtype=np.float64)[0]
+    for layer in G.layers:  # moving statistics away from their initial 0 / 1
+        for k in layer.params:
+            layer.params[k] += 0.5
+    e0, p = E.get_weights(), G.get_weights()
+    train_module._ema_update(E, G, 0.9)
+    for k, v in E.get_weights().items():
+        np.testing.assert_allclose(v, 0.9 * e0[k] + 0.1 * p[k], rtol=1e-12, atol=1e-12,
+                                   err_msg=k)
+    assert any("moving_mean" in k for k in e0)
+
+
+def test_the_ema_generator_starts_as_the_generator_for_any_seed():
+    run = train_module.setup_run(toy_cfg("unused", seed=1, ema=0.9))
+    g, e = run.G.get_weights(), run.ema_G.get_weights()
+    assert g.keys() == e.keys() and all(np.array_equal(g[k], e[k]) for k in g)
+
+
+def test_load_generator_of_a_training_checkpoint_takes_the_ema_generator(tmp_path):
+    out = tmp_path / "run"
+    train(toy_cfg(out, ema=0.5))
+    ck = checkpoint.load_checkpoint(out / "checkpoint.h5")
+    ema = ck.weights["ema_generator"]
+    assert not np.array_equal(ema["dense/kernel"], ck.weights["generator"]["dense/kernel"])
+    got = checkpoint.load_generator(out / "checkpoint.h5").G.get_weights()
+    assert all(np.array_equal(got[k], ema[k]) for k in ema)
