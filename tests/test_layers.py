@@ -459,3 +459,35 @@ def test_a_layers_own_seed_survives_sequential():
     inside = Sequential([Dropout(0.5, seed=3)], seed=0, input_shape=(50,))
     np.testing.assert_array_equal(inside.forward(x, training=True),
                                   alone.forward(x, training=True))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.5])
+def test_leaky_relu_for_every_slope(alpha):
+    """y = x (x > 0), alpha x (x <= 0); dx = dy, alpha dy: also for a slope above 1."""
+    x = np.array([[-2.0, -0.5, 0.0, 0.5, 2.0]])
+    dy = np.array([[1.0, 2.0, 3.0, 4.0, 5.0]])
+    np.testing.assert_array_equal(ops.leaky_relu_forward(x, alpha),
+                                  np.where(x > 0, x, alpha * x))
+    np.testing.assert_array_equal(ops.leaky_relu_backward(dy, x, alpha),
+                                  np.where(x > 0, dy, alpha * dy))
+
+
+@pytest.mark.parametrize("name", ["SGD", "RMSprop", "Adam"])
+def test_weight_clipping_clips_the_updated_weights(name):
+    """clip_value (WGAN): p = clip(update(p), -c, c), for every optimizer."""
+    from rawgan import optim
+
+    def model():
+        m = Sequential([Dense(4)], seed=0, input_shape=(3,))
+        m.layers[0].params["kernel"][...] = np.linspace(-1, 1, 12, dtype=np.float32
+                                                        ).reshape(3, 4)
+        m.layers[0].grads["kernel"][...] = 0.5
+        return m
+
+    free, clipped = model(), model()
+    kw = {"lr": 0.1}
+    getattr(optim, name)(free, **kw).step()
+    getattr(optim, name)(clipped, clip_value=0.2, **kw).step()
+    k = free.layers[0].params["kernel"]
+    np.testing.assert_array_equal(clipped.layers[0].params["kernel"], np.clip(k, -0.2, 0.2))
+    assert (np.abs(k) > 0.2).any()
