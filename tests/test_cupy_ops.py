@@ -218,6 +218,27 @@ def test_conv_random_geometries_match_numpy(ops, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_need_db_false_skips_only_the_bias_gradient(ops, dtype):
+    rng = np.random.default_rng(15)
+    x, w, dy = rand(rng, (3, 9, 9, 4), dtype), rand(rng, (3, 3, 4, 8), dtype), \
+        rand(rng, (3, 5, 5, 8), dtype)
+    X, W, DY = ops.asarray(x), ops.asarray(w), ops.asarray(dy)
+    for f, args in ((ops.conv2d_backward, (DY, X, W, 2, "same")),
+                    (ops.dense_backward, (ops.asarray(dy[:, 0, 0]), ops.asarray(x[:, 0, 0, :4]),
+                                          ops.asarray(rand(rng, (4, 8), dtype))))):
+        full, part = f(*args), f(*args, need_db=False)
+        assert part[2] is None and full[2] is not None
+        for a, b in zip(full[:2], part[:2], strict=True):
+            assert _bits(a) == _bits(b)
+    WT, DYT = ops.asarray(rand(rng, (3, 3, 8, 4), dtype)), ops.asarray(
+        rand(rng, (3, 18, 18, 8), dtype))
+    full = ops.conv2d_transpose_backward(DYT, X, WT, 2, "same")
+    part = ops.conv2d_transpose_backward(DYT, X, WT, 2, "same", need_db=False)
+    assert part[2] is None and all(_bits(a) == _bits(b) for a, b in zip(full[:2], part[:2],
+                                                                        strict=True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_conv_rectangular_kernels_and_strides_match_numpy(ops, dtype):
     rng = np.random.default_rng(13)
     for case in random_rectangular_conv_cases(seed=14, count=24):

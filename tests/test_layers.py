@@ -491,3 +491,37 @@ def test_weight_clipping_clips_the_updated_weights(name):
     k = free.layers[0].params["kernel"]
     np.testing.assert_array_equal(clipped.layers[0].params["kernel"], np.clip(k, -0.2, 0.2))
     assert (np.abs(k) > 0.2).any()
+
+
+def test_need_db_false_skips_only_the_bias_gradient(monkeypatch):
+    """A layer without bias asks for no dy column sum; everything else is bit-identical."""
+    rng = np.random.default_rng(9)
+    x, w, dy = (rng.standard_normal(s) for s in ((4, 7, 7, 3), (3, 3, 3, 5), (4, 4, 4, 5)))
+    full = ops.conv2d_backward(dy, x, w, 2, "same")
+    part = ops.conv2d_backward(dy, x, w, 2, "same", need_db=False)
+    assert part[2] is None and all(np.array_equal(a, b) for a, b in zip(full[:2], part[:2],
+                                                                       strict=True))
+    wt, dyt = rng.standard_normal((3, 3, 5, 3)), rng.standard_normal((4, 14, 14, 5))
+    full = ops.conv2d_transpose_backward(dyt, x, wt, 2, "same")
+    part = ops.conv2d_transpose_backward(dyt, x, wt, 2, "same", need_db=False)
+    assert part[2] is None and all(np.array_equal(a, b) for a, b in zip(full[:2], part[:2],
+                                                                       strict=True))
+    xd, wd, dyd = rng.standard_normal((6, 4)), rng.standard_normal((4, 3)), \
+        rng.standard_normal((6, 3))
+    full = ops.dense_backward(dyd, xd, wd)
+    part = ops.dense_backward(dyd, xd, wd, need_db=False)
+    assert part[2] is None and all(np.array_equal(a, b) for a, b in zip(full[:2], part[:2],
+                                                                       strict=True))
+    calls = []
+    layer = Conv2D(5, 3, padding="same", use_bias=False)
+    layer.build((None, 7, 7, 3), np.float64)
+    real = ops.conv2d_backward
+
+    def spy(*a, **kw):
+        calls.append(kw.get("need_db"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(ops, "conv2d_backward", spy)  # layer.ops is this module
+    layer.forward(x)
+    layer.backward(rng.standard_normal((4, 7, 7, 5)))
+    assert calls == [False] and "bias" not in layer.grads

@@ -335,9 +335,10 @@ def test_dense(dtype, case):
     assert_close(nb.dense_forward(x, w, bias), ref.dense_forward(x, w, bias), dtype,
                  "dense_forward")
     dy = randn(rng, (n, m), dtype)
-    need_dx, need_dw = [(True, True), (False, True), (True, False)][case]
-    got = nb.dense_backward(dy, x, w, need_dx=need_dx, need_dw=need_dw)
-    want = ref.dense_backward(dy, x, w, need_dx=need_dx, need_dw=need_dw)
+    need_dx, need_dw, need_db = [(True, True, True), (False, True, False),
+                                 (True, False, True)][case]
+    got = nb.dense_backward(dy, x, w, need_dx=need_dx, need_dw=need_dw, need_db=need_db)
+    want = ref.dense_backward(dy, x, w, need_dx=need_dx, need_dw=need_dw, need_db=need_db)
     for g, r, nm in zip(got, want, ("dx", "dw", "db"), strict=True):
         if r is None:
             assert g is None, nm
@@ -414,8 +415,10 @@ def test_conv2d(dtype, seed):
     assert_close(nb.conv2d_forward(x, w, b, stride, padding), y, dtype, what)
     dy = randn(rng, y.shape, dtype)
     need_dx, need_dw = _need(rng)
-    _check_grads(nb.conv2d_backward(dy, x, w, stride, padding, need_dx, need_dw),
-                 ref.conv2d_backward(dy, x, w, stride, padding, need_dx, need_dw), dtype, what)
+    db = b is not None  # as the layer asks: no bias, no bias gradient
+    _check_grads(nb.conv2d_backward(dy, x, w, stride, padding, need_dx, need_dw, need_db=db),
+                 ref.conv2d_backward(dy, x, w, stride, padding, need_dx, need_dw, need_db=db),
+                 dtype, what)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -429,8 +432,11 @@ def test_conv2d_transpose(dtype, seed):
     assert_close(nb.conv2d_transpose_forward(x, w, b, stride, padding, op), y, dtype, what)
     dy = randn(rng, y.shape, dtype)
     need_dx, need_dw = _need(rng)
-    _check_grads(nb.conv2d_transpose_backward(dy, x, w, stride, padding, op, need_dx, need_dw),
-                 ref.conv2d_transpose_backward(dy, x, w, stride, padding, op, need_dx, need_dw),
+    db = b is not None
+    _check_grads(nb.conv2d_transpose_backward(dy, x, w, stride, padding, op, need_dx, need_dw,
+                                              need_db=db),
+                 ref.conv2d_transpose_backward(dy, x, w, stride, padding, op, need_dx, need_dw,
+                                               need_db=db),
                  dtype, what)
 
 

@@ -551,7 +551,8 @@ def dense_forward(x, w, b, leaky_alpha=None):
     return _gemm("nn", x, w, n, m, k, k, m, y, bias=b, leaky_alpha=leaky_alpha)
 
 
-def dense_backward(dy, x, w, need_dx: bool = True, need_dw: bool = True):
+def dense_backward(dy, x, w, need_dx: bool = True, need_dw: bool = True,
+                   need_db: bool = True):
     """Gradients of ``y = x @ w + b``: dx = dy @ w^T (gemm_nt), dw = x^T @ dy (gemm_tn),
     db = sum_n dy (colsum). None where not needed, as numpy_ops."""
     dt = _dtype(dy, x, w)
@@ -565,7 +566,7 @@ def dense_backward(dy, x, w, need_dx: bool = True, need_dw: bool = True):
     if not need_dw:
         return dx, None, None
     dw = _gemm("tn", x, dy, k, m, n, k, m, _empty((k, m), dt))
-    return dx, dw, _colsum(dy)
+    return dx, dw, _colsum(dy) if need_db else None
 
 
 # --------------------------------------------------------------------------------------
@@ -586,7 +587,7 @@ def conv2d_forward(x, w, b, stride=1, padding="valid", leaky_alpha=None):
 
 
 def conv2d_backward(dy, x, w, stride=1, padding="valid", need_dx: bool = True,
-                    need_dw: bool = True):
+                    need_dw: bool = True, need_db: bool = True):
     """Gradients of :func:`conv2d_forward`: dx by conv_dgrad (stride phases), dw by
     conv_wgrad (split-K), db by colsum."""
     _dtype(dy, x, w)
@@ -601,7 +602,7 @@ def conv2d_backward(dy, x, w, stride=1, padding="valid", need_dx: bool = True,
     dw = db = None
     if need_dw:
         dw = _conv_wgrad(x, dy, w.shape, stride, pads)
-        db = _colsum(dy.reshape(-1, co))
+        db = _colsum(dy.reshape(-1, co)) if need_db else None
     dx = _conv_dgrad(dy, w, None, x.shape, stride, pads) if need_dx else None
     return dx, dw, db
 
@@ -622,7 +623,8 @@ def conv2d_transpose_forward(x, w, b, stride=1, padding="valid", output_padding=
 
 
 def conv2d_transpose_backward(dy, x, w, stride=1, padding="valid", output_padding=None,
-                              need_dx: bool = True, need_dw: bool = True):
+                              need_dx: bool = True, need_dw: bool = True,
+                              need_db: bool = True):
     """Gradients of :func:`conv2d_transpose_forward`: dx = the conv FORWARD of dy (conv_fwd),
     dw = conv_wgrad with the roles read off the adjoint (input dy, output gradient x),
     db = colsum(dy)."""
@@ -640,7 +642,7 @@ def conv2d_transpose_backward(dy, x, w, stride=1, padding="valid", output_paddin
     if not need_dw:
         return dx, None, None
     dw = _conv_wgrad(dy, x, w.shape, stride, pads)
-    return dx, dw, _colsum(dy.reshape(-1, co))
+    return dx, dw, _colsum(dy.reshape(-1, co)) if need_db else None
 
 
 # --------------------------------------------------------------------------------------

@@ -648,7 +648,8 @@ def dense_forward(x, w, b, leaky_alpha=None):
                              bias=None if b is None else _dev(b)), leaky_alpha)
 
 
-def dense_backward(dy, x, w, need_dx: bool = True, need_dw: bool = True):
+def dense_backward(dy, x, w, need_dx: bool = True, need_dw: bool = True,
+                   need_db: bool = True):
     """Gradients of ``y = x @ w + b``.  dy (N, out) -> dx (N, in), dw (in, out), db (out,).
 
     dL/dx = dy @ w^T (B read transposed);   dL/dw = x^T @ dy (A read transposed; the inner
@@ -665,7 +666,7 @@ def dense_backward(dy, x, w, need_dx: bool = True, need_dw: bool = True):
     if not need_dw:
         return dx, None, None
     dw = _gemm(load_transposed, x, load_plain, dy, k_in, k_out, n)
-    return dx, dw, _reduce(term_sum, dy)
+    return dx, dw, _reduce(term_sum, dy) if need_db else None
 
 
 # --------------------------------------------------------------------------------------
@@ -717,7 +718,7 @@ def conv2d_forward(x, w, b, stride=1, padding: Padding = "valid", leaky_alpha=No
 
 
 def conv2d_backward(dy, x, w, stride=1, padding: Padding = "valid", need_dx: bool = True,
-                    need_dw: bool = True):
+                    need_dw: bool = True, need_db: bool = True):
     """Gradients of :func:`conv2d_forward`.  dy (N, Ho, Wo, c_out) -> dx, dw, db.
 
     dL/dx: the gather kernel (each input pixel sums dy @ w^T over the taps that read it);
@@ -735,7 +736,7 @@ def conv2d_backward(dy, x, w, stride=1, padding: Padding = "valid", need_dx: boo
     dw = db = None
     if need_dw:
         dw = _conv_weight_grad(x, dy, w.shape, geo)
-        db = _reduce(term_sum, dy.reshape(-1, co))
+        db = _reduce(term_sum, dy.reshape(-1, co)) if need_db else None
     dx = _conv_backward_data(dy, w, x.shape, geo) if need_dx else None
     return dx, dw, db
 
@@ -763,7 +764,8 @@ def conv2d_transpose_forward(x, w, b, stride=1, padding: Padding = "valid",
 
 
 def conv2d_transpose_backward(dy, x, w, stride=1, padding: Padding = "valid",
-                              output_padding=None, need_dx: bool = True, need_dw: bool = True):
+                              output_padding=None, need_dx: bool = True, need_dw: bool = True,
+                              need_db: bool = True):
     """Gradients of :func:`conv2d_transpose_forward`.  dy (N, Ho, Wo, c_out) -> dx, dw, db.
 
     The forward is ``y = A^T x`` with ``A`` the conv; so dL/dx = A dy: the conv FORWARD of
@@ -783,7 +785,7 @@ def conv2d_transpose_backward(dy, x, w, stride=1, padding: Padding = "valid",
     if not need_dw:
         return dx, None, None
     dw = _conv_weight_grad(dy, x, w.shape, geo)
-    return dx, dw, _reduce(term_sum, dy.reshape(-1, co))
+    return dx, dw, _reduce(term_sum, dy.reshape(-1, co)) if need_db else None
 
 
 # --------------------------------------------------------------------------------------

@@ -585,12 +585,13 @@ def dense_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None,
 
 
 def dense_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, need_dx: bool = True,
-                   need_dw: bool = True):
+                   need_dw: bool = True, need_db: bool = True):
     """Gradients of ``y = x @ w + b``.  dy (N, out) -> dx (N, in), dw (in, out), db (out,).
 
     dL/dx = dy @ w^T;   dL/dw = x^T @ dy;   dL/db = sum_n dy[n].
     ``dx`` is None when ``need_dx`` is False (first layer: saves a GEMM); ``dw`` and
-    ``db`` are None when ``need_dw`` is False (only the input gradient is wanted).
+    ``db`` are None when ``need_dw`` is False (only the input gradient is wanted), ``db``
+    also when ``need_db`` is False (a layer without bias: no column sum of dy).
     Each worker takes a range of rows n: its rows of dx, and its partial sums of dw and db.
     """
     check_dense(x, w, None, "dense_backward")
@@ -601,14 +602,15 @@ def dense_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, need_dx: bool =
         if need_dx:
             np.matmul(dy[lo:hi], w.T, out=dx[lo:hi])
         if need_dw:
-            return x[lo:hi].T @ dy[lo:hi], dy[lo:hi].sum(axis=0)
+            return x[lo:hi].T @ dy[lo:hi], dy[lo:hi].sum(axis=0) if need_db else None
         return None
 
     parts = cpu_threads.parallel_rows(body, dy.shape[0], size=x.size + dy.size,
                                       blas_single=True)
     if not need_dw:
         return dx, None, None
-    return dx, _sum_partials([p[0] for p in parts]), _sum_partials([p[1] for p in parts])
+    return dx, _sum_partials([p[0] for p in parts]), (
+        _sum_partials([p[1] for p in parts]) if need_db else None)
 
 
 # --------------------------------------------------------------------------------------
@@ -632,14 +634,15 @@ def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride=1,
 
 
 def conv2d_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, stride=1,
-                    padding: Padding = "valid", need_dx: bool = True, need_dw: bool = True):
+                    padding: Padding = "valid", need_dx: bool = True, need_dw: bool = True,
+                    need_db: bool = True):
     """Gradients of :func:`conv2d_forward`.  dy (N, Ho, Wo, c_out) -> dx, dw, db.
 
     With ``X = im2col(x)`` (M, K) and ``Y = X @ Wm`` (Wm = w as (K, c_out)):
     dL/dWm = X^T @ dY;   dL/dX = dY @ Wm^T, scattered back to the pixels each window read
     (a pixel's gradient is the sum over every window that read it);
-    dL/db = sum over N, Ho, Wo of dy.  ``need_dx`` / ``need_dw`` False skip (return None
-    for) the input / parameter gradients.
+    dL/db = sum over N, Ho, Wo of dy.  ``need_dx`` / ``need_dw`` / ``need_db`` False skip
+    (return None for) the input / parameter / bias gradients.
     """
     check_conv(x, w, 2, "conv2d_backward")
     stride = pair(stride, "strides")
@@ -647,8 +650,10 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, stride=1,
     ho, wo, pads = conv_geometry(x.shape[1], x.shape[2], kh, kw, stride, padding)
     check_grad(dy, (x.shape[0], ho, wo, co), "conv2d_backward")
     dw = db = None
-    if need_dw:
+    if need_dw and need_db:
         dw, db = _conv_weight_grad(x, dy, w.shape, stride, pads, need_db=True)
+    elif need_dw:
+        dw = _conv_weight_grad(x, dy, w.shape, stride, pads)
     dx = _conv_scatter(dy, w, x.shape, stride, pads) if need_dx else None
     return dx, dw, db
 
@@ -676,7 +681,8 @@ def conv2d_transpose_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None,
 
 def conv2d_transpose_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, stride=1,
                               padding: Padding = "valid", output_padding=None,
-                              need_dx: bool = True, need_dw: bool = True):
+                              need_dx: bool = True, need_dw: bool = True,
+                              need_db: bool = True):
     """Gradients of :func:`conv2d_transpose_forward`.  dy (N, Ho, Wo, c_out) -> dx, dw, db.
 
     The forward is ``y = A^T x`` with ``A`` the conv; so dL/dx = A dy: the conv2d
@@ -697,7 +703,7 @@ def conv2d_transpose_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, stri
         dx, dw = _conv_gather(dy, w, stride, pads, (h, wd), dy=x)
     else:
         dx, dw = None, _conv_weight_grad(dy, x, w.shape, stride, pads)
-    return dx, dw, bias_add_backward(dy)
+    return dx, dw, bias_add_backward(dy) if need_db else None
 
 
 # --------------------------------------------------------------------------------------

@@ -92,7 +92,8 @@ class Conv2D(_ConvBase):
     def _backward(self, dy, cache, input_grad, param_grads):
         dx, dw, db = self.ops.conv2d_backward(dy, cache["x"], self.params["kernel"],
                                               self.strides, self.padding,
-                                              need_dx=input_grad, need_dw=param_grads)
+                                              need_dx=input_grad, need_dw=param_grads,
+                                              need_db=self.use_bias)
         if param_grads:
             self._accumulate("kernel", dw)
             if self.use_bias:
@@ -153,7 +154,8 @@ class Conv2DTranspose(_ConvBase):
     def _backward(self, dy, cache, input_grad, param_grads):
         dx, dw, db = self.ops.conv2d_transpose_backward(
             dy, cache["x"], self.params["kernel"], self.strides, self.padding,
-            self.output_padding, need_dx=input_grad, need_dw=param_grads)
+            self.output_padding, need_dx=input_grad, need_dw=param_grads,
+            need_db=self.use_bias)
         if param_grads:
             self._accumulate("kernel", dw)
             if self.use_bias:

@@ -47,7 +47,8 @@ class Dense(Layer):
 
     def _backward(self, dy, cache, input_grad, param_grads):
         dx, dw, db = self.ops.dense_backward(dy, cache["x"], self.params["kernel"],
-                                             need_dx=input_grad, need_dw=param_grads)
+                                             need_dx=input_grad, need_dw=param_grads,
+                                             need_db=self.use_bias)
         if param_grads:
             self._accumulate("kernel", dw)
             if self.use_bias:
