@@ -93,7 +93,9 @@ _MPI_HINT = ("pip install mpi4py mpich (or: pip install 'rawgan[mpi]' with an MP
 
 class CollectiveTimeout(RuntimeError):
     """A collective did not complete within the timeout (raised instead of aborting when
-    the communicator was made with ``on_timeout="raise"``)."""
+    the communicator was made with ``on_timeout="raise"``). The timed-out collective stays
+    pending (MPI cannot cancel one), so every later collective on that communicator raises
+    this too: make a new communicator (or end the job)."""
 
 
 class PeerError(RuntimeError):
@@ -253,9 +255,16 @@ class MPICommunicator(Communicator):
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         self.on_timeout = on_timeout
+        self._timed_out_at: str | None = None  # a collective left pending by a raise
 
     # -- waiting with a deadline ---------------------------------------------------------
     def _wait(self, request, what: str) -> None:
+        if self._timed_out_at is not None:
+            # MPI cannot cancel a collective: the one that timed out is still pending, so
+            # this one would pair with the wrong call on the other ranks
+            raise CollectiveTimeout(f"rawgan distributed: rank {self.rank}: {what}: this "
+                                    f"communicator is unusable since {self._timed_out_at} "
+                                    "timed out (on_timeout='raise')")
         t0 = time.perf_counter()
         deadline = t0 + self.timeout
         pause = 2e-5
@@ -273,6 +282,7 @@ class MPICommunicator(Communicator):
                f"complete within {self.timeout:g} s (--collective-timeout): another rank has "
                f"died or hangs; ending the job")
         if self.on_timeout == "raise":
+            self._timed_out_at = what + where
             raise CollectiveTimeout(msg)
         print(msg, file=sys.stderr, flush=True)
         self.abort(1)

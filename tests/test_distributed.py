@@ -797,3 +797,34 @@ def test_a_divergence_on_every_rank_is_one_clean_agreed_stop(tmp_path):
     assert res.returncode == 1, res.stderr
     assert res.stderr.count("training diverged at step") == 1, res.stderr
     assert "MPI_Abort" not in res.stderr and "Abort(" not in res.stderr, res.stderr
+
+
+_TIMEOUT_SCRIPT = r"""
+import os, sys, time
+import numpy as np
+from rawgan import distributed
+comm = distributed.MPICommunicator(timeout=0.5, on_timeout="raise")
+if comm.rank == 0:
+    msgs = []
+    for _ in range(2):
+        try:
+            comm.allreduce_sum(np.ones(3), what="test all-reduce")
+        except distributed.CollectiveTimeout as exc:
+            msgs.append(str(exc))
+    print("|".join(msgs), flush=True)
+else:
+    time.sleep(1.5)  # never joins: rank 0's all-reduce times out
+sys.stdout.flush()
+os._exit(0)  # (no MPI_Finalize with a collective pending)
+"""
+
+
+@needs_mpi
+def test_a_timed_out_collective_leaves_the_communicator_unusable():
+    """on_timeout='raise': MPI cannot cancel the pending collective, so the next one would
+    pair with the wrong call on the other ranks; it raises instead."""
+    res = _run(["-c", _TIMEOUT_SCRIPT], 2, timeout=60)
+    assert res.returncode == 0, res.stderr
+    first, second = res.stdout.strip().split("|")
+    assert "test all-reduce did not complete within 0.5 s" in first
+    assert "communicator is unusable since test all-reduce timed out" in second
