@@ -525,3 +525,17 @@ def test_need_db_false_skips_only_the_bias_gradient(monkeypatch):
     layer.forward(x)
     layer.backward(rng.standard_normal((4, 7, 7, 5)))
     assert calls == [False] and "bias" not in layer.grads
+
+
+def test_batchnorm_inference_is_accurate_when_the_mean_dwarfs_the_spread():
+    """Centred (x - mean) * scale + beta: float32 within 1e-6 of float64 at mean 100, std
+    0.1 (TF's folded x * scale + (beta - mean * scale) was 2.3e-5 off)."""
+    x = (100 + 0.1 * RNG.standard_normal((64, 4))).astype(np.float32)
+    ys = []
+    for dt in (np.float32, np.float64):
+        bn = BatchNormalization()
+        bn.build((None, 4), dt)
+        bn.params["moving_mean"][:] = 100
+        bn.params["moving_variance"][:] = 0.01
+        ys.append(bn.forward(x.astype(dt), training=False))
+    assert np.linalg.norm(ys[0] - ys[1]) / np.linalg.norm(ys[1]) < 1e-6

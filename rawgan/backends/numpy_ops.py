@@ -856,22 +856,18 @@ def sigmoid_backward(dy: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def _bn_affine(x2: np.ndarray, mean, scale, beta, training: bool, out: np.ndarray,
                centered: bool = False) -> np.ndarray:
-    """The batch norm's output into ``out``, row-parallel: training ``(x - mean) * scale +
-    beta`` (``centered``: ``out`` already holds ``x - mean``); inference ``x * scale +
-    (beta - mean * scale)`` (constants folded, as TF). Written once: the backward that folds
-    in a LeakyReLU recomputes y with it, bitwise the forward's."""
-    if training:
-        def rows(r) -> None:
-            if not centered:
-                np.subtract(x2[r], mean, out=out[r])
-            out[r] *= scale
-            out[r] += beta
-    else:
-        shift = beta - mean * scale
-
-        def rows(r) -> None:
-            np.multiply(x2[r], scale, out=out[r])
-            out[r] += shift
+    """The batch norm's output into ``out``, row-parallel: ``(x - mean) * scale + beta``
+    (``centered``: ``out`` already holds ``x - mean``), in training and inference alike.
+    (TF folds inference into ``x * scale + (beta - mean * scale)``, one pass fewer, but that
+    cancels when |mean| >> std: 2.3e-5 relative error in float32 at mean 100, std 0.1,
+    against 2.6e-8 centred; the GPU kernels centre too.) Written once: the backward that
+    folds in a LeakyReLU recomputes y with it, bitwise the forward's. ``training`` is kept
+    for the callers."""
+    def rows(r) -> None:
+        if not centered:
+            np.subtract(x2[r], mean, out=out[r])
+        out[r] *= scale
+        out[r] += beta
 
     _by_rows(rows, x2)
     return out
@@ -888,8 +884,9 @@ def batchnorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray,
     passes: ``var = mean((x - mean)^2)``), ``y = gamma * (x - mean) * inv_std + beta`` with
     ``inv_std = 1 / sqrt(var + eps)``, and the moving statistics are updated IN PLACE:
     ``moving = momentum * moving + (1 - momentum) * batch``.
-    Inference: the moving statistics normalise (as ``x * scale + (beta - mean * scale)``,
-    ``scale = gamma * inv_std``, as TF computes it) and nothing is updated.
+    Inference: the moving statistics normalise (``(x - mean) * gamma * inv_std + beta``,
+    centred as in training: TF's folded ``x * scale + (beta - mean * scale)`` cancels when
+    |mean| >> std) and nothing is updated.
     ``leaky_alpha``: return LeakyReLU(y) in place of y (:func:`_then_leaky`).
     """
     c = x.shape[-1] if x.ndim else 0
