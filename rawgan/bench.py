@@ -1034,7 +1034,8 @@ def format_row(row: dict) -> str:
              row["backend"], f"{_ms(t['median'])} / {_ms(t['min'])}{flag}", rate,
              f"{row['pct_of_ceiling']:.0f}%", "-" if ref is None else ref["name"],
              "-" if ref is None else _ms(ref["time"]["median"]) + ref_flag,
-             "-" if ratio is None else f"{ratio:.2f}" + ("?" if flag or ref_flag else ""))
+             "-" if ratio is None else f"{ratio:.2f}"
+             + ("?" if not t.get("clean", True) or ref_flag else ""))
     return "  ".join(c.ljust(w) for c, (_, w) in zip(cells, COLUMNS, strict=True)).rstrip()
 
 

@@ -513,11 +513,17 @@ def _load_checked(path: Path, dataset: str, verify: bool) -> np.ndarray:
         actual = _md5_bytes(raw)
         if expected is not None and actual != expected:
             err = _checksum_error(path, dataset, expected, actual)
-            if "this is the published" in str(err):  # the other dataset's intact file
+            if "this is the published" in str(err) and path.parent.name != dataset:
+                # the other dataset's intact file in a shared folder: look elsewhere
                 raise ChecksumError(
                     f"{err}. This folder holds the other dataset: point --data-dir "
                     f"(data_dir=) at a {_DATASET_TITLES[dataset]} folder, or put its files "
                     f"in a {dataset}/ subfolder, which is searched first; keep this file.")
+            if "this is the published" in str(err):  # in <dataset>/ itself: it is misplaced
+                raise ChecksumError(
+                    f"{err}. It sits in the {dataset}/ folder, where {_DATASET_TITLES[dataset]} "
+                    "belongs: move it to the other dataset's folder, or delete it (a "
+                    "download then fetches the right file).")
             raise ChecksumError(f"{err}. Delete the file to download it again (or, from "
                                 "Python, pass verify=False if you trust it).")
     return _parse_idx(_decompress(raw, str(path)), str(path))

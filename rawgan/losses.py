@@ -108,10 +108,11 @@ def _check_logits(x: Array, name: str) -> None:
         raise ValueError(f"{name} must have shape (N,) or (N, 1), got shape {tuple(x.shape)}")
     if x.shape[0] == 0:
         raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)}); need N >= 1")
-    if getattr(_nonfinite, "allowed", False):
-        return
     xp = _array_module(x)
     if not bool(xp.isfinite(x).all()):
+        if getattr(_nonfinite, "allowed", False):
+            _nonfinite.seen = True  # computed on; the caller reads nonfinite_seen()
+            return
         raise NonFiniteLogits(f"{name} contains NaN or inf values; logits must be finite")
 
 
@@ -123,13 +124,23 @@ def nonfinite_allowed():
     """In this thread, losses of NaN / inf logits are computed (NaN or inf) instead of
     raising :class:`NonFiniteLogits`. Data-parallel training uses it: one rank raising alone
     would leave the others waiting in the gradient all-reduce; computed, the NaN reaches
-    every rank through the all-reduced statistics, which stop them all at the same step."""
+    every rank through the all-reduced statistics (with :func:`nonfinite_seen`'s flag),
+    which stop them all at the same step."""
     before = getattr(_nonfinite, "allowed", False)
     _nonfinite.allowed = True
     try:
         yield
     finally:
         _nonfinite.allowed = before
+
+
+def nonfinite_seen() -> bool:
+    """Whether a loss in this thread met NaN / inf logits under :func:`nonfinite_allowed`
+    since the last call (which resets it). Some losses stay finite on inf logits (minimax:
+    softplus of -inf is 0), so the caller must ask, not only look at the loss values."""
+    seen = getattr(_nonfinite, "seen", False)
+    _nonfinite.seen = False
+    return seen
 
 
 def _check_kind(kind: str) -> None:

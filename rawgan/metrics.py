@@ -109,22 +109,27 @@ def _psd_sqrt(c: np.ndarray) -> np.ndarray:
     return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
 
 
-#: relative to the largest entry: asymmetry and negative eigenvalues beyond rounding
-_COV_TOL = 1e-9
+def _cov_tol(*arrays) -> float:
+    """Rounding allowed, relative to the largest entry (per dimension for eigenvalues), for
+    covariances given in the dtype of ``arrays``: float32 ones (n <= d) have eigenvalues
+    ~1e-6 below 0 from rounding alone."""
+    eps = max((np.finfo(a.dtype).eps for a in map(np.asarray, arrays)
+               if np.issubdtype(a.dtype, np.floating)), default=np.finfo(np.float64).eps)
+    return max(1e-9, 100.0 * float(eps))
 
 
-def _check_covariance(c: np.ndarray, name: str) -> np.ndarray:
+def _check_covariance(c: np.ndarray, name: str, tol: float = 1e-9) -> np.ndarray:
     """``c`` symmetrised, after checking it is a covariance up to rounding: symmetric and
     positive semi-definite (a sample covariance's smallest eigenvalues are ~1e-16 below 0
     when n <= d; a matrix that is not a covariance would give a meaningless distance)."""
     scale = max(float(np.abs(c).max()), 1e-300)
     asym = float(np.abs(c - c.T).max())
-    if asym > _COV_TOL * scale:
+    if asym > tol * scale:
         raise ValueError(f"frechet_distance: {name} is not symmetric (max |C - C^T| = "
                          f"{asym:.3g}); expected a covariance matrix")
     c = 0.5 * (c + c.T)
     low = float(np.linalg.eigvalsh(c)[0])
-    if low < -_COV_TOL * scale * c.shape[0]:
+    if low < -tol * scale * c.shape[0]:
         raise ValueError(f"frechet_distance: {name} is not positive semi-definite (smallest "
                          f"eigenvalue {low:.3g}); expected a covariance matrix")
     return c
@@ -144,6 +149,7 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
     rounding pushes below zero are clipped to 0. The result is clipped at 0 as well (it can
     only be negative by rounding, for identical statistics).
     """
+    tol = _cov_tol(cov1, cov2)
     mu1 = np.atleast_1d(np.asarray(mu1, dtype=np.float64))
     mu2 = np.atleast_1d(np.asarray(mu2, dtype=np.float64))
     cov1 = np.atleast_2d(np.asarray(cov1, dtype=np.float64))
@@ -158,8 +164,8 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
     for name, arr in (("mu1", mu1), ("cov1", cov1), ("mu2", mu2), ("cov2", cov2)):
         if not np.all(np.isfinite(arr)):
             raise ValueError(f"frechet_distance: {name} contains NaN or inf")
-    cov1 = _check_covariance(cov1, "cov1")
-    cov2 = _check_covariance(cov2, "cov2")
+    cov1 = _check_covariance(cov1, "cov1", tol)
+    cov2 = _check_covariance(cov2, "cov2", tol)
     s1 = _psd_sqrt(cov1)
     m = s1 @ cov2 @ s1
     lam = np.linalg.eigvalsh(0.5 * (m + m.T))

@@ -309,6 +309,14 @@ class TrainConfig:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values.update(dict.fromkeys(self._defaulted))
         values.update(changes)
+        if "optimizer" in self._defaulted and "optimizer" not in changes:
+            # the loss family picks the optimizer again: the options of the old one go
+            # back to their defaults (bce with beta_1 0.5 -> wgan: RMSprop has no beta_1)
+            new = (_WGAN_DEFAULTS if values.get("loss") == "wgan" else _DEFAULTS)["optimizer"]
+            for key, default, owner in (("beta_1", 0.9, "adam"), ("beta_2", 0.999, "adam"),
+                                        ("momentum", 0.0, "sgd")):
+                if new != owner and key not in changes:
+                    values[key] = default
         return TrainConfig(**values)
 
     # -- conversions ------------------------------------------------------------------------
@@ -1032,12 +1040,20 @@ def _train(cfg: TrainConfig, resume: bool, comm: distributed.Communicator) -> di
                         # weights diverged in an earlier update (one process)
                         raise diverged(step + 1, epoch + 1, str(exc)) from None
                     interrupt = sigint.requested
-                    if ranks > 1:  # the global batch's means, and a Ctrl-C seen by any rank
+                    nonfinite = False
+                    if ranks > 1:  # the global batch's means, and a Ctrl-C or non-finite
+                        # logits seen by any rank
                         buf = np.array([stats.d_loss, stats.g_loss, stats.d_real,
-                                        stats.d_fake, float(interrupt)])
+                                        stats.d_fake, float(interrupt),
+                                        float(losses.nonfinite_seen())])
                         comm.allreduce_sum(buf, what="training-statistics all-reduce")
                         stats = gan.StepStats(*(float(v) / ranks for v in buf[:4]))
                         interrupt = bool(buf[4] > 0)
+                        nonfinite = bool(buf[5] > 0)
+                    if nonfinite:
+                        raise distributed.mark_agreed(diverged(
+                            step + 1, epoch + 1, "the discriminator's logits hold NaN or inf "
+                            "(on some rank's rows)"))
                     dt = time.perf_counter() - t0
                     if not (math.isfinite(stats.d_loss) and math.isfinite(stats.g_loss)):
                         raise distributed.mark_agreed(diverged(

@@ -251,8 +251,17 @@ def test_real_corrupted_file_fails_checksum(tmp_path: Path, mnist_dir: Path) -> 
 def test_real_files_under_wrong_dataset_name(tmp_path: Path, mnist_dir: Path) -> None:
     shutil.copy(mnist_dir / TEST_IMAGES, tmp_path)
     shutil.copy(mnist_dir / TEST_LABELS, tmp_path)
-    with pytest.raises(ChecksumError, match="published MNIST file, not Fashion-MNIST"):
+    with pytest.raises(ChecksumError, match="published MNIST file, not Fashion-MNIST") as e:
         load_mnist("test", data_dir=tmp_path, dataset="fashion", download=False)
+    assert "point --data-dir" in str(e.value) and "keep this file" in str(e.value)
+    # in fashion/ itself the MNIST file is misplaced: move or delete it, not "keep"
+    sub = tmp_path / "fashion"
+    sub.mkdir()
+    shutil.copy(mnist_dir / TEST_IMAGES, sub)
+    shutil.copy(mnist_dir / TEST_LABELS, sub)
+    with pytest.raises(ChecksumError, match="sits in the fashion/ folder") as e:
+        load_mnist("test", data_dir=tmp_path, dataset="fashion", download=False)
+    assert "keep this file" not in str(e.value)
 
 
 def test_each_dataset_prefers_its_own_subfolder(tmp_path: Path, mnist_dir: Path) -> None:

@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 
+from rawgan import losses
 from rawgan.losses import KINDS, bce_with_logits, discriminator_loss, generator_loss
 
 SEEDS = [0, 1, 2, 3]
@@ -462,3 +463,18 @@ def test_cupy_matches_numpy(kind: str):
     assert isinstance(d_g, cp.ndarray)
     assert loss == pytest.approx(ref_loss, rel=1e-5)
     np.testing.assert_allclose(cp.asnumpy(d_g), ref_g, rtol=1e-5, atol=1e-7)
+
+
+def test_nonfinite_allowed_computes_on_and_records_it():
+    """Data-parallel steps compute on NaN/inf logits (every rank must finish the step) and
+    report them through nonfinite_seen(): minimax's D loss stays finite on inf logits."""
+    r, f = np.array([np.inf, 1.0]), np.array([-np.inf, 0.5])
+    with pytest.raises(losses.NonFiniteLogits):
+        discriminator_loss("minimax", r, f)
+    with losses.nonfinite_allowed():
+        loss, _, _ = discriminator_loss("minimax", r, f)
+    assert np.isfinite(loss)
+    assert losses.nonfinite_seen() is True and losses.nonfinite_seen() is False
+    with losses.nonfinite_allowed():
+        discriminator_loss("minimax", np.zeros(2), np.zeros(2))
+    assert losses.nonfinite_seen() is False

@@ -505,3 +505,12 @@ def test_evaluate_generator_takes_the_layouts_the_classifier_takes():
         b = M.evaluate_generator(None, real.reshape(40, 784), kid_subsets=2,
                                  kid_subset_size=10, splits=2)
     assert a == b
+
+
+def test_float32_covariances_with_fewer_samples_than_dimensions_are_accepted():
+    """n <= d in float32: eigenvalues ~1e-6 below 0 from rounding alone are not refused."""
+    f = np.random.default_rng(0).standard_normal((50, 64)).astype(np.float32)
+    f -= f.mean(0)
+    c = f.T @ f / 49
+    assert np.linalg.eigvalsh(c.astype(np.float64))[0] < -1e-9  # the case this is about
+    assert M.frechet_distance(np.zeros(64), c, np.zeros(64), c) == pytest.approx(0, abs=1e-6)

@@ -687,3 +687,12 @@ def test_load_generator_of_a_training_checkpoint_takes_the_ema_generator(tmp_pat
     assert not np.array_equal(ema["dense/kernel"], ck.weights["generator"]["dense/kernel"])
     got = checkpoint.load_generator(out / "checkpoint.h5").G.get_weights()
     assert all(np.array_equal(got[k], ema[k]) for k in ema)
+
+
+def test_replace_with_another_loss_resets_the_old_optimizers_options():
+    """TrainConfig(beta_1=0.5).replace(loss="wgan") is RMSprop, whose config must not keep
+    Adam's beta_1 (rawgan inspect --compare-losses bce,wgan --beta-1 0.5 replaces so)."""
+    c = TrainConfig(beta_1=0.5).replace(loss="wgan")
+    assert (c.optimizer, c.beta_1) == ("rmsprop", 0.9)
+    assert TrainConfig(beta_1=0.5).replace(loss="hinge").beta_1 == 0.5  # still Adam
+    assert TrainConfig(beta_1=0.5, optimizer="adam").replace(loss="wgan").beta_1 == 0.5
