@@ -432,9 +432,7 @@ def twin_problems(G_t, D_t) -> list[str]:
     G, D = models.build("dcgan", seed=0)
     problems = []
     for tag, ours, theirs in (("G", G, G_t), ("D", D, D_t)):
-        mine = [sum(int(np.prod(p.shape)) for p in layer.params.values()
-                    if not isinstance(p, float))
-                for layer in ours.layers if layer.params]
+        mine = [layer.count_params() for layer in ours.layers if layer.params]
         twin = [sum(p.numel() for p in m.parameters(recurse=False))
                 + sum(b.numel() for b in m.buffers(recurse=False) if b.dim() > 0)
                 for m in theirs.modules() if list(m.parameters(recurse=False))]

@@ -41,14 +41,14 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .checks import is_int
+from .checks import integer, is_int
 
 __all__ = [
     "FORMAT_VERSION",
@@ -165,6 +165,17 @@ def atomic_write(path: str | os.PathLike[str]):
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def arrays_sha256(named: Iterable[tuple[str, np.ndarray]]) -> str:
+    """SHA-256 (hex) of named arrays, in the order given: for each, its name, dtype, shape and
+    bytes (a model's weights, a training set), whatever file or layout holds them."""
+    h = hashlib.sha256()
+    for name, arr in named:
+        a = np.ascontiguousarray(arr)
+        h.update(f"{name} {a.dtype.str} {a.shape}\n".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
 
 
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
@@ -504,12 +515,6 @@ def build_generator(arch: Mapping, backend="numpy"):
                           f"{models.MODELS})")
 
 
-def _count(value, what: str, low: int) -> None:
-    """An integer >= ``low`` (Python or NumPy; not a bool, not 2.0), else a ValueError."""
-    if not is_int(value) or value < low:
-        raise ValueError(f"{what} must be an integer >= {low}, got {value!r}")
-
-
 class GeneratorSampler:
     """A trained generator, ready to sample: ``sample(n, seed=0) -> (n, *image_shape)``."""
 
@@ -530,7 +535,7 @@ class GeneratorSampler:
 
     def noise(self, n: int, seed: int | None = None) -> np.ndarray:
         """The noise batch ``sample(n, seed)`` uses: N(0, I) of shape (n, noise_dim)."""
-        _count(n, "n", 0)
+        integer(n, "n", 0)
         if seed is not None and (not is_int(seed) or seed < 0):
             raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
         rng = np.random.default_rng(seed)
@@ -538,7 +543,7 @@ class GeneratorSampler:
 
     def generate(self, z: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """``G(z)`` in inference mode (BatchNorm uses its moving statistics)."""
-        _count(batch_size, "batch_size", 1)
+        integer(batch_size, "batch_size", 1)
         z = np.asarray(z, dtype=self.G.dtype)
         if z.ndim != 2 or z.shape[1] != self.noise_dim:
             raise ValueError(f"z must have shape (n, {self.noise_dim}), got {z.shape}")
@@ -554,7 +559,6 @@ class GeneratorSampler:
         """``n`` samples, ``(n, *image_shape)`` in the generator's dtype (float32 unless it
         was trained in float64; images in [-1, 1]); the same ``seed`` gives the same
         samples."""
-        _count(batch_size, "batch_size", 1)
         return self.generate(self.noise(n, seed), batch_size=batch_size)
 
 

@@ -40,3 +40,13 @@ def number(value, what: str, *, low: float | None = None, high: float | None = N
             rule = "a finite number"
         raise ValueError(f"{what} must be {rule}, got {value!r}")
     return v
+
+
+def integer(value, what: str, low: int, high: int | None = None) -> int:
+    """``int(value)`` for a Python or NumPy integer (not a bool, not 2.0) in ``[low,
+    high]``, else a ValueError ``"<what> must be an integer >= low (or in [low, high]),
+    got <value>"``."""
+    if not is_int(value) or value < low or (high is not None and value > high):
+        rule = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{what} must be an integer {rule}, got {value!r}")
+    return int(value)

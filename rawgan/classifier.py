@@ -36,7 +36,6 @@ The batch loss is the MEAN over N rows, so the gradient w.r.t. the logits is
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -45,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from .checkpoint import arrays_sha256
 from .nn import Conv2D, Dense, Dropout, Flatten, ReLU, Sequential
 
 __all__ = [
@@ -333,12 +333,7 @@ def save_classifier(path: str | os.PathLike[str], model: Sequential, **meta: Any
 def weights_sha256(model: Sequential) -> str:
     """SHA-256 (hex) of a model's weights: for each ``layer/key`` in name order, the name,
     dtype, shape and bytes. Independent of the HDF5 file's layout and compression."""
-    h = hashlib.sha256()
-    for name, arr in sorted(model.get_weights().items()):
-        a = np.ascontiguousarray(arr)
-        h.update(f"{name} {a.dtype.str} {a.shape}\n".encode())
-        h.update(memoryview(a).cast("B"))
-    return h.hexdigest()
+    return arrays_sha256(sorted(model.get_weights().items()))
 
 
 def load_classifier(path: str | os.PathLike[str] | None = None) -> Classifier:

@@ -235,14 +235,19 @@ def file_md5(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
+def _other_dataset(name: str, dataset: str, actual: str) -> str | None:
+    """The other dataset whose published file ``name`` has MD5 ``actual``, if any (MNIST and
+    Fashion-MNIST share file names)."""
+    return next((other for other, table in CHECKSUMS.items()
+                 if other != dataset and table.get(name) == actual), None)
+
+
 def _checksum_error(path: Path | str, dataset: str, expected: str, actual: str) -> ChecksumError:
     msg = f"{path}: MD5 mismatch: expected {expected} ({_DATASET_TITLES[dataset]}), got {actual}"
-    name = Path(path).name
-    for other, table in CHECKSUMS.items():
-        if other != dataset and table.get(name) == actual:
-            msg += (f"; this is the published {_DATASET_TITLES[other]} file, not "
-                    f"{_DATASET_TITLES[dataset]} (the two datasets share file names)")
-            break
+    other = _other_dataset(Path(path).name, dataset, actual)
+    if other is not None:
+        msg += (f"; this is the published {_DATASET_TITLES[other]} file, not "
+                f"{_DATASET_TITLES[dataset]} (the two datasets share file names)")
     return ChecksumError(msg)
 
 
@@ -513,13 +518,14 @@ def _load_checked(path: Path, dataset: str, verify: bool) -> np.ndarray:
         actual = _md5_bytes(raw)
         if expected is not None and actual != expected:
             err = _checksum_error(path, dataset, expected, actual)
-            if "this is the published" in str(err) and path.parent.name != dataset:
+            other = _other_dataset(path.name, dataset, actual)
+            if other is not None and path.parent.name != dataset:
                 # the other dataset's intact file in a shared folder: look elsewhere
                 raise ChecksumError(
                     f"{err}. This folder holds the other dataset: point --data-dir "
                     f"(data_dir=) at a {_DATASET_TITLES[dataset]} folder, or put its files "
                     f"in a {dataset}/ subfolder, which is searched first; keep this file.")
-            if "this is the published" in str(err):  # in <dataset>/ itself: it is misplaced
+            if other is not None:  # in <dataset>/ itself: it is misplaced
                 raise ChecksumError(
                     f"{err}. It sits in the {dataset}/ folder, where {_DATASET_TITLES[dataset]} "
                     "belongs: move it to the other dataset's folder, or delete it (a "

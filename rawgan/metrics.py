@@ -556,6 +556,15 @@ def evaluate_toy(G_or_sample_fn, name: str, n: int = 2500, seed: int = 0, *,
             "data": name, "n": int(n), "seed": int(seed)}
 
 
+def _real_images(data_dir, download: bool | None) -> np.ndarray:
+    """The 10,000 real MNIST test images; downloaded when missing if ``download`` (default:
+    only when no ``data_dir`` was given)."""
+    from .data import load_mnist
+
+    return load_mnist("test", data_dir=data_dir,
+                      download=data_dir is None if download is None else download)[0]
+
+
 def evaluate_checkpoint(path, n: int | None = None, seed: int = 0, *, data_dir=None,
                         real_images: np.ndarray | None = None, toy: str | None = None,
                         min_count: int = 1, download: bool | None = None,
@@ -571,7 +580,6 @@ def evaluate_checkpoint(path, n: int | None = None, seed: int = 0, *, data_dir=N
     ``classifier``, ``batch_size``, ``references``).
     """
     from .checkpoint import load_generator
-    from .data import load_mnist
 
     gen = load_generator(path)
     if tuple(gen.image_shape) == (2,):
@@ -589,8 +597,7 @@ def evaluate_checkpoint(path, n: int | None = None, seed: int = 0, *, data_dir=N
             raise ValueError(f"{path}: a Fashion-MNIST generator; the scores use rawgan's "
                              "pinned MNIST digit classifier, which means nothing for it (pass "
                              "real_images= to score against images of your own)")
-        real_images, _ = load_mnist("test", data_dir=data_dir,
-                                    download=data_dir is None if download is None else download)
+        real_images = _real_images(data_dir, download)
     return evaluate_generator(gen, real_images, n=n, seed=seed, **image_kwargs)
 
 
@@ -667,11 +674,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{flag} must be >= {low}, got {value}")
     try:
         if args.checkpoint is None:
-            from .data import load_mnist
 
-            real, _ = load_mnist("test", data_dir=args.data_dir,
-                                 download=args.data_dir is None if args.download is None
-                                 else args.download)
+            real = _real_images(args.data_dir, args.download)
             results = evaluate_generator(None, real, n=args.n, seed=args.seed,
                                          kid_subsets=args.kid_subsets,
                                          kid_subset_size=args.kid_subset_size,

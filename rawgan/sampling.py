@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import atomic_write
-from .checks import is_int
+from .checks import integer
 
 __all__ = [
     "image_grid",
@@ -81,13 +81,11 @@ def image_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2,
         raise ValueError(f"image_grid: expected images (N, H, W, 1|3), got shape {x.shape}")
     if not np.isfinite(x).all():
         raise ValueError("image_grid: images contain NaN or inf")
-    for what, value, low in (("nrow", nrow, 1), ("padding", padding, 0), ("scale", scale, 1),
-                             ("pad_value", pad_value, 0)):
-        if value is None and what == "nrow":
-            continue
-        if not is_int(value) or value < low or (what == "pad_value" and value > 255):
-            rule = "in [0, 255]" if what == "pad_value" else f">= {low}"
-            raise ValueError(f"image_grid: {what} must be an integer {rule}, got {value!r}")
+    if nrow is not None:
+        integer(nrow, "image_grid: nrow", 1)
+    integer(padding, "image_grid: padding", 0)
+    integer(scale, "image_grid: scale", 1)
+    integer(pad_value, "image_grid: pad_value", 0, 255)
     n, h, w, c = x.shape
     ncol = math.ceil(math.sqrt(n)) if nrow is None else int(nrow)
     rows = math.ceil(n / ncol)

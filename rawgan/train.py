@@ -55,7 +55,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import hashlib
 import itertools
 import json
 import math
@@ -152,6 +151,16 @@ class RunDirError(ValueError):
 _WGAN_DEFAULTS = {"optimizer": "rmsprop", "lr_g": 5e-5, "lr_d": 5e-5, "d_steps": 5,
                   "clip_value": 0.01}
 _DEFAULTS = {"optimizer": "adam", "lr_g": 1e-4, "lr_d": 1e-4, "d_steps": 1, "clip_value": 0.0}
+
+
+#: the optimizer option fields and the optimizer that takes each
+_OPTIMIZER_OF = {"beta_1": "adam", "beta_2": "adam", "momentum": "sgd"}
+_TITLES = {"adam": "Adam", "sgd": "SGD"}
+
+
+def _default(name: str):
+    """TrainConfig's default of field ``name``."""
+    return TrainConfig.__dataclass_fields__[name].default
 
 
 @dataclass
@@ -256,21 +265,16 @@ class TrainConfig:
     def _check_applicable(self) -> None:
         """An option set away from its default where it has no effect is an error naming it
         (``--beta-1 0.5`` with WGAN's RMSprop would otherwise be silently ignored)."""
-        unused = []
-        if self.optimizer != "adam":
-            unused += [f"{k} {getattr(self, k)} (Adam's)" for k, d in
-                       (("beta_1", 0.9), ("beta_2", 0.999)) if getattr(self, k) != d]
-        if self.optimizer != "sgd" and self.momentum != 0.0:
-            unused.append(f"momentum {self.momentum} (SGD's)")
+        unused = [f"{k} {getattr(self, k)} ({_TITLES[_OPTIMIZER_OF[k]]}'s)" for k in _OPTIMIZER_OF
+                  if self.optimizer != _OPTIMIZER_OF[k] and getattr(self, k) != _default(k)]
         if unused:
             raise ValueError(f"{', '.join(unused)}: no effect with optimizer "
                              f"{self.optimizer!r} (loss {self.loss!r}); leave "
                              f"{'it' if len(unused) == 1 else 'them'} out, or choose the "
                              "optimizer that takes it")
         if self.data in TOY_DATA:
-            toy = [f"{k} {getattr(self, k)!r}" for k, d in
-                   (("split", "train"), ("data_dir", None), ("grid_size", 64))
-                   if getattr(self, k) != d]
+            toy = [f"{k} {getattr(self, k)!r}" for k in ("split", "data_dir", "grid_size")
+                   if getattr(self, k) != _default(k)]
             if toy:
                 raise ValueError(f"{', '.join(toy)}: no effect with data {self.data!r} (toy "
                                  f"points are generated, and plotted {TOY_EVAL_POINTS} at a "
@@ -313,10 +317,9 @@ class TrainConfig:
             # the loss family picks the optimizer again: the options of the old one go
             # back to their defaults (bce with beta_1 0.5 -> wgan: RMSprop has no beta_1)
             new = (_WGAN_DEFAULTS if values.get("loss") == "wgan" else _DEFAULTS)["optimizer"]
-            for key, default, owner in (("beta_1", 0.9, "adam"), ("beta_2", 0.999, "adam"),
-                                        ("momentum", 0.0, "sgd")):
+            for key, owner in _OPTIMIZER_OF.items():
                 if new != owner and key not in changes:
-                    values[key] = default
+                    values[key] = _default(key)
         return TrainConfig(**values)
 
     # -- conversions ------------------------------------------------------------------------
@@ -565,12 +568,16 @@ def _same_on_every_rank(comm: distributed.Communicator, what: str, mine: dict) -
             "differs): every rank must run the same training"))
 
 
+def _rng_bytes(g: np.random.Generator) -> np.ndarray:
+    """A generator's state as bytes, for :func:`distributed.check_identical`."""
+    return np.frombuffer(json.dumps(checkpoint.rng_state(g), sort_keys=True).encode(),
+                         dtype=np.uint8)
+
+
 def _fingerprint(x: np.ndarray) -> str:
     """SHA-256 of the training set as trained on (dtype, shape, bytes): a resume on other
     data of the same size is refused by it (checkpoint meta ``data_sha256``)."""
-    h = hashlib.sha256(f"{x.dtype.str} {x.shape}".encode())
-    h.update(memoryview(np.ascontiguousarray(x)).cast("B"))
-    return h.hexdigest()
+    return checkpoint.arrays_sha256([("training set", x)])
 
 
 def _check_progress(ck: checkpoint.Checkpoint) -> None:
@@ -885,20 +892,15 @@ def _train(cfg: TrainConfig, resume: bool, comm: distributed.Communicator) -> di
         groups: dict[str, list] = {}
         for name, net in nets.items():
             groups[f"{name} weights"] = list(net.weights().values())
-            groups[f"{name} dropout generators"] = [
-                np.frombuffer(json.dumps(checkpoint.rng_state(layer.rng), sort_keys=True)
-                              .encode(), dtype=np.uint8) for layer in net.layers
-                if layer.rng is not None]
+            groups[f"{name} dropout generators"] = [_rng_bytes(layer.rng) for layer in
+                                                     net.layers if layer.rng is not None]
         for name, opt in opts.items():
             groups[f"{name} optimizer state"] = [
                 np.asarray(ops.to_numpy(a)) for _, per in sorted(opt.state.items())
                 for _, a in sorted(per.items())]
         # the run's own streams too (batch order and noise: every rank draws the global
         # batch and takes its rows, so these must not drift apart either)
-        groups["data and noise generators"] = [
-            np.frombuffer(json.dumps(checkpoint.rng_state(g), sort_keys=True).encode(),
-                          dtype=np.uint8) for g in rngs.values()
-            if isinstance(g, np.random.Generator)]
+        groups["data and noise generators"] = [_rng_bytes(g) for g in rngs.values()]
         distributed.check_identical(groups, comm)
 
     def diverged(at_step: int, at_epoch: int, what: str) -> TrainingDiverged:
