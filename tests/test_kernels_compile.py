@@ -121,34 +121,57 @@ def test_tile_kernels_assemble_before_ampere(filename, tmp_path):
     assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stderr}"
 
 
-def _find_nvrtc() -> ctypes.CDLL | None:
-    """libnvrtc from the nvidia-cuda-nvrtc wheel, the CUDA toolkit, or the loader's path."""
+def _nvrtc_candidates() -> list[str]:
+    """Every libnvrtc this machine has: the nvidia-cuda-nvrtc-cu12 wheel
+    (nvidia/cuda_nvrtc/lib), the CUDA 13 wheel nvidia-cuda-nvrtc (nvidia/cu13/lib), the
+    CUDA toolkit beside nvcc, then the loader's path."""
     names = []
     try:
-        import nvidia.cuda_nvrtc as wheel
+        import nvidia
 
-        for d in wheel.__path__:
-            names += sorted(str(p) for p in Path(d, "lib").glob("libnvrtc.so*"))
+        for d in nvidia.__path__:
+            for sub in ("cuda_nvrtc/lib", "cu13/lib"):
+                names += sorted(str(p) for p in Path(d, sub).glob("libnvrtc.so.*[0-9]"))
     except ImportError:
         pass
     if NVCC is not None:
         root = Path(NVCC).resolve().parents[1]
         names += sorted(str(p) for p in root.glob("lib*/libnvrtc.so*"))
-    names += ["libnvrtc.so", "libnvrtc.so.13", "libnvrtc.so.12"]
-    for name in names:
+    return names + ["libnvrtc.so", "libnvrtc.so.13", "libnvrtc.so.12"]
+
+
+def _find_nvrtcs() -> dict[str, ctypes.CDLL]:
+    """One libnvrtc per CUDA major version found, keyed "nvrtc12", "nvrtc13": a GPU machine
+    compiles with the NVRTC of its CuPy build (cupy-cuda12x or cupy-cuda13x), so CI checks
+    the kernels with both where both are installed."""
+    found: dict[str, ctypes.CDLL] = {}
+    for name in _nvrtc_candidates():
+        # libnvrtc dlopens its builtins library by name at compile time; some wheels
+        # (nvidia-cuda-nvrtc 13.0) carry no RPATH to find it beside them, so load it first
+        for builtins in sorted(Path(name).parent.glob("libnvrtc-builtins.so.*")):
+            try:
+                ctypes.CDLL(str(builtins), mode=ctypes.RTLD_GLOBAL)
+            except OSError:
+                pass
         try:
-            return ctypes.CDLL(name)
+            lib = ctypes.CDLL(name)
         except OSError:
             continue
-    return None
+        major, minor = ctypes.c_int(), ctypes.c_int()
+        if lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)) == 0:
+            found.setdefault(f"nvrtc{major.value}", lib)
+    return found
 
 
-NVRTC = _find_nvrtc()
+NVRTCS = _find_nvrtcs()
+NVRTC = next(iter(NVRTCS.values()), None)
 
 
-def nvrtc_compile(source: str, name: str, options: list[str]) -> tuple[int, str, bytes]:
-    """Compile ``source`` with NVRTC as cupy.RawModule does: (status, log, PTX)."""
-    lib = NVRTC
+def nvrtc_compile(source: str, name: str, options: list[str],
+                  lib: ctypes.CDLL | None = None) -> tuple[int, str, bytes]:
+    """Compile ``source`` with NVRTC as cupy.RawModule does: (status, log, PTX; empty when
+    the target is a real architecture, ``-arch=sm_XX``, which NVRTC compiles to a cubin)."""
+    lib = NVRTC if lib is None else lib
     prog = ctypes.c_void_p()
     assert lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0,
                                   None, None) == 0
@@ -160,7 +183,7 @@ def nvrtc_compile(source: str, name: str, options: list[str]) -> tuple[int, str,
         log = ctypes.create_string_buffer(size.value)
         lib.nvrtcGetProgramLog(prog, log)
         ptx = b""
-        if status == 0:
+        if status == 0 and not any(o.startswith("-arch=sm_") for o in options):
             lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
             buf = ctypes.create_string_buffer(size.value)
             lib.nvrtcGetPTX(prog, buf)
@@ -170,18 +193,36 @@ def nvrtc_compile(source: str, name: str, options: list[str]) -> tuple[int, str,
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
-@pytest.mark.skipif(NVRTC is None, reason="libnvrtc not found (pip install "
-                    "nvidia-cuda-nvrtc-cu12, or a CUDA toolkit)")
+#: What CuPy 14's RawModule adds to our options when it compiles with NVRTC
+#: (cupy/cuda/compiler.py): flush denormals to zero, functions default to __device__, and
+#: ``-arch=sm_XX`` on a GPU NVRTC knows, so NVRTC itself runs ptxas and returns a cubin.
+CUPY_NVRTC_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
+
+needs_nvrtc = pytest.mark.skipif(not NVRTCS, reason="libnvrtc not found (pip install "
+                                 "nvidia-cuda-nvrtc-cu12 or nvidia-cuda-nvrtc, or a CUDA "
+                                 "toolkit)")
+each_nvrtc = pytest.mark.parametrize("nvrtc", sorted(NVRTCS) or ["none"])
+
+
+def _warning_lines(log: str) -> str:
+    return "\n".join(line for line in log.splitlines() if "warning" in line.lower())
+
+
+@needs_nvrtc
+@each_nvrtc
 @pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
 @pytest.mark.parametrize("filename", cupy_ops.KERNEL_FILES)
-def test_kernel_source_compiles_with_nvrtc(filename, arch, tmp_path):
+def test_kernel_source_compiles_with_nvrtc(filename, arch, nvrtc, tmp_path):
     """The EXACT text cupy_ops hands to cupy.RawModule (headers pasted in, no include path),
     compiled by NVRTC with the backend's options: what a GPU machine does at first use,
-    checked without one. Its kernels are the ones nvcc builds from the file itself."""
+    checked without one, with no warning. Its kernels are the ones nvcc builds from the file
+    itself."""
     src = cupy_ops.kernel_source(filename)
     status, log, ptx = nvrtc_compile(src, filename,
-                                     [*cupy_ops.COMPILE_OPTIONS, f"--gpu-architecture={arch}"])
+                                     [*cupy_ops.COMPILE_OPTIONS, f"--gpu-architecture={arch}"],
+                                     NVRTCS[nvrtc])
     assert status == 0, f"NVRTC failed on {filename} ({arch}):\n{log}"
+    assert not _warning_lines(log), f"{nvrtc} warns on {filename} ({arch}):\n{log}"
     entries = set(re.findall(r"\.entry\s+(\w+)", ptx.decode(errors="replace")))
     assert entries and not any(e.startswith("_Z") for e in entries)
     if NVCC is not None and arch == "compute_90":
@@ -190,6 +231,20 @@ def test_kernel_source_compiles_with_nvrtc(filename, arch, tmp_path):
                         "-I", str(KERNEL_DIR), str(KERNEL_DIR / filename), "-o", str(out)],
                        check=True, capture_output=True, timeout=300)
         assert entries == set(re.findall(r"\.entry\s+(\w+)", out.read_text()))
+
+
+@needs_nvrtc
+@each_nvrtc
+@pytest.mark.parametrize("filename", cupy_ops.KERNEL_FILES)
+def test_kernel_source_compiles_to_sm90_cubin_as_cupy_does(filename, nvrtc):
+    """On an H100/H200 CuPy compiles with our options plus CUPY_NVRTC_OPTIONS and
+    ``-arch=sm_90``: NVRTC runs ptxas too, so a kernel over the register or shared-memory
+    limits, or a warning only the machine-code pass gives, shows here."""
+    src = cupy_ops.kernel_source(filename)
+    opts = [*cupy_ops.COMPILE_OPTIONS, *CUPY_NVRTC_OPTIONS, "-arch=sm_90"]
+    status, log, _ = nvrtc_compile(src, filename, opts, NVRTCS[nvrtc])
+    assert status == 0, f"{nvrtc} failed on {filename} (sm_90 cubin):\n{log}"
+    assert not _warning_lines(log), f"{nvrtc} warns on {filename} (sm_90 cubin):\n{log}"
 
 
 def test_kernel_source_inlines_headers_once():
@@ -590,7 +645,7 @@ class _EmuKernel:
         self.set_schedule = lib.rgemu_schedule
         self.set_schedule.argtypes = (ctypes.c_int, ctypes.c_ulonglong)
 
-    def __call__(self, grid, block, args, shared_mem=0, stream=None):
+    def __call__(self, grid, block, args, shared_mem=0):  # CuPy's: launches on the current stream
         if self.fake.recording is not None:  # stream capture: recorded, NOT run (as CUDA)
             self.fake.recording.append((self, grid, block, args))
             return
@@ -714,9 +769,10 @@ class _FakeEvent:
         assert self.t is not None, "synchronize() on an event never recorded"
 
 
-def _elapsed_ms(start: _FakeEvent, end: _FakeEvent) -> float:
-    assert start.t is not None and end.t is not None, "elapsed time of an unrecorded event"
-    return (end.t - start.t) * 1e3
+def _elapsed_ms(start_event: _FakeEvent, end_event: _FakeEvent) -> float:
+    assert start_event.t is not None and end_event.t is not None, \
+        "elapsed time of an unrecorded event"
+    return (end_event.t - start_event.t) * 1e3
 
 
 class _FakePool:
@@ -770,21 +826,21 @@ class FakeCupy(types.ModuleType):
         null_stream = _FakeStream(self)
         self.cuda = types.SimpleNamespace(
             runtime=types.SimpleNamespace(getDeviceCount=lambda: 1,
-                                          getDeviceProperties=lambda i: dict(props),
+                                          getDeviceProperties=lambda device: dict(props),
                                           driverGetVersion=lambda: 0,
                                           runtimeGetVersion=lambda: 0),
             Device=lambda *a: device,
             get_current_stream=lambda: null_stream,
             Stream=lambda non_blocking=False: _FakeStream(self, non_blocking),
             MemoryPool=_FakePool,
-            using_allocator=lambda malloc=None: _FakeAllocator(self, malloc),
+            using_allocator=lambda allocator=None: _FakeAllocator(self, allocator),
             set_allocator=lambda allocator=None: None,
             Event=_FakeEvent,
             get_elapsed_time=_elapsed_ms)
         rng = np.random.default_rng(0)
         self.random = types.SimpleNamespace(
-            standard_normal=lambda shape, dtype=np.float64: self.asarray(
-                rng.standard_normal(shape).astype(dtype)),
+            standard_normal=lambda size=None, dtype=np.float64: self.asarray(
+                rng.standard_normal(size).astype(dtype)),
             uniform=lambda low=0.0, high=1.0, size=None, dtype=np.float64: self.asarray(
                 rng.uniform(low, high, size).astype(dtype)))
 
