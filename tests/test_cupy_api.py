@@ -160,17 +160,24 @@ def _cupy_calls() -> dict[str, set[str]]:
             if v or not any(o.startswith(k + ".") for o in found)}
 
 
+def _api_problems(used: dict, who: str) -> list[str]:
+    """What ``used`` (cupy name -> keyword / parameter names) takes that real CuPy lacks."""
+    real = _real_params(set(used))
+    problems = []
+    for name, params in sorted(used.items()):
+        got = real[name]
+        if got == "missing":
+            problems.append(f"{who} uses cupy.{name}; real CuPy has none")
+        elif got is not None and set(params) - set(got):
+            problems.append(f"{who} passes {sorted(set(params) - set(got))} to cupy.{name}, "
+                            f"which takes {got}")
+    return problems
+
+
 def test_every_cupy_name_rawgan_uses_exists_with_those_keywords():
     calls = _cupy_calls()
     assert "RawModule" in calls and "cuda.Stream" in calls, sorted(calls)  # the scan works
-    real = _real_params(set(calls))
-    problems = []
-    for name, kws in sorted(calls.items()):
-        got = real[name]
-        if got == "missing":
-            problems.append(f"cupy.{name} does not exist")
-        elif got is not None and kws - set(got):
-            problems.append(f"cupy.{name} takes no {sorted(kws - set(got))} (takes {got})")
+    problems = _api_problems(calls, "rawgan")
     assert not problems, "\n".join(problems)
 
 
@@ -208,13 +215,5 @@ def _fake_surface() -> dict[str, list[str]]:
 def test_the_emulators_fake_cupy_takes_nothing_real_cupy_does_not():
     surface = _fake_surface()
     assert "cuda.Stream.begin_capture" in surface and "RawKernel.__call__" in surface
-    real = _real_params(set(surface))
-    problems = []
-    for name, fake_params in sorted(surface.items()):
-        got = real[name]
-        if got == "missing":
-            problems.append(f"the fake has {name}; real CuPy has no cupy.{name}")
-        elif got is not None and set(fake_params) - set(got):
-            problems.append(f"the fake's {name} takes {sorted(set(fake_params) - set(got))}, "
-                            f"real CuPy's does not (takes {got})")
+    problems = _api_problems(surface, "the emulator's fake")
     assert not problems, "\n".join(problems)
