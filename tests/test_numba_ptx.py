@@ -15,7 +15,7 @@ Each recorded kernel is then compiled by ``numba.cuda.compile_ptx`` for compute 
   argument promotes silently; the backend passes ``scalar(x)`` for that reason);
 * ptxas reports no register spills and no stack frame.
 
-Needs NVVM (a CUDA toolkit's libnvvm, or the nvidia-cuda-nvcc wheel's) and ptxas for the last
+Needs NVVM (a CUDA toolkit's libnvvm, or the nvidia-cuda-nvcc wheel's) and nvcc for the last
 check; skipped where they are missing. No driver is needed: the numba device query the
 compiler makes is answered with compute capability 9.0.
 """
@@ -40,18 +40,7 @@ NUMBA_OPS = REPO / "rawgan" / "backends" / "numba_ops.py"
 CC = (9, 0)
 
 
-def _ptxas() -> str | None:
-    nvcc = shutil.which("nvcc")
-    found = shutil.which("ptxas")
-    if found is None and nvcc is not None:
-        # /usr/local/bin/nvcc may be a wrapper script: ptxas sits beside the real nvcc
-        for line in Path(nvcc).read_text(errors="replace").splitlines():
-            for word in line.split():
-                if word.endswith("/nvcc") and Path(word).with_name("ptxas").exists():
-                    return str(Path(word).with_name("ptxas"))
-        cand = Path(nvcc).resolve().with_name("ptxas")
-        found = str(cand) if cand.exists() else None
-    return found
+NVCC = shutil.which("nvcc")  # assembles PTX too (runs ptxas): nvcc -cubin k.ptx
 
 
 # The subprocess: compile every kernel launch of the ops and print one JSON line per kernel.
@@ -208,15 +197,15 @@ def test_float32_kernels_do_no_float64_arithmetic(compiled):
 
 
 def test_ptxas_assembles_every_kernel_without_spills(compiled, tmp_path):
-    ptxas = _ptxas()
-    if ptxas is None:
-        pytest.skip("ptxas not found (a CUDA toolkit)")
+    if NVCC is None:
+        pytest.skip("nvcc not found (a CUDA toolkit): it runs ptxas")
     problems = []
     for i, r in enumerate(r for r in compiled if "ptx" in r):
         src = tmp_path / f"k{i}.ptx"
         src.write_text(r["ptx"])
-        res = subprocess.run([ptxas, f"-arch=sm_{CC[0]}{CC[1]}", "-v", str(src), "-o",
-                              os.devnull], capture_output=True, text=True, timeout=300)
+        res = subprocess.run([NVCC, f"-arch=sm_{CC[0]}{CC[1]}", "-cubin", "--resource-usage",
+                              str(src), "-o", os.devnull], capture_output=True, text=True,
+                             timeout=300)
         name = f"{r['kernel']}{tuple(r['sig'])}"
         if res.returncode != 0:
             problems.append(f"{name}: ptxas failed\n{res.stderr}")
