@@ -24,14 +24,15 @@ minimum over ``--repeats``):
    dense 2 N in out; conv 2 N Ho Wo kh kw Cin Cout; transposed conv 2 N H W kh kw Cin Cout
    with (H, W) its input size. The three passes of a layer count the same.
 3. ``elementwise``: LeakyReLU forward/backward, bias add, batch norm forward/backward, tanh,
-   dropout (host-uniform and Philox paths), multi-tensor Adam over the DCGAN's parameters --
+   dropout (NumPy's PCG64 numbers made on the GPU; the same numbers drawn on the host and
+   uploaded, as for other bit generators; Philox), multi-tensor Adam over the DCGAN's parameters --
    GB/s from the MINIMUM bytes each op must move (stated per row: e.g. LeakyReLU forward reads
    x and writes y, 2 n itemsize), vs the same op written with CuPy elementwise / PyTorch.
 4. ``step``: one k = 1 DCGAN training step (images/s = batch / median step time, wall clock,
    the device synchronised after each step):
      * ``rawgan library``: exactly ``rawgan.gan.train_step`` on the cupy backend (what
        ``rawgan train --backend cupy`` runs today: optim.Adam and rawgan.losses as CuPy
-       array expressions, dropout uniforms drawn on the host);
+       array expressions, NumPy's dropout masks made on the GPU from the layer's PCG64);
      * ``rawgan fused``: ``rawgan.graphed.GraphedStep(capture=False)``, the same algorithm
        with rawgan kernels only (one-launch loss and gradient zeroing, device noise and Philox
        dropout, no host synchronisation inside the step), run eagerly;
@@ -381,6 +382,7 @@ def _elementwise_cases(ops, n, rng) -> tuple[tuple, dict]:
     _, mean, inv = ops.batchnorm_forward(x, g, be, mm, mv)
     y = ops.tanh_forward(x)
     nb = x.size * 4
+    other = np.random.Generator(np.random.SFC64(0))  # not PCG64: host draw
     cases = {
         "leaky_relu_fwd": (lambda: ops.leaky_relu_forward(x, 0.3),
                            {"cupy": lambda: cp.maximum(x, 0.3 * x)}, 2 * nb),
@@ -394,8 +396,9 @@ def _elementwise_cases(ops, n, rng) -> tuple[tuple, dict]:
                      3 * nb),
         "batchnorm_fwd": (lambda: ops.batchnorm_forward(x, g, be, mm, mv), {}, 2 * nb),
         "batchnorm_bwd": (lambda: ops.batchnorm_backward(dy, x, g, mean, inv), {}, 3 * nb),
-        "dropout_host": (lambda: _dropout(ops, "host", x, rng), {}, 3 * nb),
-        "dropout_philox": (lambda: _dropout(ops, "device", x, rng), {}, 3 * nb),
+        "dropout_pcg64": (lambda: _dropout(ops, "numpy", x, rng), {}, 3 * nb),
+        "dropout_upload": (lambda: _dropout(ops, "numpy", x, other), {}, 3 * nb),
+        "dropout_philox": (lambda: _dropout(ops, "philox", x, rng), {}, 3 * nb),
     }
     if HAVE_TORCH:
         tx = torch.as_tensor(x, device=DEV).permute(0, 3, 1, 2)  # NHWC memory
@@ -465,7 +468,7 @@ def _dropout(ops, mode, x, rng):
     try:
         return ops.dropout_forward(x, 0.3, rng)
     finally:
-        ops.set_dropout_rng("host")
+        ops.set_dropout_rng("numpy")
 
 
 # --------------------------------------------------------------------------- 4. step

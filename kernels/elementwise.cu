@@ -95,16 +95,36 @@ __device__ __forceinline__ void sigmoid_bwd_body(const T* dy, const T* y, T* dx,
 //                   offset = the scalar offset + *base when base is not null: base lives in
 //                   device memory, so a captured CUDA graph draws new masks on every replay
 //                   (the host rewrites *base between replays; the scalar is baked in).
+//   dropout_pcg64:  u = exactly the numbers numpy's Generator(PCG64).random(n, dtype) would
+//                   return (PCG64 is numpy's default bit generator), made on the device from
+//                   the generator's state; the host then skips the generator past them
+//                   (rawgan/backends/streams.py). The masks equal NumPy's, with nothing drawn
+//                   on the host or copied. PCG64 (O'Neill 2014, PCG XSL-RR 128/64): state
+//                   s <- s * A + inc (mod 2^128), then output v = rotr64(hi ^ lo, hi >> 58)
+//                   of the new s. double: one v per number, u = (v >> 11) * 2^-53; float:
+//                   32 bits per number, the low half of v then its high half, u =
+//                   (bits >> 8) * 2^-24; NumPy buffers a spare high half (has = 1, held):
+//                   that is element 0. Jumps: m steps compose to one affine map, s_m =
+//                   A^m s + (A^(m-1) + ... + A + 1) inc, built from the binary digits of m
+//                   in O(log m) (Brown 1994; numpy's pcg_advance_lcg_128). Mapping: the
+//                   outputs are cut into runs of W * R (W = 32, R = 16); slot (run, lane)
+//                   takes outputs run * W * R + lane + W j, j < R, so the 32 threads of a
+//                   warp write 32 neighbouring outputs at a time (coalesced); a slot jumps to
+//                   its first output, then steps W at a time with the map for m = W.
 // dropout backward is mul: dx = dy * mask.
+
+template <typename T>
+__device__ __forceinline__ void dropout_apply(const T* x, T* y, T* mask, i64 i, T u, T rate,
+                                              T scale) {
+    const T m = u >= rate ? scale : T(0);
+    mask[i] = m;
+    y[i] = x[i] * m;
+}
 
 template <typename T>
 __device__ __forceinline__ void dropout_host_body(const T* x, const T* u, T* y, T* mask, i64 n,
                                                   T rate, T scale) {
-    RG_GRID_LOOP(i, n) {
-        const T m = u[i] >= rate ? scale : T(0);
-        mask[i] = m;
-        y[i] = x[i] * m;
-    }
+    RG_GRID_LOOP(i, n) dropout_apply(x, y, mask, i, u[i], rate, scale);
 }
 
 __device__ __forceinline__ void philox4x32_10(u32 (&c)[4], u32 k0, u32 k1) {
@@ -156,11 +176,93 @@ __device__ __forceinline__ void dropout_philox_body(const T* x, T* y, T* mask, i
 #pragma unroll
         for (int q = 0; q < E; ++q) {
             const i64 i = g * E + q;
-            if (i < n) {
-                const T m = u[q] >= rate ? scale : T(0);
-                mask[i] = m;
-                y[i] = x[i] * m;
+            if (i < n) dropout_apply(x, y, mask, i, u[q], rate, scale);
+        }
+    }
+}
+
+struct u128 { u64 lo, hi; };
+__device__ __forceinline__ u128 mul128(u128 a, u128 b) {  // a * b mod 2^128
+    return {a.lo * b.lo, __umul64hi(a.lo, b.lo) + a.lo * b.hi + a.hi * b.lo};
+}
+__device__ __forceinline__ u128 add128(u128 a, u128 b) {  // a + b mod 2^128
+    const u64 lo = a.lo + b.lo;
+    return {lo, a.hi + b.hi + (lo < a.lo ? 1ull : 0ull)};
+}
+// A = 2549297995355413924 * 2^64 + 4865540595714422341 (PCG's 128-bit LCG multiplier)
+__device__ __forceinline__ u128 pcg64_mult() { return {4865540595714422341ull,
+                                                       2549297995355413924ull}; }
+
+// The map of m steps: s -> mult * s + plus, mult = A^m, plus = (A^(m-1) + ... + 1) inc; by
+// binary powers: (cur_mult, cur_plus) is the map of 2^b steps, composed into the result
+// for every set bit b of m.
+__device__ __forceinline__ void pcg64_jump(u128 inc, u64 m, u128& mult, u128& plus) {
+    u128 cur_mult = pcg64_mult(), cur_plus = inc;
+    mult = {1, 0};
+    plus = {0, 0};
+    while (m) {
+        if (m & 1) {
+            mult = mul128(mult, cur_mult);
+            plus = add128(mul128(plus, cur_mult), cur_plus);
+        }
+        cur_plus = mul128(add128(cur_mult, {1, 0}), cur_plus);
+        cur_mult = mul128(cur_mult, cur_mult);
+        m >>= 1;
+    }
+}
+
+__device__ __forceinline__ u64 pcg64_output(u128 s) {  // XSL-RR
+    const u64 v = s.hi ^ s.lo;
+    const unsigned r = (unsigned)(s.hi >> 58);
+    return (v >> r) | (v << ((64u - r) & 63u));
+}
+
+template <typename T> struct Pcg64Uniform;
+template <> struct Pcg64Uniform<float> {  // 2 numbers per output (numpy's next_float)
+    enum { P = 2 };
+    __device__ __forceinline__ static float from32(u32 b) {
+        return (float)(b >> 8) * (1.0f / 16777216.0f);
+    }
+    __device__ __forceinline__ static void get(u64 v, float (&u)[2]) {
+        u[0] = from32((u32)v);
+        u[1] = from32((u32)(v >> 32));
+    }
+};
+template <> struct Pcg64Uniform<double> {  // 1 number per output (numpy's next_double)
+    enum { P = 1 };
+    __device__ __forceinline__ static double from32(u32) { return 0.0; }  // (no buffer)
+    __device__ __forceinline__ static void get(u64 v, double (&u)[1]) {
+        u[0] = (double)(v >> 11) * (1.0 / 9007199254740992.0);
+    }
+};
+
+template <typename T>
+__device__ __forceinline__ void dropout_pcg64_body(const T* x, T* y, T* mask, i64 n, u64 s_lo,
+                                                   u64 s_hi, u64 inc_lo, u64 inc_hi, int has,
+                                                   u32 held, T rate, T scale) {
+    enum { P = Pcg64Uniform<T>::P, W = 32, R = 16 };
+    const i64 first = (P == 2 && has && n > 0) ? 1 : 0;  // element 0: the buffered half
+    const i64 outputs = (n - first + P - 1) / P;
+    const i64 slots = (outputs + W * R - 1) / (W * R) * W;
+    const u128 s0 = {s_lo, s_hi}, inc = {inc_lo, inc_hi};
+    u128 w_mult, w_plus;  // the map of W steps
+    pcg64_jump(inc, W, w_mult, w_plus);
+    if (first && blockIdx.x == 0 && threadIdx.x == 0)
+        dropout_apply(x, y, mask, 0, Pcg64Uniform<T>::from32(held), rate, scale);
+    RG_GRID_LOOP(slot, slots) {
+        i64 k = slot / W * (W * R) + slot % W;  // this slot's first output
+        u128 mult, plus;
+        pcg64_jump(inc, (u64)k + 1, mult, plus);  // output k comes from the state k+1 steps on
+        u128 s = add128(mul128(mult, s0), plus);
+        for (int j = 0; j < R && k < outputs; ++j, k += W) {
+            T u[P];
+            Pcg64Uniform<T>::get(pcg64_output(s), u);
+#pragma unroll
+            for (int q = 0; q < P; ++q) {
+                const i64 i = first + k * P + q;
+                if (i < n) dropout_apply(x, y, mask, i, u[q], rate, scale);
             }
+            s = add128(mul128(w_mult, s), w_plus);
         }
     }
 }
@@ -285,6 +387,13 @@ __device__ __forceinline__ void mul_body(const T* a, const T* b, T* y, i64 n) {
                                                     u64 seed, u64 offset, const u64* base,   \
                                                     T rate, T scale) {                       \
         dropout_philox_body(x, y, mask, n, seed, offset, base, rate, scale);                 \
+    }                                                                                        \
+    extern "C" __global__ void dropout_pcg64_##SUF(const T* x, T* y, T* mask, i64 n,         \
+                                                   u64 s_lo, u64 s_hi, u64 inc_lo,           \
+                                                   u64 inc_hi, int has, u32 held, T rate,    \
+                                                   T scale) {                                \
+        dropout_pcg64_body(x, y, mask, n, s_lo, s_hi, inc_lo, inc_hi, has, held, rate,       \
+                           scale);                                                           \
     }                                                                                        \
     extern "C" __global__ void normal_philox_##SUF(T* z, i64 n, u64 seed, u64 offset,        \
                                                    const u64* base) {                        \

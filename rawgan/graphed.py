@@ -34,7 +34,7 @@ happen during capture), the next one is captured and launched, every later one o
 Limits: the CuPy backend only; a discriminator without batch normalization (the DCGAN and
 MLP critics); the models, the optimizers' state and the batch size must not change after
 capture (build a new GraphedStep after loading a checkpoint). The random numbers differ from
-the eager step's (host noise Generator, host dropout uniforms): same distribution, other
+the eager step's (host noise Generator, NumPy's dropout masks): same distribution, other
 draws. Verified in the CPU emulator (tests/test_graphed.py: replays equal eager steps bit for
 bit, the body equals ``gan.train_step``); on a GPU by ``tests/test_cupy_ops.py -m gpu``.
 """

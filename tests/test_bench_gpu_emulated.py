@@ -56,7 +56,7 @@ def test_bench_gpu_runs_every_section_on_the_emulator(bench, tmp_path):
     assert res["machine"]["device"] == "rawgan CPU emulator"
     errors = [p for p, v in _walk(res) if p.endswith("/error")]
     assert not errors, [(p, v) for p, v in _walk(res) if p.endswith("/error")]
-    assert len(res["layers"]) == 7 * 3 and len(res["elementwise"]) == 11
+    assert len(res["layers"]) == 7 * 3 and len(res["elementwise"]) == 12
     step = res["step"][0]
     for key in ("rawgan_library", "rawgan_fused", "rawgan_graphed", "rawgan_graphed_unfused",
                 "rawgan_graphed_tf32"):

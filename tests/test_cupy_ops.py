@@ -8,8 +8,8 @@ fails the test. Inputs are random, never zeros.
 
 Reference: ``numpy_ops`` run in FLOAT64 on the same values, so the figure measures the GPU
 kernels alone. Tolerance: ‖gpu - ref‖ / ‖ref‖ < 1e-5 for float32 (no TF32 anywhere: the
-kernels are FP32 FMA), < 1e-12 for float64. Dropout through host-drawn uniforms must match
-NumPy bit for bit; the device Philox path must match a Python Philox.
+kernels are FP32 FMA), < 1e-12 for float64. Dropout from NumPy's PCG64 numbers (made on the
+GPU) must match NumPy bit for bit; the Philox path must match a Python Philox.
 
 The whole module is skipped without CuPy or without a GPU; the tests are marked ``gpu``.
 Run on a GPU machine with::
@@ -61,7 +61,7 @@ def ops(monkeypatch):
     monkeypatch.setattr(cupy_ops, "_empty", poisoned)
     monkeypatch.setattr(cupy_ops, "FORCE_TILE", None)
     monkeypatch.setattr(cupy_ops, "TF32", False)  # whatever RAWGAN_TF32 says: FP32 tolerances
-    monkeypatch.setattr(cupy_ops, "DROPOUT_RNG", "host")
+    monkeypatch.setattr(cupy_ops, "DROPOUT_RNG", "numpy")
     yield mod
     cupy_ops._device_info.clear()
 
@@ -393,12 +393,23 @@ def test_batchnorm_matches_numpy(ops, dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_dropout_host_path_is_numpy_exact(ops, dtype):
+@pytest.mark.parametrize("buffered", [False, True])
+def test_dropout_is_numpy_exact(ops, dtype, buffered):
+    """NumPy's PCG64 numbers made on the GPU: the same masks, the generator left where
+    NumPy's draw leaves it (``buffered``: it holds a spare 32-bit half first)."""
     x = rand(np.random.default_rng(10), (64, 14, 14, 64), dtype)
-    y, mask = ops.dropout_forward(ops.asarray(x), 0.3, np.random.default_rng(11))
-    y_ref, mask_ref = numpy_ops.dropout_forward(x, 0.3, np.random.default_rng(11))
+    gen, ref = np.random.default_rng(11), np.random.default_rng(11)
+    if buffered:
+        gen.random(1, dtype=np.float32), ref.random(1, dtype=np.float32)
+    y, mask = ops.dropout_forward(ops.asarray(x), 0.3, gen)
+    y_ref, mask_ref = numpy_ops.dropout_forward(x, 0.3, ref)
     np.testing.assert_array_equal(cp.asnumpy(mask), mask_ref)
     np.testing.assert_array_equal(cp.asnumpy(y), y_ref)
+    assert gen.bit_generator.state == ref.bit_generator.state
+    other = np.random.Generator(np.random.SFC64(3))  # not PCG64: drawn on the host, uploaded
+    _, mask = ops.dropout_forward(ops.asarray(x), 0.3, other)
+    _, mask_ref = numpy_ops.dropout_forward(x, 0.3, np.random.Generator(np.random.SFC64(3)))
+    np.testing.assert_array_equal(cp.asnumpy(mask), mask_ref)
     dy = rand(np.random.default_rng(12), x.shape, dtype)
     np.testing.assert_array_equal(cp.asnumpy(ops.dropout_backward(ops.asarray(dy), mask)),
                                   dy * mask_ref)
@@ -417,7 +428,7 @@ def _philox(ctr, key):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dropout_device_path_is_philox(ops, dtype):
-    cupy_ops.DROPOUT_RNG = "device"
+    cupy_ops.DROPOUT_RNG = "philox"
     x = rand(np.random.default_rng(13), (5, 101), dtype)
     y, mask = ops.dropout_forward(ops.asarray(x), 0.3, np.random.default_rng(14))
     seed = int(np.random.default_rng(14).integers(0, 2**63 - 1, dtype=np.int64))
@@ -567,7 +578,7 @@ def _train(ops, dtype, steps, batch, model="dcgan"):
 
 @pytest.mark.parametrize("dtype, steps, rtol", [(np.float64, 5, 1e-9), (np.float32, 3, 1e-4)])
 def test_dcgan_training_tracks_numpy(ops, dtype, steps, rtol):
-    """Same seeds, host-drawn dropout uniforms: the GPU run's losses and weights track
+    """Same seeds, NumPy's dropout masks: the GPU run's losses and weights track
     NumPy's in the same dtype. float32: on the CPU emulator (same kernels, host FP) the
     losses of 3 steps differ from NumPy float32 by <= 1.3e-5 relative (Adam's first steps,
     ~lr * sign(g), amplify rounding); 1e-4 leaves room for the GPU's FMA contraction.
@@ -710,7 +721,7 @@ for dt in (np.float32, np.float64):
     yb, mean, inv = ops.batchnorm_forward(z, g, be, mm, mv, leaky_alpha=0.3)
     ops.batchnorm_backward(yb, z, g, mean, inv, leaky_alpha=0.3, beta=be)
     ops.bias_add_backward(ops.bias_add_forward(z, g))
-    for mode in ("host", "device"):
+    for mode in ops.DROPOUT_MODES:
         ops.set_dropout_rng(mode)
         yd, mask = ops.dropout_forward(z, 0.3, rng)
         ops.dropout_backward(yd, mask)

@@ -358,6 +358,9 @@ struct alignas(16) double2 { double x, y; };
 
 static uint3 threadIdx, blockIdx;
 static dim3 blockDim, gridDim;
+static inline unsigned long long __umul64hi(unsigned long long a, unsigned long long b) {
+    return (unsigned long long)(((unsigned __int128)a * b) >> 64);  // CUDA's intrinsic
+}
 
 namespace rgemu {
 // A fiber switch is the hot path (every CUDA thread switches at every __syncthreads).
@@ -949,7 +952,7 @@ def emu(emu_cache, monkeypatch):
     fake = FakeCupy(emu_cache)
     monkeypatch.setattr(cupy_ops, "_cp", fake)
     monkeypatch.setattr(cupy_ops, "FORCE_TILE", None)
-    monkeypatch.setattr(cupy_ops, "DROPOUT_RNG", "host")
+    monkeypatch.setattr(cupy_ops, "DROPOUT_RNG", "numpy")
     cupy_ops._reset_caches()
     yield fake
     cupy_ops._reset_caches()
@@ -1295,18 +1298,51 @@ def test_emulated_batchnorm_matches_numpy(emu, dtype, shape):
 
 @needs_gxx
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_emulated_dropout_host_path_is_numpy_exact(emu, dtype):
+@pytest.mark.parametrize("shape", [(4, 7, 7, 5), (1,), (2, 3), (64,), (65,), (3, 2049)])
+@pytest.mark.parametrize("buffered", [False, True])
+def test_emulated_dropout_is_numpy_exact(emu, dtype, shape, buffered):
+    """The PCG64 kernel makes NumPy's masks and leaves the generator where NumPy's draw
+    does; ``buffered``: the generator holds a spare 32-bit half (an odd float32 count drawn
+    before), which NumPy hands out first (float32) or keeps (float64)."""
     rng = np.random.default_rng(9)
-    x, dy = rand(rng, (4, 7, 7, 5), dtype), rand(rng, (4, 7, 7, 5), dtype)
-    y, mask = cupy_ops.dropout_forward(emu.asarray(x), 0.3, np.random.default_rng(11))
-    y_ref, mask_ref = numpy_ops.dropout_forward(x, 0.3, np.random.default_rng(11))
+    x, dy = rand(rng, shape, dtype), rand(rng, shape, dtype)
+    gen, ref = np.random.default_rng(11), np.random.default_rng(11)
+    if buffered:
+        gen.random(3, dtype=np.float32), ref.random(3, dtype=np.float32)
+    y, mask = cupy_ops.dropout_forward(emu.asarray(x), 0.3, gen)
+    y_ref, mask_ref = numpy_ops.dropout_forward(x, 0.3, ref)
+    assert emu.launches[-1] == f"dropout_pcg64_{cupy_ops._suffix(np.dtype(dtype))}"
     np.testing.assert_array_equal(np.asarray(mask), mask_ref)
     np.testing.assert_array_equal(np.asarray(y), y_ref)
+    assert gen.bit_generator.state == ref.bit_generator.state
     close(cupy_ops.dropout_backward(emu.asarray(dy), mask),
           numpy_ops.dropout_backward(dy, mask_ref), dtype, "dropout bwd")
     X = emu.asarray(x)
     assert cupy_ops.dropout_forward(X, 0.3, rng, training=False) == (X, None)
     assert cupy_ops.dropout_backward(X, None) is X
+
+
+@needs_gxx
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulated_dropout_grid_stride_runs_are_numpy_exact(emu, dtype):
+    """More slots (32 per run of 32 x 16 outputs) than threads (1 SM: 16 blocks of 256):
+    threads jump ahead again on their later passes of the grid-stride loop."""
+    set_sms(emu, 1)
+    x = np.ones((2 * 16 * 256 * 32 * (2 if dtype == np.float32 else 1) + 77,), dtype)
+    _, mask = cupy_ops.dropout_forward(emu.asarray(x), 0.5, np.random.default_rng(4))
+    _, mask_ref = numpy_ops.dropout_forward(x, 0.5, np.random.default_rng(4))
+    np.testing.assert_array_equal(np.asarray(mask), mask_ref)
+
+
+@needs_gxx
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulated_dropout_other_bit_generators_upload_numpys_draw(emu, dtype):
+    x = rand(np.random.default_rng(9), (5, 33), dtype)
+    gen = np.random.Generator(np.random.Philox(5))
+    _, mask = cupy_ops.dropout_forward(emu.asarray(x), 0.3, gen)
+    _, mask_ref = numpy_ops.dropout_forward(x, 0.3, np.random.Generator(np.random.Philox(5)))
+    assert emu.launches[-1].startswith("dropout_host_")
+    np.testing.assert_array_equal(np.asarray(mask), mask_ref)
 
 
 MASK32 = 0xFFFFFFFF
@@ -1336,7 +1372,7 @@ def test_philox_reference_matches_random123_known_answers():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_emulated_dropout_device_path_is_philox(emu, dtype):
     emu_rate = 0.3
-    cupy_ops.DROPOUT_RNG = "device"
+    cupy_ops.DROPOUT_RNG = "philox"
     x = rand(np.random.default_rng(10), (3, 37), dtype)
     y, mask = cupy_ops.dropout_forward(emu.asarray(x), emu_rate, np.random.default_rng(12))
     seed = int(np.random.default_rng(12).integers(0, 2**63 - 1, dtype=np.int64))
@@ -1483,7 +1519,6 @@ def _every_kernel(emu) -> dict[str, bytes]:
         keep(f"convT {tag}", yt, *cupy_ops.conv2d_transpose_backward(dyt, x, wt, 2, "same"),
              cupy_ops.conv2d_transpose_forward(x, wt, None, 2, "same", leaky_alpha=0.3))
     cupy_ops.FORCE_TILE, cupy_ops.TF32 = None, False
-    cupy_ops.DROPOUT_RNG = "device"
     for dtype in DTYPES:
         tag = np.dtype(dtype).name
         x, dy = emu.asarray(rand(rng, (4, 5, 5, 33), dtype)), emu.asarray(
@@ -1502,7 +1537,11 @@ def _every_kernel(emu) -> dict[str, bytes]:
              cupy_ops.batchnorm_forward(x, gamma, beta, mm, mv, leaky_alpha=0.3)[0],
              *cupy_ops.batchnorm_backward(dy, x, gamma, mean, inv_std, True, leaky_alpha=0.3,
                                           beta=beta))
-        keep(f"dropout {tag}", *cupy_ops.dropout_forward(x, 0.3, np.random.default_rng(3)))
+        for mode in cupy_ops.DROPOUT_MODES:
+            cupy_ops.DROPOUT_RNG = mode
+            keep(f"dropout {mode} {tag}",
+                 *cupy_ops.dropout_forward(x, 0.3, np.random.default_rng(3)))
+        cupy_ops.DROPOUT_RNG = "numpy"
         z = emu.empty((5, 37), dtype)
         cupy_ops.standard_normal(z, cupy_ops.StepRng(7, emu.asarray(np.array([3 << 16],
                                                                              np.uint64))))
@@ -1520,7 +1559,6 @@ def _every_kernel(emu) -> dict[str, bytes]:
         cupy_ops.accumulate(gs[1], ps[1])
         cupy_ops.zero_grads(gs[2:])
         keep(f"optim {tag}", *ps, *gs, *ms, *vs)
-    cupy_ops.DROPOUT_RNG = "host"
     return out
 
 
@@ -1545,7 +1583,7 @@ def test_emulated_kernels_are_schedule_independent(emu, monkeypatch):
     # the families that must have run: all tiles, split-K, TF32, every other kernel file
     for prefix in ("gemm_nn_f32_L", "gemm_tn_f64_T", "gemm_nt_tf32_M", "conv_fwd_tf32_S",
                    "conv_dgrad_f64_S", "conv_wgrad_f32_M", "splitk_reduce", "bn_", "adam_mt",
-                   "zero_mt", "normal_philox", "dropout_philox"):
+                   "zero_mt", "normal_philox", "dropout_philox", "dropout_pcg64"):
         assert any(n.startswith(prefix) for n in launched), (prefix, sorted(launched))
 
 

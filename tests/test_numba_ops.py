@@ -269,13 +269,27 @@ def test_bias_add(dtype, shape):
     assert_close(nb.bias_add_backward(x), ref.bias_add_backward(x), dtype, "bias_add_backward")
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # no uint64 overflow in the kernel
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_dropout_matches_numpy_exactly(dtype):
-    x = randn(np.random.default_rng(3), (2, 3, 4), dtype)
-    y, mask = nb.dropout_forward(x, 0.3, np.random.default_rng(7))
-    y_ref, mask_ref = ref.dropout_forward(x, 0.3, np.random.default_rng(7))
-    np.testing.assert_array_equal(host(mask), mask_ref)  # the same draws, on the host
+@pytest.mark.parametrize("shape", [(2, 3, 4), (1,), (5, 7, 7, 5)])
+@pytest.mark.parametrize("buffered", [False, True])
+def test_dropout_matches_numpy_exactly(dtype, shape, buffered):
+    """NumPy's PCG64 numbers made by the kernel: the same masks, the generator left where
+    NumPy's draw leaves it; ``buffered``: it holds a spare 32-bit half first (float32 takes
+    it, float64 keeps it). (5, 7, 7, 5): more runs than the simulator's 16 threads."""
+    x = randn(np.random.default_rng(3), shape, dtype)
+    gen, want = np.random.default_rng(7), np.random.default_rng(7)
+    if buffered:
+        gen.random(1, dtype=np.float32), want.random(1, dtype=np.float32)
+    y, mask = nb.dropout_forward(x, 0.3, gen)
+    y_ref, mask_ref = ref.dropout_forward(x, 0.3, want)
+    np.testing.assert_array_equal(host(mask), mask_ref)
     np.testing.assert_array_equal(host(y), y_ref)
+    assert gen.bit_generator.state == want.bit_generator.state
+    # another bit generator: numpy's draw on the host, copied over
+    _, mask = nb.dropout_forward(x, 0.3, np.random.Generator(np.random.SFC64(2)))
+    _, mask_ref = ref.dropout_forward(x, 0.3, np.random.Generator(np.random.SFC64(2)))
+    np.testing.assert_array_equal(host(mask), mask_ref)
     dy = randn(np.random.default_rng(4), x.shape, dtype)
     np.testing.assert_array_equal(host(nb.dropout_backward(dy, mask)),
                                   ref.dropout_backward(dy, mask_ref))

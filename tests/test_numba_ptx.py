@@ -100,8 +100,9 @@ DRIVER = textwrap.dedent(r"""
         nb.relu_backward(x4, nb.relu_forward(x4))
         nb.tanh_backward(x4, nb.tanh_forward(x4))
         nb.sigmoid_backward(x4, nb.sigmoid_forward(x4))
-        y, mask = nb.dropout_forward(x4, 0.3, rng, training=True)
-        nb.dropout_backward(y, mask)
+        for gen in (rng, np.random.Generator(np.random.SFC64(1))):  # PCG64 kernel, upload
+            y, mask = nb.dropout_forward(x4, 0.3, gen, training=True)
+            nb.dropout_backward(y, mask)
         c = lambda v: nb.asarray(np.full(3, v, dtype))
         for training in (True, False):
             for alpha in (None, 0.2):

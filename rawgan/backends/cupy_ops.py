@@ -18,7 +18,7 @@ conv2d_transpose_forward        conv_dgrad (the conv's backward-data IS this for
 conv2d_transpose_backward       conv_fwd (backward-data IS the conv forward), conv_wgrad
 bias_add_*, activations         elementwise.cu
 batchnorm_*                     batchnorm.cu
-dropout_*                       elementwise.cu (host-drawn uniforms, or device Philox)
+dropout_*                       elementwise.cu (NumPy's PCG64 numbers, or Philox)
 ==============================  =========================================================
 
 Fusion (``leaky_alpha=``, as numpy_ops): the dense, conv2d and conv2d_transpose forwards
@@ -41,12 +41,16 @@ Importing this module never imports CuPy: ``rawgan.backends.get("cupy")`` calls
 :func:`check_available`, which raises ``BackendUnavailable`` naming what is missing (the
 package, a GPU, or a working NVRTC). ``xp`` resolves to the ``cupy`` module on first access.
 
-Dropout randomness: ``DROPOUT_RNG = "host"`` (default) draws the uniforms with the layer's
-``numpy.random.Generator`` exactly as numpy_ops does and uploads them, so both backends make
-the SAME masks from the same seed; ``"device"`` (``set_dropout_rng("device")`` or the
-environment variable ``RAWGAN_CUPY_DROPOUT=device``) draws one 63-bit seed from the generator
-per call and makes the mask on the GPU with Philox-4x32-10: no host-to-device copy, still
-reproducible from the model's seed, but not equal to NumPy's masks.
+Dropout randomness: ``DROPOUT_RNG = "numpy"`` (default) uses exactly the uniforms the
+layer's ``numpy.random.Generator`` would draw (numpy_ops' ``rng.random(x.shape)``), so both
+backends make the SAME masks from the same seed and leave the generator in the same state.
+For PCG64, numpy's default bit generator, the kernel computes those numbers on the GPU from
+the generator's state (each thread jumps ahead to its outputs) and the host only skips the
+generator past them: nothing drawn on the host, nothing copied. Other bit generators draw on
+the host and upload. ``"philox"`` (``set_dropout_rng("philox")`` or the environment variable
+``RAWGAN_CUPY_DROPOUT=philox``) draws one 63-bit seed from the generator per call and makes
+the mask with Philox-4x32-10, as a captured step (rawgan/graphed.py) does: reproducible from
+the model's seed, not NumPy's masks.
 
 TF32: ``TF32 = True`` (``set_tf32(True)`` or ``RAWGAN_TF32=1``) runs the float32 dense and
 convolution GEMMs with 128 x 128, 128 x 64 and 64 x 64 tiles on the tensor cores
@@ -76,6 +80,7 @@ from .numpy_ops import (
     pair,
 )
 from .shapes import check_bias, check_conv
+from .streams import skip_uniforms
 
 __all__ = [
     "asarray", "to_numpy", "synchronize", "check_available", "pair", "conv_pads",
@@ -113,10 +118,10 @@ _CHUNK = 4096      # elements per block of the multi-tensor optimizer kernels
 #: float32 GEMMs on TF32 tensor cores (see the module docstring); off by default.
 TF32 = os.environ.get("RAWGAN_TF32", "0").strip().lower() in ("1", "true", "yes")
 
-DROPOUT_MODES = ("host", "device")
-DROPOUT_RNG = os.environ.get("RAWGAN_CUPY_DROPOUT", "host").lower()
+DROPOUT_MODES = ("numpy", "philox")
+DROPOUT_RNG = os.environ.get("RAWGAN_CUPY_DROPOUT", "numpy").lower()
 if DROPOUT_RNG not in DROPOUT_MODES:
-    DROPOUT_RNG = "host"
+    DROPOUT_RNG = "numpy"
 
 #: A profiler's hook (benchmarks/profile_step.py): when set, every kernel launch goes through
 #: ``LAUNCH_HOOK(kernel, grid, launch)`` with ``launch()`` doing the launch; None: direct.
@@ -270,7 +275,8 @@ def synchronize() -> None:
 
 
 def set_dropout_rng(mode: str) -> None:
-    """``"host"``: NumPy-identical masks from host-drawn uniforms; ``"device"``: Philox."""
+    """``"numpy"``: NumPy's masks (its PCG64 numbers, made on the GPU); ``"philox"``:
+    Philox-4x32-10 seeded by one draw of the layer's generator."""
     global DROPOUT_RNG
     if mode not in DROPOUT_MODES:
         raise ValueError(f"dropout rng mode must be one of {DROPOUT_MODES}, got {mode!r}")
@@ -839,9 +845,10 @@ def batchnorm_backward(dy, x, gamma, mean, inv_std, training: bool = True, leaky
 # --------------------------------------------------------------------------------------
 
 def dropout_forward(x, rate: float, rng: np.random.Generator, training: bool = True):
-    """Inverted dropout -> (y, mask); see numpy_ops.dropout_forward. The uniforms come from
-    ``rng`` on the host (``DROPOUT_RNG == "host"``: the same masks as NumPy) or from Philox on
-    the device seeded by one draw of ``rng`` (``"device"``)."""
+    """Inverted dropout -> (y, mask); see numpy_ops.dropout_forward. The uniforms are the
+    numbers ``rng.random(x.shape)`` would return (``DROPOUT_RNG == "numpy"``: NumPy's masks;
+    made on the GPU when ``rng`` runs on PCG64, else drawn on the host and uploaded) or come
+    from Philox on the device seeded by one draw of ``rng`` (``"philox"``)."""
     if not training or rate == 0.0:
         return x, None
     dt = _dtype(x)
@@ -850,7 +857,7 @@ def dropout_forward(x, rate: float, rng: np.random.Generator, training: bool = T
     rate_t, scale = t(rate), t(1.0 / (1.0 - rate))
     y, mask = _empty(x.shape, dt), _empty(x.shape, dt)
     n = x.size
-    if _STEP_RNG is not None or DROPOUT_RNG == "device":
+    if _STEP_RNG is not None or DROPOUT_RNG == "philox":
         if _STEP_RNG is not None:  # a graph-captured step: counters from device memory
             seed, offset, base = _STEP_RNG.take()
         else:
@@ -862,10 +869,25 @@ def dropout_forward(x, rate: float, rng: np.random.Generator, training: bool = T
                     (_THREADS, 1, 1), (x, y, mask, np.int64(n), seed, offset, base, rate_t,
                                        scale))
         return y, mask
-    u = _cupy().asarray(rng.random(x.shape, dtype=dt))  # exactly numpy_ops' draw
-    if n:
-        _launch("elementwise.cu", f"dropout_host_{_suffix(dt)}", _grid1d(n), (_THREADS, 1, 1),
-                (x, u, y, mask, np.int64(n), rate_t, scale))
+    bg = rng.bit_generator
+    if not isinstance(bg, np.random.PCG64):  # exactly numpy_ops' draw, uploaded
+        u = _cupy().asarray(rng.random(x.shape, dtype=dt))
+        if n:
+            _launch("elementwise.cu", f"dropout_host_{_suffix(dt)}", _grid1d(n),
+                    (_THREADS, 1, 1), (x, u, y, mask, np.int64(n), rate_t, scale))
+        return y, mask
+    if n:  # the same numbers, computed on the GPU from the generator's state
+        st = bg.state
+        s, inc = st["state"]["state"], st["state"]["inc"]
+        lo64 = 2**64 - 1
+        per = 2 if dt == np.float32 else 1  # numbers per 64-bit output
+        slots = -(-n // (per * 32 * 16)) * 32  # runs of 32 x 16 outputs, 32 slots each
+        _launch("elementwise.cu", f"dropout_pcg64_{_suffix(dt)}", _grid1d(slots),
+                (_THREADS, 1, 1),
+                (x, y, mask, np.int64(n), np.uint64(s & lo64), np.uint64(s >> 64),
+                 np.uint64(inc & lo64), np.uint64(inc >> 64), np.int32(st["has_uint32"]),
+                 np.uint32(st["uinteger"]), rate_t, scale))
+        skip_uniforms(bg, n, dt)  # rng where rng.random(x.shape) would leave it
     return y, mask
 
 

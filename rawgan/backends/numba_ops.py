@@ -38,9 +38,11 @@ Where it runs
   (``TILE = 4``, grid-stride loops over few threads) while the indexing logic under test is
   the one the GPU runs. CI tests every op this way (tests/test_numba_ops.py).
 
-Randomness: :func:`dropout_forward` draws its uniform numbers on the HOST with the given
-``numpy.random.Generator`` (exactly ``numpy_ops``' call) and moves them to the device, so
-a seed gives the same mask on every backend (at the cost of one host-to-device copy).
+Randomness: :func:`dropout_forward` uses exactly the uniform numbers ``numpy_ops`` draws
+(``rng.random(x.shape)``), so a seed gives the same mask on every backend: for PCG64,
+numpy's default bit generator, a kernel computes them on the device from the generator's
+state and the host only skips the generator past them (nothing drawn on the host, nothing
+copied); other bit generators draw on the host and the numbers are copied over.
 
 Debugging aid: ``poison_outputs = True`` fills every fresh output buffer with NaN before
 its kernel runs, so an element a kernel forgets to write shows up (the tests set it).
@@ -69,6 +71,7 @@ from .shapes import (
     check_grad,
     check_same_shape,
 )
+from .streams import skip_uniforms
 
 try:  # numba is only imported when backend "numba" is asked for (rawgan.backends.get)
     from numba import cuda
@@ -611,6 +614,140 @@ def _same_dtype(what: str, *arrays) -> None:
                         "one side first")
 
 
+# --------------------------------------------------------------------------------------
+# dropout's random numbers: numpy's PCG64, on the device
+# --------------------------------------------------------------------------------------
+#
+# numpy.random.PCG64 (PCG XSL-RR 128/64, O'Neill 2014; numpy's default bit generator): a
+# 128-bit state s <- s * A + inc (mod 2^128); each step outputs v = rotr64(hi ^ lo, hi >> 58)
+# of the new s. Generator.random turns v into u = (v >> 11) * 2^-53 (float64), or takes 32
+# bits at a time, the low half of v then its high half, u = (b >> 8) * 2^-24 (float32); a
+# spare high half waits in the generator (state["has_uint32"], ["uinteger"]) and comes
+# first. m steps compose to one affine map, s_m = A^m s + (A^(m-1) + ... + A + 1) inc,
+# built from the binary digits of m in O(log m) (numpy's pcg_advance_lcg_128). The outputs
+# are cut into runs of W * R; slot (run, lane) takes outputs run * W * R + lane + W j, j < R:
+# on a GPU the 32 threads of a warp hold 32 neighbouring slots and write neighbouring
+# elements (coalesced); a slot jumps to its first output, then steps W at a time.
+# 128-bit numbers are tuples of four 32-bit limbs held in uint64 (limb 0 lowest): a product
+# of two limbs fits in 64 bits, so no operation ever overflows (the simulator runs this on
+# NumPy scalars, which warn when one does).
+
+PCG64_W, PCG64_R = 32, 16
+_LOW64 = 2**64 - 1
+_M32, _S32 = np.uint64(0xFFFFFFFF), np.uint64(32)
+_U0, _U1 = np.uint64(0), np.uint64(1)
+_PCG64_A = tuple(np.uint64(((2549297995355413924 << 64) + 4865540595714422341) >> (32 * k)
+                           & 0xFFFFFFFF) for k in range(4))
+_ONE128 = (_U1, _U0, _U0, _U0)
+
+
+@cuda.jit(device=True)
+def _limbs(lo, hi):
+    """The 128-bit number hi * 2^64 + lo as four 32-bit limbs."""
+    return (lo & _M32, lo >> _S32, hi & _M32, hi >> _S32)
+
+
+@cuda.jit(device=True)
+def _add128(a, b):
+    """a + b mod 2^128, limb by limb with the carry."""
+    s0 = a[0] + b[0]
+    s1 = a[1] + b[1] + (s0 >> _S32)
+    s2 = a[2] + b[2] + (s1 >> _S32)
+    s3 = a[3] + b[3] + (s2 >> _S32)
+    return (s0 & _M32, s1 & _M32, s2 & _M32, s3 & _M32)
+
+
+@cuda.jit(device=True)
+def _mul128(a, b):
+    """a * b mod 2^128, schoolbook: limb k of the result sums the low halves of the products
+    a[i] b[k-i], the high halves of limb k-1's products and limb k-1's carry (each term
+    < 2^32, a sum of at most 9 of them far below 2^64)."""
+    p00 = a[0] * b[0]
+    p01, p10 = a[0] * b[1], a[1] * b[0]
+    p02, p11, p20 = a[0] * b[2], a[1] * b[1], a[2] * b[0]
+    p03, p12, p21, p30 = a[0] * b[3], a[1] * b[2], a[2] * b[1], a[3] * b[0]
+    s1 = (p00 >> _S32) + (p01 & _M32) + (p10 & _M32)
+    s2 = ((s1 >> _S32) + (p01 >> _S32) + (p10 >> _S32)
+          + (p02 & _M32) + (p11 & _M32) + (p20 & _M32))
+    s3 = ((s2 >> _S32) + (p02 >> _S32) + (p11 >> _S32) + (p20 >> _S32)
+          + (p03 & _M32) + (p12 & _M32) + (p21 & _M32) + (p30 & _M32))
+    return (p00 & _M32, s1 & _M32, s2 & _M32, s3 & _M32)
+
+
+@cuda.jit(device=True)
+def _pcg64_jump(inc, m):
+    """The map of m steps, s -> mult * s + plus: returns (mult, plus) = (A^m,
+    (A^(m-1) + ... + 1) inc), composing the maps of 2^b steps for the set bits b of m."""
+    mult, plus = _ONE128, (_U0, _U0, _U0, _U0)
+    cur_mult, cur_plus = _PCG64_A, inc
+    while m > _U0:
+        if m & _U1:
+            mult = _mul128(mult, cur_mult)
+            plus = _add128(_mul128(plus, cur_mult), cur_plus)
+        cur_plus = _mul128(_add128(cur_mult, _ONE128), cur_plus)
+        cur_mult = _mul128(cur_mult, cur_mult)
+        m >>= _U1
+    return mult, plus
+
+
+@cuda.jit(device=True)
+def _pcg64_output(s):
+    """XSL-RR: the 64-bit output of state s, rotr64(hi ^ lo, hi >> 58)."""
+    hi = (s[3] << _S32) | s[2]
+    lo = (s[1] << _S32) | s[0]
+    v = hi ^ lo
+    r = hi >> np.uint64(58)
+    return (v >> r) | (v << ((np.uint64(64) - r) & np.uint64(63)))
+
+
+@functools.cache
+def _pcg64_dropout_kernel(scalar):
+    """Dropout with numpy's PCG64 numbers, for one dtype (see the section comment)."""
+    ZERO = scalar(0)
+    PER = 2 if scalar is np.float32 else 1   # numbers per output
+    SHIFT = np.uint64(8 if PER == 2 else 11)  # u = (bits >> SHIFT) * UNIT
+    UNIT = scalar(2.0**-24 if PER == 2 else 2.0**-53)
+    BITS = _M32 if PER == 2 else np.uint64(_LOW64)  # the 32 or 64 bits of a number
+    W, R = PCG64_W, PCG64_R
+
+    @cuda.jit
+    def dropout_pcg64(x, s_lo, s_hi, inc_lo, inc_hi, has, held, rate, scale, y, mask):
+        # element e of x takes u_e = the e-th number of rng.random(x.size):
+        # float32: u_0 = the buffered half when has, then output k gives elements
+        # first + 2k (low half) and first + 2k + 1 (high half); float64: output k, element k.
+        # mask = scale if u >= rate else 0;  y = x * mask.  Grid-stride over the slots.
+        n = x.shape[0]
+        first = 1 if PER == 2 and has != 0 else 0
+        outputs = (n - first + PER - 1) // PER
+        slots = (outputs + W * R - 1) // (W * R) * W
+        start, inc = _limbs(s_lo, s_hi), _limbs(inc_lo, inc_hi)
+        w_mult, w_plus = _pcg64_jump(inc, np.uint64(W))  # the map of W steps
+        if first and cuda.grid(1) == 0:
+            u = scalar(held >> SHIFT) * UNIT
+            m = scale if u >= rate else ZERO
+            mask[0] = m
+            y[0] = x[0] * m
+        for slot in range(cuda.grid(1), slots, cuda.gridsize(1)):
+            k = slot // W * (W * R) + slot % W  # this slot's first output
+            mult, plus = _pcg64_jump(inc, np.uint64(k + 1))  # output k: the state k+1 on
+            s = _add128(_mul128(mult, start), plus)
+            for _ in range(R):
+                if k >= outputs:
+                    break
+                v = _pcg64_output(s)
+                for q in range(PER):
+                    e = first + k * PER + q
+                    if e < n:
+                        u = scalar(((v >> (_S32 * np.uint64(q))) & BITS) >> SHIFT) * UNIT
+                        m = scale if u >= rate else ZERO
+                        mask[e] = m
+                        y[e] = x[e] * m
+                s = _add128(_mul128(w_mult, s), w_plus)
+                k += W
+
+    return dropout_pcg64
+
+
 def _elementwise(kernel_name: str, *arrays, args=(), out_count: int = 1, shape=None):
     """Run elementwise kernel ``kernel_name`` over flat views of ``arrays`` (plus scalar
     ``args``, placed after the arrays); returns its ``out_count`` fresh outputs. Callers
@@ -938,16 +1075,33 @@ def dropout_forward(x, rate: float, rng: np.random.Generator, training: bool = T
 
     Kept with probability ``1 - rate`` and scaled by ``1 / (1 - rate)``:
     ``mask = [u >= rate] / (1 - rate)``, ``y = x * mask``. The uniform numbers ``u`` are
-    drawn on the HOST with ``rng`` (the same call as numpy_ops, so the masks are identical
-    for the same seed) and copied to the device. ``(x, None)`` when not training or rate 0.
+    the ones ``rng.random(x.shape, dtype=x.dtype)`` returns (numpy_ops' call, so the masks
+    are identical for the same seed): made on the device by :func:`_pcg64_dropout_kernel`
+    when ``rng`` runs on PCG64 (``rng`` is then skipped past them, ending where that call
+    leaves it), else drawn on the host and copied. ``(x, None)`` when not training or rate 0.
     """
     if not training or rate == 0.0:
         return x, None
     x = _dev(x)
     scalar = _scalar(x.dtype)
-    u = asarray(rng.random(x.shape, dtype=x.dtype))
-    return _elementwise("dropout_fwd", x, u, args=(scalar(rate), scalar(1.0 / (1.0 - rate))),
-                        out_count=2)
+    rate_t, scale = scalar(rate), scalar(1.0 / (1.0 - rate))
+    bg = rng.bit_generator
+    if not isinstance(bg, np.random.PCG64):
+        u = asarray(rng.random(x.shape, dtype=x.dtype))
+        return _elementwise("dropout_fwd", x, u, args=(rate_t, scale), out_count=2)
+    y, mask = _empty(x.size, x.dtype), _empty(x.size, x.dtype)
+    if x.size:
+        st = bg.state
+        s, inc = st["state"]["state"], st["state"]["inc"]
+        per = 2 if scalar is np.float32 else 1  # numbers per 64-bit output
+        slots = -(-x.size // (per * PCG64_W * PCG64_R)) * PCG64_W
+        kernel = _pcg64_dropout_kernel(scalar)
+        kernel[_grid_1d(slots)](x.reshape(-1), np.uint64(s & _LOW64), np.uint64(s >> 64),
+                               np.uint64(inc & _LOW64), np.uint64(inc >> 64),
+                               np.int32(st["has_uint32"]), np.uint64(st["uinteger"]), rate_t,
+                               scale, y, mask)
+        skip_uniforms(bg, x.size, x.dtype)  # rng where rng.random(x.shape) would leave it
+    return y.reshape(x.shape), mask.reshape(x.shape)
 
 
 def dropout_backward(dy, mask):
