@@ -98,7 +98,7 @@ def test_backend_selection_and_array_module():
 
 def test_every_kernel_module_compiles_with_nvrtc():
     for filename in cupy_ops.KERNEL_FILES:
-        cupy_ops._module(filename).get_function(
+        cupy_ops._module(filename, cupy_ops._device()).get_function(
             {"gemm.cu": "gemm_nn_f32_L", "conv.cu": "conv_dgrad_f64_T",
              "elementwise.cu": "dropout_philox_f64", "batchnorm.cu": "bn_bwd_dx_f32",
              "losses.cu": "gan_loss_f64", "optim.cu": "adam_mt_f32"}[filename])
@@ -299,7 +299,8 @@ def launches(monkeypatch) -> list[tuple[str, tuple]]:
 @pytest.mark.parametrize("sms", [1, 1000])
 def test_conv_every_tile_with_and_without_split_k(ops, monkeypatch, tile, sms):
     cupy_ops.FORCE_TILE = tile
-    cupy_ops._device_info["sms"] = sms  # 1: at most 2 splits (2 blocks/SM); 1000: many
+    # 1: at most 2 splits (2 blocks/SM); 1000: many
+    cupy_ops._device_info[cupy_ops._device(), "sms"] = sms
     monkeypatch.setattr(cupy_ops, "MAX_K_CHUNK", 1 << 30)  # the SM count alone decides
     seen = launches(monkeypatch)
     rng = np.random.default_rng(6)
@@ -318,7 +319,7 @@ def test_weight_gradient_sums_at_most_max_k_chunk_pixels_per_split(ops, monkeypa
     """A weight gradient over N*Ho*Wo = 4,608 pixels with the cap lowered to 256: at least
     18 splits even on a 1-SM device, each chunk <= 256 pixels, and the result unchanged."""
     monkeypatch.setattr(cupy_ops, "MAX_K_CHUNK", 256)
-    cupy_ops._device_info["sms"] = 1
+    cupy_ops._device_info[cupy_ops._device(), "sms"] = 1
     seen = launches(monkeypatch)
     check_conv_case(ops, (8, 24, 24, 3, 4, 3, 1, "same", None), np.float32,
                     np.random.default_rng(12))

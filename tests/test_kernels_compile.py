@@ -820,6 +820,7 @@ class FakeCupy(types.ModuleType):
         self.active_pool: _FakePool | None = None   # None: the default pool
         self._pools: dict[int, _FakePool | None] = {}
         self.__version__ = "emulated"
+        self.device_id = 0  # cuda.runtime.getDevice(); tests switch it to check the caches
         device = types.SimpleNamespace(id=0, attributes={"MultiProcessorCount": sms,
                                                          "ClockRate": 1},  # kHz, as clock64
                                        compute_capability="90", synchronize=lambda: None)
@@ -829,6 +830,7 @@ class FakeCupy(types.ModuleType):
         null_stream = _FakeStream(self)
         self.cuda = types.SimpleNamespace(
             runtime=types.SimpleNamespace(getDeviceCount=lambda: 1,
+                                          getDevice=lambda: self.device_id,
                                           getDeviceProperties=lambda device: dict(props),
                                           driverGetVersion=lambda: 0,
                                           runtimeGetVersion=lambda: 0),
@@ -1475,6 +1477,22 @@ def test_emulated_optimizers_match_rawgan_optim_rules(emu, dtype, clip):
 
 
 # -- edge shapes ---------------------------------------------------------------------------
+
+@needs_gxx
+def test_emulated_modules_and_device_tables_are_per_device(emu):
+    """A module is loaded into one device's context: after a switch of the current device
+    (``with cupy.cuda.Device(1):``) the kernels are loaded again and the SM count and
+    compute capability are asked of that device, not reused from device 0."""
+    x = emu.asarray(np.ones((3, 5), np.float32))
+    cupy_ops.leaky_relu_forward(x, 0.3)
+    emu.device_id = 1
+    cupy_ops.leaky_relu_forward(x, 0.3)
+    emu.device_id = 0
+    assert {d for d, _ in cupy_ops._modules} == {0, 1}
+    assert cupy_ops._modules[0, "elementwise.cu"] is not cupy_ops._modules[1, "elementwise.cu"]
+    assert {k[0] for k in cupy_ops._functions} == {0, 1}
+    assert {(0, "sms"), (1, "sms")} <= cupy_ops._device_info.keys()
+
 
 @needs_gxx
 def test_emulated_ops_treat_edge_shapes_as_numpy(emu):

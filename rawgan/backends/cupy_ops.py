@@ -133,9 +133,11 @@ _PRAGMA_ONCE = re.compile(r"^[ \t]*#[ \t]*pragma[ \t]+once[ \t]*$", re.MULTILINE
 _INT32_MAX = 2**31 - 1
 
 _cp = None                                   # the cupy module, once imported
-_modules: dict[str, object] = {}             # file name -> cupy.RawModule
-_functions: dict[tuple[str, str], object] = {}
-_device_info: dict[str, int] = {}
+# Compiled modules are loaded into one device's context, and the tables hold one device's
+# properties: all three are keyed by the current device's id (cupy.cuda.Device(i) scopes).
+_modules: dict[tuple[int, str], object] = {}             # (device, file) -> cupy.RawModule
+_functions: dict[tuple[int, str, str], object] = {}      # (device, file, kernel)
+_device_info: dict[tuple[int, str], int] = {}            # (device, "sms" | "cc")
 _mt_tables: dict[tuple, tuple] = {}          # multi-tensor pointer tables, by pointer tuple
 
 
@@ -227,19 +229,25 @@ def kernel_source(filename: str) -> str:
     return expand(filename)
 
 
-def _module(filename: str):
-    mod = _modules.get(filename)
+def _device() -> int:
+    """The current CUDA device's id (what ``with cupy.cuda.Device(i):`` selects)."""
+    return int(_cupy().cuda.runtime.getDevice())
+
+
+def _module(filename: str, device: int):
+    key = (device, filename)
+    mod = _modules.get(key)
     if mod is None:
         mod = _cupy().RawModule(code=kernel_source(filename), options=COMPILE_OPTIONS)
-        _modules[filename] = mod
+        _modules[key] = mod
     return mod
 
 
 def _function(filename: str, kernel: str):
-    key = (filename, kernel)
+    key = (_device(), filename, kernel)
     fn = _functions.get(key)
     if fn is None:
-        fn = _module(filename).get_function(kernel)
+        fn = _module(filename, key[0]).get_function(kernel)
         _functions[key] = fn
     return fn
 
@@ -298,19 +306,21 @@ def _empty(shape, dtype):
 
 
 def _sm_count() -> int:
-    n = _device_info.get("sms")
+    key = (_device(), "sms")
+    n = _device_info.get(key)
     if n is None:
         n = int(_cupy().cuda.Device().attributes["MultiProcessorCount"])
-        _device_info["sms"] = n
+        _device_info[key] = n
     return n
 
 
 def _compute_capability() -> int:
     """The device's compute capability as major * 10 + minor (90 for an H100)."""
-    cc = _device_info.get("cc")
+    key = (_device(), "cc")
+    cc = _device_info.get(key)
     if cc is None:
         cc = int(_cupy().cuda.Device().compute_capability)
-        _device_info["cc"] = cc
+        _device_info[key] = cc
     return cc
 
 
