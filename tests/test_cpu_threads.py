@@ -533,4 +533,9 @@ def test_calls_from_other_threads_leave_the_blas_thread_count_alone():
     for t in threads:
         t.join()
     assert blas() == before
-    assert all(np.array_equal(g, want) for g in got)
+    # Off the main thread the GEMM runs as one range with BLAS's own threads, on the main
+    # thread as rawgan's row ranges: OpenBLAS may block (and round) them differently (on an
+    # AMD EPYC, 29% of the outputs differ, by at most 6e-7 of the largest).
+    assert len(got) == 12
+    for g in got:
+        np.testing.assert_allclose(g, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))

@@ -791,8 +791,10 @@ def test_ranks_with_other_training_data_stop_at_once(tmp_path, mnist_dir):
 
 @needs_mpi
 def test_a_divergence_on_every_rank_is_one_clean_agreed_stop(tmp_path):
-    """lr 1e30: the logits overflow at once; the job ends printed once, no MPI_Abort."""
-    res = _mpmd([({}, RING + ["--optimizer", "sgd", "--lr-d", "1e30", "--max-steps", "4",
+    """lr 1e300: the logits overflow at the first step; the job ends printed once, no
+    MPI_Abort. (lr 1e30 overflowed at step 4 on one CPU, at step 6 on another: with weights
+    of 1e90 a logit's sign, and so whether BCE's gradient is 0, depends on the rounding.)"""
+    res = _mpmd([({}, RING + ["--optimizer", "sgd", "--lr-d", "1e300", "--max-steps", "4",
                               "--out", str(tmp_path / "run")])] * 2)
     assert res.returncode == 1, res.stderr
     assert res.stderr.count("training diverged at step") == 1, res.stderr
