@@ -84,9 +84,10 @@ __device__ __forceinline__ void sigmoid_bwd_body(const T* dy, const T* y, T* dx,
 // ---- dropout --------------------------------------------------------------------------
 //
 // Inverted dropout: keep = (u >= rate), mask = keep * scale, scale = 1 / (1 - rate) (cast to
-// T on the host, as NumPy casts it), y = x * mask. Two sources for the uniforms u in [0, 1):
-//   dropout_host:   u drawn on the host by the layer's numpy Generator (exactly the draws
-//                   numpy_ops makes, so the masks are identical: used to compare backends);
+// T on the host, as NumPy casts it), y = x * mask. Three sources for the uniforms u in [0, 1):
+//   dropout_host:   u drawn on the host by the layer's numpy Generator and uploaded (exactly
+//                   the draws numpy_ops makes): the fallback for bit generators other than
+//                   PCG64;
 //   dropout_philox: u from Philox-4x32-10 (Salmon et al. 2011), counter-based: element
 //                   group g uses counter (g, offset) and key = seed, so a mask is a pure
 //                   function of (seed, offset, index): reproducible, no state in memory.

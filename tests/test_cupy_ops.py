@@ -395,21 +395,25 @@ def test_batchnorm_matches_numpy(ops, dtype, shape):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("buffered", [False, True])
-def test_dropout_is_numpy_exact(ops, dtype, buffered):
+def test_dropout_is_numpy_exact(ops, dtype, buffered, monkeypatch):
     """NumPy's PCG64 numbers made on the GPU: the same masks, the generator left where
     NumPy's draw leaves it (``buffered``: it holds a spare 32-bit half first)."""
     x = rand(np.random.default_rng(10), (64, 14, 14, 64), dtype)
     gen, ref = np.random.default_rng(11), np.random.default_rng(11)
     if buffered:
         gen.random(1, dtype=np.float32), ref.random(1, dtype=np.float32)
+    seen = launches(monkeypatch)
     y, mask = ops.dropout_forward(ops.asarray(x), 0.3, gen)
     y_ref, mask_ref = numpy_ops.dropout_forward(x, 0.3, ref)
+    suffix = cupy_ops._suffix(np.dtype(dtype))
+    assert [k for k, _ in seen] == [f"dropout_pcg64_{suffix}"]  # made on the GPU, not uploaded
     np.testing.assert_array_equal(cp.asnumpy(mask), mask_ref)
     np.testing.assert_array_equal(cp.asnumpy(y), y_ref)
     assert gen.bit_generator.state == ref.bit_generator.state
     other = np.random.Generator(np.random.SFC64(3))  # not PCG64: drawn on the host, uploaded
     _, mask = ops.dropout_forward(ops.asarray(x), 0.3, other)
     _, mask_ref = numpy_ops.dropout_forward(x, 0.3, np.random.Generator(np.random.SFC64(3)))
+    assert seen[-1][0] == f"dropout_host_{suffix}"
     np.testing.assert_array_equal(cp.asnumpy(mask), mask_ref)
     dy = rand(np.random.default_rng(12), x.shape, dtype)
     np.testing.assert_array_equal(cp.asnumpy(ops.dropout_backward(ops.asarray(dy), mask)),

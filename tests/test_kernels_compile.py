@@ -37,6 +37,7 @@ import ctypes
 import hashlib
 import inspect
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -1121,6 +1122,28 @@ def test_set_tf32_validates():
         cupy_ops.TF32 = before
 
 
+@pytest.mark.parametrize("var, value, want", [
+    ("RAWGAN_CUPY_DROPOUT", " Philox ", "philox"), ("RAWGAN_CUPY_DROPOUT", "", "numpy"),
+    ("RAWGAN_CUPY_DROPOUT", "device", "expected one of numpy, philox"),  # the old names
+    ("RAWGAN_CUPY_DROPOUT", "host", "expected one of numpy, philox"),
+    ("RAWGAN_TF32", "on", "True"), ("RAWGAN_TF32", "0", "False"),
+    ("RAWGAN_TF32", "tf32", "expected one of 0, 1, false, no, off, on, true, yes")])
+def test_cupy_ops_environment_settings_are_read_or_refused(var, value, want):
+    """A setting the backend does not know is an error naming the variable, never read as
+    the default (RAWGAN_CUPY_DROPOUT=device, the old name of a mode, would otherwise switch
+    the masks silently)."""
+    code = ("from rawgan.backends import cupy_ops as c; "
+            f"print(c.{'TF32' if var == 'RAWGAN_TF32' else 'DROPOUT_RNG'})")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, var: value}, timeout=120, cwd=REPO)
+    if want.startswith("expected"):
+        assert res.returncode != 0
+        assert f"environment variable {var}={value!r}: {want}" in res.stderr
+    else:
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.strip() == want
+
+
 @needs_gxx
 def test_tf32_is_refused_before_ampere(emu, monkeypatch):
     """On a GPU of compute capability 7.5 TF32 is a clear error before any launch; float32
@@ -1331,9 +1354,11 @@ def test_emulated_dropout_grid_stride_runs_are_numpy_exact(emu, dtype):
     threads jump ahead again on their later passes of the grid-stride loop."""
     set_sms(emu, 1)
     x = np.ones((2 * 16 * 256 * 32 * (2 if dtype == np.float32 else 1) + 77,), dtype)
-    _, mask = cupy_ops.dropout_forward(emu.asarray(x), 0.5, np.random.default_rng(4))
-    _, mask_ref = numpy_ops.dropout_forward(x, 0.5, np.random.default_rng(4))
+    gen, ref = np.random.default_rng(4), np.random.default_rng(4)
+    _, mask = cupy_ops.dropout_forward(emu.asarray(x), 0.5, gen)
+    _, mask_ref = numpy_ops.dropout_forward(x, 0.5, ref)
     np.testing.assert_array_equal(np.asarray(mask), mask_ref)
+    assert gen.bit_generator.state == ref.bit_generator.state
 
 
 @needs_gxx

@@ -271,18 +271,24 @@ def test_bias_add(dtype, shape):
 
 @pytest.mark.filterwarnings("error::RuntimeWarning")  # no uint64 overflow in the kernel
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(2, 3, 4), (1,), (5, 7, 7, 5)])
+@pytest.mark.parametrize("shape", [(2, 3, 4), (1,), (), (5, 7, 7, 5)])
 @pytest.mark.parametrize("buffered", [False, True])
-def test_dropout_matches_numpy_exactly(dtype, shape, buffered):
+def test_dropout_matches_numpy_exactly(dtype, shape, buffered, monkeypatch):
     """NumPy's PCG64 numbers made by the kernel: the same masks, the generator left where
     NumPy's draw leaves it; ``buffered``: it holds a spare 32-bit half first (float32 takes
-    it, float64 keeps it). (5, 7, 7, 5): more runs than the simulator's 16 threads."""
+    it, float64 keeps it). (5, 7, 7, 5): more runs than the simulator's 16 threads; ():
+    a 0-d input stays 0-d."""
+    made = []  # the PCG64 kernel ran (the host draw would give the same bits)
+    real = nb._pcg64_dropout_kernel
+    monkeypatch.setattr(nb, "_pcg64_dropout_kernel", lambda sc: made.append(sc) or real(sc))
     x = randn(np.random.default_rng(3), shape, dtype)
     gen, want = np.random.default_rng(7), np.random.default_rng(7)
     if buffered:
         gen.random(1, dtype=np.float32), want.random(1, dtype=np.float32)
     y, mask = nb.dropout_forward(x, 0.3, gen)
     y_ref, mask_ref = ref.dropout_forward(x, 0.3, want)
+    assert made == [np.dtype(dtype).type]
+    assert host(y).shape == host(mask).shape == np.shape(x)
     np.testing.assert_array_equal(host(mask), mask_ref)
     np.testing.assert_array_equal(host(y), y_ref)
     assert gen.bit_generator.state == want.bit_generator.state

@@ -115,13 +115,27 @@ MAX_K_CHUNK = 4096
 _THREADS = 256     # threads per block of the GEMM-shaped and elementwise kernels
 _CHUNK = 4096      # elements per block of the multi-tensor optimizer kernels
 
+
+
+def _env_choice(name: str, default: str, choices: dict[str, str]) -> str:
+    """The environment variable ``name`` mapped through ``choices`` (case and surrounding
+    blanks ignored; unset or empty: ``default``); any other value is refused, naming the
+    variable and what it takes, rather than silently read as the default."""
+    raw = os.environ.get(name, "").strip().lower() or default
+    if raw not in choices:
+        raise ValueError(f"environment variable {name}={os.environ[name]!r}: expected one of "
+                         f"{', '.join(sorted(choices))}")
+    return choices[raw]
+
+
 #: float32 GEMMs on TF32 tensor cores (see the module docstring); off by default.
-TF32 = os.environ.get("RAWGAN_TF32", "0").strip().lower() in ("1", "true", "yes")
+TF32 = _env_choice("RAWGAN_TF32", "0", {**dict.fromkeys(("1", "true", "yes", "on"), "1"),
+                                        **dict.fromkeys(("0", "false", "no", "off"), "")}) == "1"
 
 DROPOUT_MODES = ("numpy", "philox")
-DROPOUT_RNG = os.environ.get("RAWGAN_CUPY_DROPOUT", "numpy").lower()
-if DROPOUT_RNG not in DROPOUT_MODES:
-    DROPOUT_RNG = "numpy"
+# (the modes were called "host" and "device" before the masks were made on the GPU: a stale
+# setting is refused, not read as the default)
+DROPOUT_RNG = _env_choice("RAWGAN_CUPY_DROPOUT", "numpy", {m: m for m in DROPOUT_MODES})
 
 #: A profiler's hook (benchmarks/profile_step.py): when set, every kernel launch goes through
 #: ``LAUNCH_HOOK(kernel, grid, launch)`` with ``launch()`` doing the launch; None: direct.

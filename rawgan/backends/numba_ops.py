@@ -167,8 +167,10 @@ def synchronize() -> None:
 
 
 def _dev(a):
-    """An op's input as a C-contiguous array on this backend (no copy when it already is)."""
-    return xp.ascontiguousarray(a if xp is np else xp.asarray(a))
+    """An op's input as a C-contiguous array on this backend (no copy when it already is);
+    a 0-d input stays 0-d (``numpy.ascontiguousarray`` returns it with shape (1,))."""
+    b = xp.ascontiguousarray(a if xp is np else xp.asarray(a))
+    return b if b.ndim == np.ndim(a) else b.reshape(())
 
 
 def _empty(shape, dtype):
