@@ -42,6 +42,7 @@ bit, the body equals ``gan.train_step``); on a GPU by ``tests/test_cupy_ops.py -
 from __future__ import annotations
 
 import contextlib
+import gc
 from collections.abc import Sequence
 
 import numpy as np
@@ -65,7 +66,8 @@ class GraphedStep:
     seed : the key of the step's Philox stream (noise and dropout)
     start_step : steps already taken (a resumed run): the Philox counters continue from there
     capture : False runs every step eagerly (the same kernels; for tests and debugging)
-    warmup : eager steps before the capture (>= 1 on a GPU: kernels compile, tables upload)
+    warmup : eager steps before the capture (>= 1 when capturing: kernels compile, tables
+             upload)
     """
 
     def __init__(self, G, D, opt_g, opt_d, kind: str, batch_size: int, d_steps: int,
@@ -81,6 +83,10 @@ class GraphedStep:
         if batch_size < 1 or d_steps < 1 or warmup < 0:
             raise ValueError(f"GraphedStep: need batch_size >= 1, d_steps >= 1, warmup >= 0; "
                              f"got {batch_size}, {d_steps}, {warmup}")
+        if capture and warmup < 1:
+            raise ValueError("GraphedStep: capture needs warmup >= 1 (the eager steps compile "
+                             "the kernels and upload the optimizers' pointer tables, which a "
+                             "capture cannot do)")
         ops._loss_kind(kind)  # an unknown kind fails here, not inside the graph
         if not (G.built and D.built):
             raise ValueError("GraphedStep: G and D must be built (their shapes fix the buffers)")
@@ -218,16 +224,34 @@ class GraphedStep:
         return self._stats()
 
     def _record(self) -> None:
+        """Capture one step. A capture that fails leaves nothing behind: the flag that
+        guards uploads is reset, the body's own error is the one raised (not the invalidated
+        capture's), and the optimizers' step counts (all the host moved on: nothing recorded
+        ran) are put back, so the next call captures again from the same state."""
         ops = self.ops
         self._stream.synchronize()
+        iterations = self.opt_d.iterations, self.opt_g.iterations
+        gc.collect()  # no collection (a stray CuPy object freed) in the middle of the capture
+        gc_was_on = gc.isenabled()
+        gc.disable()
         ops._CAPTURING = True
-        self._stream.begin_capture()
         try:
-            self._out = self._body()
-        finally:
+            self._stream.begin_capture()
+            try:
+                out = self._body()
+            except BaseException:
+                with contextlib.suppress(Exception):  # end the capture, keep the body's error
+                    self._stream.end_capture()
+                raise
             graph = self._stream.end_capture()
+        except BaseException:
+            self.opt_d.iterations, self.opt_g.iterations = iterations
+            raise
+        finally:
             ops._CAPTURING = False
-        self.graph = graph
+            if gc_was_on:
+                gc.enable()
+        self._out, self.graph = out, graph
         # the pointer tables the graph's multi-tensor launches read: held here, so cupy_ops
         # dropping its cache (it keeps 64) never frees memory a replay still reads
         self._tables = tuple(ops._mt_tables.values())

@@ -254,15 +254,54 @@ def test_graphed_step_rejects_what_it_cannot_capture(fake):
     G, D, opt_g, opt_d = _models(cupy_ops, np.float32)
     with pytest.raises(ValueError, match="unknown loss kind"):
         GraphedStep(G, D, opt_g, opt_d, "nope", 2, 1, 100, seed=0)
-    step = GraphedStep(G, D, opt_g, opt_d, "bce", 2, 1, 100, seed=0, warmup=0)
+    # warmup=0: the kernels would compile and the optimizers' pointer tables upload inside
+    # the capture
+    with pytest.raises(ValueError, match="capture needs warmup >= 1"):
+        GraphedStep(G, D, opt_g, opt_d, "bce", 2, 1, 100, seed=0, warmup=0)
+    step = GraphedStep(G, D, opt_g, opt_d, "bce", 2, 1, 100, seed=0, warmup=0, capture=False)
     with pytest.raises(ValueError, match="fixed shapes"):
         step([np.zeros((3, 28, 28, 1), np.float32)])
     with pytest.raises(ValueError, match="expected 1 real batches"):
         step([])
-    # warmup=0: the optimizer's pointer table would have to be uploaded during the capture
+    # the guard behind it: a pointer table uploaded while capturing is refused
+    step = GraphedStep(G, D, opt_g, opt_d, "bce", 2, 1, 100, seed=0)
+    step._eager_left = 0
     with pytest.raises(RuntimeError, match="while a CUDA graph is captured"):
         step(_reals(1, 1, D.input_shape, np.float32)[0])
     assert cupy_ops._CAPTURING is False and fake.recording is None
+
+
+def test_a_failed_capture_leaves_nothing_behind(fake, monkeypatch):
+    """The body raises while it is being recorded and the invalidated capture's end_capture
+    raises too: the body's error is the one seen, the upload guard is off, garbage collection
+    is back on, the optimizers' step counts are put back (nothing recorded ran), and the next
+    call captures and replays the step from that state."""
+    import gc
+
+    G, D, opt_g, opt_d = _models(cupy_ops, np.float32, name="mlp")
+    reals = _reals(3, 1, D.input_shape, np.float32)
+    step = GraphedStep(G, D, opt_g, opt_d, "bce", 2, 1, G.input_shape[0], seed=0, warmup=1)
+    step(reals[0])                                   # eager warm-up
+    real_loss, real_end = cupy_ops.gan_generator_loss, type(fake.cuda.Stream()).end_capture
+
+    def boom(*args):
+        raise ArithmeticError("the body failed")
+
+    def invalidated(self):
+        real_end(self)
+        raise RuntimeError("cudaErrorStreamCaptureInvalidated")
+
+    monkeypatch.setattr(cupy_ops, "gan_generator_loss", boom)
+    monkeypatch.setattr(type(fake.cuda.Stream()), "end_capture", invalidated)
+    with pytest.raises(ArithmeticError, match="the body failed"):
+        step(reals[1])
+    assert cupy_ops._CAPTURING is False and fake.recording is None and gc.isenabled()
+    assert (opt_d.iterations, opt_g.iterations) == (1, 1) and step.graph is None
+    monkeypatch.setattr(cupy_ops, "gan_generator_loss", real_loss)
+    monkeypatch.setattr(type(fake.cuda.Stream()), "end_capture", real_end)
+    step(reals[1])                                   # captured now, and replayed
+    step(reals[2])
+    assert step.launches == 2 and (opt_d.iterations, opt_g.iterations) == (3, 3)
 
 
 def test_rawgan_train_with_cuda_graph_runs_and_resumes(fake, monkeypatch, tmp_path):
