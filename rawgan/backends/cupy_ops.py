@@ -116,7 +116,6 @@ _THREADS = 256     # threads per block of the GEMM-shaped and elementwise kernel
 _CHUNK = 4096      # elements per block of the multi-tensor optimizer kernels
 
 
-
 def _env_choice(name: str, default: str, choices: dict[str, str]) -> str:
     """The environment variable ``name`` mapped through ``choices`` (case and surrounding
     blanks ignored; unset or empty: ``default``); any other value is refused, naming the
@@ -128,9 +127,10 @@ def _env_choice(name: str, default: str, choices: dict[str, str]) -> str:
     return choices[raw]
 
 
+_SWITCH = {**dict.fromkeys(("1", "true", "yes", "on"), "on"),
+           **dict.fromkeys(("0", "false", "no", "off"), "off")}
 #: float32 GEMMs on TF32 tensor cores (see the module docstring); off by default.
-TF32 = _env_choice("RAWGAN_TF32", "0", {**dict.fromkeys(("1", "true", "yes", "on"), "1"),
-                                        **dict.fromkeys(("0", "false", "no", "off"), "")}) == "1"
+TF32 = _env_choice("RAWGAN_TF32", "off", _SWITCH) == "on"
 
 DROPOUT_MODES = ("numpy", "philox")
 # (the modes were called "host" and "device" before the masks were made on the GPU: a stale
