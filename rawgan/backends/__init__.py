@@ -57,7 +57,8 @@ def get(name: str | ModuleType = "numpy") -> ModuleType:
                 f"backend {key!r} is not implemented in this version of rawgan"
             ) from None
         raise BackendUnavailable(
-            f"backend {key!r} needs the package {exc.name!r}: pip install 'rawgan[cuda]'"
+            f"backend {key!r} needs the package {exc.name!r}: pip install 'rawgan[cuda]' "
+            "(CUDA 12) or 'rawgan[cuda13]' (CUDA 13)"
         ) from exc
     check = getattr(module, "check_available", None)
     if check is not None:

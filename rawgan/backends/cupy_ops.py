@@ -167,7 +167,8 @@ def _cupy():
             import cupy
         except ImportError as exc:
             raise BackendUnavailable(
-                f"backend 'cupy' needs the package 'cupy' (pip install 'rawgan[cuda]'), "
+                f"backend 'cupy' needs the package 'cupy' (pip install 'rawgan[cuda]', or "
+                "'rawgan[cuda13]' for CUDA 13), "
                 f"which cannot be imported here: {exc}"
             ) from exc
         _cp = cupy

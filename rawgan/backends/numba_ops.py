@@ -140,7 +140,7 @@ def check_available() -> None:
     if xp is None:
         raise BackendUnavailable(
             "numba backend: on a GPU its arrays are CuPy arrays: pip install cupy-cuda12x "
-            "(or pip install 'rawgan[cuda]')"
+            "(or pip install 'rawgan[cuda]', 'rawgan[cuda13]' for CUDA 13)"
         )
 
 
