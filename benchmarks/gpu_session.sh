@@ -15,8 +15,9 @@
 #   1. tests/test_cupy_ops.py           every op vs NumPy float64, TF32, the graphed step (200)
 #   2. tests/test_numba_ops.py          the Numba kernels on the real device (70)
 #   3. rawgan train --cuda-graph        a short toy run through the captured step (30)
-#   4. bench_gpu.py                     SGEMM, layers, elementwise, step, per-kernel profile
-#                                       of the step, at batch 64 and 256 (200)
+#   4. bench_gpu.py                     SGEMM, the step, its per-kernel profile, layers,
+#                                       elementwise, at batch 64 and 256 (200; in that order,
+#                                       the JSON rewritten after each section)
 #   5. compute-sanitizer memcheck       every kernel and tile once (60), if installed
 # The GPU image has CuPy, Numba, PyTorch, h5py, tqdm: rawgan itself runs from the tree
 # (PYTHONPATH), nothing is installed.
