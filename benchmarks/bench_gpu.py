@@ -273,7 +273,7 @@ def _layer_passes(ops, n, kind, shape, co, k, s):
         dy = cp.random.standard_normal((n, co), dtype=cp.float32)
         ours = {"fwd": lambda: ops.dense_forward(x, w, None),
                 "dgrad": lambda: ops.dense_backward(dy, x, w, need_dw=False),
-                "wgrad": lambda: ops.dense_backward(dy, x, w, need_dx=False)}
+                "wgrad": lambda: ops.dense_backward(dy, x, w, need_dx=False, need_db=False)}
         return ours, 2.0 * n * fin * co, {"fwd": (n, fin, co), "dgrad": (n, co, fin),
                                           "wgrad": (fin, n, co)}
     h, wd, ci = shape
@@ -285,7 +285,8 @@ def _layer_passes(ops, n, kind, shape, co, k, s):
         dy = cp.random.standard_normal(y.shape, dtype=cp.float32)
         ours = {"fwd": lambda: ops.conv2d_forward(x, w, None, s, "same"),
                 "dgrad": lambda: ops.conv2d_backward(dy, x, w, s, "same", need_dw=False),
-                "wgrad": lambda: ops.conv2d_backward(dy, x, w, s, "same", need_dx=False)}
+                "wgrad": lambda: ops.conv2d_backward(dy, x, w, s, "same", need_dx=False,
+                                                     need_db=False)}
         flop = 2.0 * n * ho * wo * k * k * ci * co
         return ours, flop, _same_work(flop, {
             "fwd": (n * ho * wo, k * k * ci, co), "dgrad": (n * h * wd, k * k * co, ci),
@@ -296,7 +297,8 @@ def _layer_passes(ops, n, kind, shape, co, k, s):
     dy = cp.random.standard_normal(y.shape, dtype=cp.float32)
     ours = {"fwd": lambda: ops.conv2d_transpose_forward(x, w, None, s, "same"),
             "dgrad": lambda: ops.conv2d_transpose_backward(dy, x, w, s, "same", need_dw=False),
-            "wgrad": lambda: ops.conv2d_transpose_backward(dy, x, w, s, "same", need_dx=False)}
+            "wgrad": lambda: ops.conv2d_transpose_backward(dy, x, w, s, "same", need_dx=False,
+                                                           need_db=False)}
     flop = 2.0 * n * h * wd * k * k * ci * co
     return ours, flop, _same_work(flop, {
         "fwd": (n * ho * wo, k * k * co, ci), "dgrad": (n * h * wd, k * k * ci, co),

@@ -11,7 +11,8 @@ same run.
 
 Rows. One row per (op, pass, DCGAN layer, batch, backend): the seed DCGAN's own layer shapes
 (``rawgan.models.build("dcgan")``), passes ``fwd`` / ``dgrad`` (input gradient) / ``wgrad``
-(weight and bias gradients) for dense, conv2d and conv2d_transpose, ``fwd`` / ``bwd`` for
+(weight gradient, and the bias gradient where the layer has a bias: G's layers have none,
+both sides then skip it) for dense, conv2d and conv2d_transpose, ``fwd`` / ``bwd`` for
 leaky_relu, batchnorm (training mode) and dropout (rate 0.3); and one ``step`` row per batch:
 ``rawgan.gan.train_step`` with the DCGAN, BCE, Adam(1e-4), k = 1, in images/s.
 
@@ -494,7 +495,8 @@ def rawgan_fn(case: Case, ops, sets: int = 1, seed: int = 0):
             w, b = a["w"], a["b"]
             return {"fwd": lambda: ops.dense_forward(x, w, b),
                     "dgrad": lambda: ops.dense_backward(dy, x, w, need_dw=False),
-                    "wgrad": lambda: ops.dense_backward(dy, x, w, need_dx=False)}[p]
+                    "wgrad": lambda: ops.dense_backward(dy, x, w, need_dx=False,
+                                                        need_db=b is not None)}[p]
         if case.op in ("conv2d", "conv2d_transpose"):
             _, _, _, _, _, s, padding, _ = case.geom
             w, b = a["w"], a["b"]
@@ -503,13 +505,15 @@ def rawgan_fn(case: Case, ops, sets: int = 1, seed: int = 0):
                         "dgrad": lambda: ops.conv2d_backward(dy, x, w, s, padding,
                                                              need_dw=False),
                         "wgrad": lambda: ops.conv2d_backward(dy, x, w, s, padding,
-                                                             need_dx=False)}[p]
+                                                             need_dx=False,
+                                                             need_db=b is not None)}[p]
             pad, opad = _convt_padding(padding)
             return {"fwd": lambda: ops.conv2d_transpose_forward(x, w, b, s, pad, opad),
                     "dgrad": lambda: ops.conv2d_transpose_backward(dy, x, w, s, pad, opad,
                                                                    need_dw=False),
                     "wgrad": lambda: ops.conv2d_transpose_backward(dy, x, w, s, pad, opad,
-                                                                   need_dx=False)}[p]
+                                                                   need_dx=False,
+                                                                   need_db=b is not None)}[p]
         if case.op == "leaky_relu":
             return {"fwd": lambda: ops.leaky_relu_forward(x, 0.3),
                     "bwd": lambda: ops.leaky_relu_backward(dy, x, 0.3)}[p]
@@ -584,7 +588,8 @@ def torch_fn(case: Case, device: str = "cpu", channels_last: bool = True, sets: 
             return {"fwd": (lambda: torch.addmm(b, x, w)) if b is not None
                     else (lambda: torch.mm(x, w)),
                     "dgrad": lambda: torch.mm(dy, w.t()),
-                    "wgrad": lambda: (torch.mm(x.t(), dy), dy.sum(0))}[p]
+                    "wgrad": (lambda: (torch.mm(x.t(), dy), dy.sum(0))) if b is not None
+                    else (lambda: (torch.mm(x.t(), dy), None))}[p]
         if case.op in ("conv2d", "conv2d_transpose"):
             _, _, _, co, _, s, _, bias = case.geom
             pad, opad = pads

@@ -322,3 +322,19 @@ def test_quick_plot_without_json_is_refused_before_measuring(capsys):
     pytest.importorskip("matplotlib")
     assert bench.main(["--quick", "--plot", "--ops", "dense"]) == 1
     assert "--quick --plot without --json" in capsys.readouterr().err
+
+
+def test_weight_gradient_rows_do_the_work_the_layer_does():
+    """A wgrad row computes the bias gradient only for a layer that has a bias (G's Dense
+    and transposed convs have none: their training step never sums dy for it), on rawgan's
+    side and on the PyTorch twin's."""
+    torch = bench._torch()
+    rows = [c for c in bench.dcgan_cases(batches=(2,)) if c.pass_ == "wgrad"]
+    assert {c.geom[-1] for c in rows} == {True, False}
+    for case in rows:
+        bias = case.geom[-1]
+        dx, dw, db = bench.rawgan_fn(case, numpy_ops)()
+        assert dx is None and dw is not None and (db is not None) == bias, case
+        if torch is not None and bench.torch_fn(case) is not None:
+            twin = bench._slots(bench.torch_fn(case)(), case, True)
+            assert (twin[2] is not None) == bias, case
