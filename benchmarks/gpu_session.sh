@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check of issues 4 and 5 in ONE run, sized for a session's 15 minutes of device
-# time (at most 560 s, the sum of the stage timeouts: each stage has its own, so a slow one
-# cannot starve the rest). From the repository root, with the device tool:
+# time (at most 555 s, the sum of the stage timeouts, + 5 s per stage that has to be killed:
+# each stage has its own, so a slow one cannot starve the rest). From the repository root,
+# with the device tool:
 #
 #   run(command="RAWGAN_COMMIT=<sha> bash benchmarks/gpu_session.sh", timeout_s=590)
 #
@@ -16,9 +17,12 @@
 #   2. tests/test_numba_ops.py          the Numba kernels on the real device (70)
 #   3. rawgan train --cuda-graph        a short toy run through the captured step (30)
 #   4. bench_gpu.py                     SGEMM, the step, its per-kernel profile, layers,
-#                                       elementwise, at batch 64 and 256 (200; in that order,
+#                                       elementwise, at batch 64 and 256 (195; in that order,
 #                                       the JSON rewritten after each section)
 #   5. compute-sanitizer memcheck       every kernel and tile once (60), if installed
+# A stage past its timeout gets SIGINT (pytest then prints where it was and what failed so
+# far; rawgan train saves), SIGKILL 5 s later; a test running over 60 s has its traceback
+# dumped to the log (pytest's faulthandler_timeout), so a hang shows where it hangs.
 # The GPU image has CuPy, Numba, PyTorch, h5py, tqdm: rawgan itself runs from the tree
 # (PYTHONPATH), nothing is installed.
 set -u
@@ -39,20 +43,21 @@ stage() {  # stage NAME SECONDS COMMAND...: run it, keep its log and exit status
     shift 2
     echo "== $name (timeout ${limit}s)"
     local t0=$SECONDS
-    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    timeout -s INT -k 5 "$limit" "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
     echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$OUT/summary.txt"
     tail -n 15 "$OUT/$name.log"
 }
 
-stage cupy-tests 200 "$PY" -m pytest -q -rfE -m "gpu and not slow" tests/test_cupy_ops.py
-NUMBA_ENABLE_CUDASIM=0 stage numba-tests 70 "$PY" -m pytest -q -rfE tests/test_numba_ops.py
+HANG="-o faulthandler_timeout=60"
+stage cupy-tests 200 "$PY" -m pytest -q -rfE $HANG -m "gpu and not slow" tests/test_cupy_ops.py
+NUMBA_ENABLE_CUDASIM=0 stage numba-tests 70 "$PY" -m pytest -q -rfE $HANG tests/test_numba_ops.py
 stage train-graphed 30 "$PY" -m rawgan.cli train --backend cupy --cuda-graph --model mlp \
     --data ring --noise-dim 2 --batch-size 256 --num-examples 25600 --epochs 1 \
     --no-progress --out /tmp/rawgan-graphed-run
-stage bench 200 "$PY" benchmarks/bench_gpu.py --batches 64 256 --repeats 10 --step-repeats 10 \
+stage bench 195 "$PY" benchmarks/bench_gpu.py --batches 64 256 --repeats 10 --step-repeats 10 \
     --warmup 3 --json "$OUT/bench-gpu.json"
 if command -v compute-sanitizer > /dev/null; then  # every kernel once (SANITIZER_SCRIPT)
-    stage sanitizer 60 "$PY" -m pytest -q -m slow tests/test_cupy_ops.py -k memcheck
+    stage sanitizer 60 "$PY" -m pytest -q $HANG -m slow tests/test_cupy_ops.py -k memcheck
 fi
 cat "$OUT/summary.txt"
