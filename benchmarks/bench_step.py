@@ -58,6 +58,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 from rawgan import gan, losses, models, optim  # noqa: E402
+from rawgan.backends import blas_kernels  # noqa: E402
 from rawgan.bench import cpu_name  # noqa: E402
 from rawgan.checkpoint import atomic_write  # noqa: E402
 from rawgan.nn import Conv2D, Conv2DTranspose, Dense  # noqa: E402
@@ -551,7 +552,8 @@ def machine_info(threads: int) -> dict:
         "torch_threads": None if torch is None else torch.get_num_threads(),
         "torch_config": None if torch is None else torch.__config__.show(),
         "blas_threads": threads,
-        "thread_env": {v: os.environ.get(v) for v in THREAD_VARS},
+        "blas_kernels": blas_kernels.architecture(),  # OpenBLAS's kernel set (Haswell, ...)
+        "thread_env": {v: os.environ.get(v) for v in (*THREAD_VARS, "OPENBLAS_CORETYPE")},
         "git_commit": git("rev-parse", "HEAD"),
         "git_dirty": None if status is None else bool(status),
         "git_modified": None if not status else status.splitlines(),
@@ -612,6 +614,9 @@ def main(argv=None) -> int:
     print(f"# {info['cpu']}, {info['cores_available']} cores; numpy {info['numpy']} "
           f"(BLAS threads {threads}); torch {info['torch']} (threads {info['torch_threads']})")
     print(f"# batch {n}, warm-up {wu}, repeats {rep}: times are median / min in ms")
+    print(f"# OpenBLAS kernels: {info['blas_kernels']}")
+    if (advice := blas_kernels.hint()) is not None:
+        print(f"# note: {advice}")
     if busy is not None:
         print(f"# CPU busy before the run: {100 * busy:.0f}% of all cores"
               f"{'  <- OTHER PROCESSES ARE RUNNING: timings will be noisy' if busy > 0.1 else ''}")

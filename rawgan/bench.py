@@ -122,7 +122,7 @@ from types import ModuleType, SimpleNamespace
 import numpy as np
 
 from . import __version__, backends, models
-from .backends import numpy_ops, winograd
+from .backends import blas_kernels, numpy_ops, winograd
 from .backends.numpy_ops import conv_geometry, conv_transpose_geometry
 
 PROG = "rawgan bench"
@@ -186,7 +186,8 @@ def _fallback_helpers() -> SimpleNamespace:
                 "cores_available": len(os.sched_getaffinity(0)),
                 "python": platform.python_version(), "numpy": np.__version__,
                 "numpy_blas": None, "torch": None, "torch_threads": None,
-                "torch_config": None, "blas_threads": threads, "thread_env": {},
+                "torch_config": None, "blas_threads": threads,
+                "blas_kernels": blas_kernels.architecture(), "thread_env": {},
                 "git_commit": None, "git_dirty": None, "git_modified": None}
 
     def timed_call(fn, settle=0.0):
@@ -1121,7 +1122,7 @@ def compare(old: dict, new: dict, out=print) -> dict:
     max(3 MAD / median of either run, NOISE_FLOOR). Returns the counts and flagged keys."""
     olds = {(r["key"], r["backend"]): r for r in old["rows"]}
     news = {(r["key"], r["backend"]): r for r in new["rows"]}
-    for what in ("cpu", "cores_available", "blas_threads"):
+    for what in ("cpu", "cores_available", "blas_threads", "blas_kernels"):
         a, b = (old.get("machine") or {}).get(what), (new.get("machine") or {}).get(what)
         if a != b:
             out(f"# note: {what} differs: {a!r} (old) vs {b!r} (new): the change mixes machines")
@@ -1349,7 +1350,7 @@ def _run(args, ops_names, batches, out, h, names, notes, torch, threads) -> dict
     result = {
         "schema": SCHEMA, "date": info["date"],
         "machine": {k: info.get(k) for k in ("cpu", "cores", "cores_available", "blas_threads",
-                                             "torch_threads", "thread_env")},
+                                             "blas_kernels", "torch_threads", "thread_env")},
         "device": None,
         "versions": {"python": info.get("python"), "numpy": info.get("numpy"),
                      "numpy_blas": info.get("numpy_blas"), "torch": info.get("torch"),
@@ -1380,6 +1381,9 @@ def _run(args, ops_names, batches, out, h, names, notes, torch, threads) -> dict
         f"{' (dirty)' if info.get('git_dirty') else ''}")
     out(f"# {info.get('cpu')}, {info.get('cores_available')} cores; numpy {np.__version__} "
         f"(BLAS threads {threads}); torch {None if torch is None else torch.__version__}")
+    if (advice := blas_kernels.hint()) is not None:
+        out(f"# note: {advice}")
+        result["notes"].append(advice)
     if busy_before is not None and busy_before > h.NOISY:
         out(f"# CPU busy before the run: {100 * busy_before:.0f}% of all cores: OTHER "
             f"PROCESSES ARE RUNNING, timings will be noisy")

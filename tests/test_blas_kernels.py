@@ -1,0 +1,42 @@
+"""rawgan.backends.blas_kernels: OpenBLAS's kernel set and the hint the benchmarks print."""
+
+from __future__ import annotations
+
+import pytest
+
+from rawgan.backends import blas_kernels
+
+AVX512_CPU = frozenset({"sse2", "avx2", "avx512f", "avx512bw", "avx512dq", "avx512vl"})
+
+
+@pytest.mark.parametrize("arch, flags, coretype, says", [
+    ("Haswell", AVX512_CPU, None, "OpenBLAS runs its Haswell kernels on this AVX-512 CPU"),
+    ("Haswell", AVX512_CPU, "Haswell",
+     "OPENBLAS_CORETYPE=Haswell in the environment holds OpenBLAS to its Haswell kernels"),
+    ("Zen", AVX512_CPU, None, "OpenBLAS runs its Zen kernels"),
+    ("SkylakeX", AVX512_CPU, None, None),          # already the AVX-512 kernels
+    ("Cooperlake", AVX512_CPU, "Cooperlake", None),
+    ("Haswell", frozenset({"avx2", "avx512f"}), None, None),  # no AVX-512 BW/DQ/VL
+    ("Haswell", frozenset(), None, None),          # no /proc/cpuinfo
+    (None, AVX512_CPU, None, None),                # no OpenBLAS (or no threadpoolctl)
+])
+def test_hint_only_when_faster_kernels_would_run(monkeypatch, arch, flags, coretype, says):
+    monkeypatch.setattr(blas_kernels, "architecture", lambda: arch)
+    monkeypatch.setattr(blas_kernels, "cpu_flags", lambda: flags)
+    if coretype is None:
+        monkeypatch.delenv("OPENBLAS_CORETYPE", raising=False)
+    else:
+        monkeypatch.setenv("OPENBLAS_CORETYPE", coretype)
+    got = blas_kernels.hint()
+    if says is None:
+        assert got is None
+    else:
+        assert got.startswith(says) and "OPENBLAS_CORETYPE=SkylakeX" in got
+
+
+def test_architecture_and_flags_of_this_machine():
+    """Whatever this machine is: a kernel-set name or None, and a set of flag names."""
+    arch = blas_kernels.architecture()
+    assert arch is None or (isinstance(arch, str) and arch)
+    flags = blas_kernels.cpu_flags()
+    assert isinstance(flags, frozenset) and all(isinstance(f, str) for f in flags)
