@@ -4,10 +4,11 @@ OpenBLAS (NumPy's BLAS) picks its kernel set when it loads: from the CPU it dete
 ``OPENBLAS_CORETYPE`` in the environment, which overrides the detection. This project's
 2-core AMD EPYC machine of 2026-12-03 has AVX-512 and its environment sets
 ``OPENBLAS_CORETYPE=Haswell`` (AVX2 kernels); unset, OpenBLAS 0.3.31 picks ``SkylakeX``
-there, and float32 GEMMs went from 215 to 401 GFLOP/s (2048^3) and the DCGAN training step at
-batch 256 from 607 to 500 ms (``benchmarks/results/step-cpu-2026-12-03*.json``; README,
-Performance). PyTorch's CPU kernels (MKL / oneDNN) do not read the variable, so a rawgan vs
-PyTorch ratio depends on it: the benchmarks record the kernel set and print :func:`hint`.
+there, and the float32 GEMMs of the step's shapes went from 173-208 to 301-331 GFLOP/s and
+the DCGAN training step at batch 256 from 607 to 459 ms (benchmarks/results/
+step-cpu-2026-12-03.json and ...-skylakex.json; README, Performance). PyTorch's CPU kernels
+(MKL / oneDNN) do not read the variable, so a rawgan vs PyTorch ratio depends on it: the
+benchmarks record the kernel set and print :func:`hint`.
 """
 
 from __future__ import annotations
@@ -56,5 +57,5 @@ def hint() -> str | None:
     why = (f"OPENBLAS_CORETYPE={forced} in the environment holds OpenBLAS to its {arch} "
            "kernels" if forced else f"OpenBLAS runs its {arch} kernels")
     return (f"{why} on this AVX-512 CPU; with its AVX-512 ones (OPENBLAS_CORETYPE=SkylakeX, "
-            "or the variable unset where OpenBLAS detects them) float32 GEMMs ran 1.9x and the "
-            "DCGAN training step 1.21x faster on a 2-core AMD EPYC (README, Performance)")
+            "or the variable unset where OpenBLAS detects them) float32 GEMMs ran 1.6-1.7x and "
+            "the DCGAN training step 1.3x faster on a 2-core AMD EPYC (README, Performance)")
