@@ -40,3 +40,17 @@ def test_architecture_and_flags_of_this_machine():
     assert arch is None or (isinstance(arch, str) and arch)
     flags = blas_kernels.cpu_flags()
     assert isinstance(flags, frozenset) and all(isinstance(f, str) for f in flags)
+
+
+def test_bench_compare_names_a_change_of_kernel_set_only_when_both_runs_know_it():
+    from rawgan import bench
+
+    def run(kernels):
+        return {"machine": {"cpu": "x", "cores_available": 2, "blas_threads": 2,
+                            "blas_kernels": kernels}, "rows": [], "args": {}}
+
+    for old, new, noted in (("Haswell", "SkylakeX", True), (None, "Haswell", False),
+                            ("Haswell", "Haswell", False)):
+        said = []
+        bench.compare(run(old), run(new), out=said.append)
+        assert any("blas_kernels differs" in s for s in said) == noted, (old, new, said)
