@@ -34,12 +34,21 @@ def test_hint_only_when_faster_kernels_would_run(monkeypatch, arch, flags, coret
         assert got.startswith(says) and "OPENBLAS_CORETYPE=SkylakeX" in got
 
 
-def test_architecture_and_flags_of_this_machine():
-    """Whatever this machine is: a kernel-set name or None, and a set of flag names."""
-    arch = blas_kernels.architecture()
-    assert arch is None or (isinstance(arch, str) and arch)
+def test_architecture_is_what_threadpoolctl_reports_and_flags_are_cpuinfos():
+    """The kernel set is the BLAS architecture threadpoolctl sees in this process (None when
+    it sees no OpenBLAS); the flags are /proc/cpuinfo's where there is one."""
+    from pathlib import Path
+
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    seen = [i.get("architecture") for i in threadpoolctl.threadpool_info()
+            if i.get("internal_api") == "openblas" and i.get("architecture")]
+    assert blas_kernels.architecture() == (seen[0] if seen else None)
     flags = blas_kernels.cpu_flags()
-    assert isinstance(flags, frozenset) and all(isinstance(f, str) for f in flags)
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists() and "flags" in cpuinfo.read_text():
+        assert {"fpu"} <= flags or {"sse2"} <= flags, sorted(flags)[:10]
+    else:
+        assert flags == frozenset()
 
 
 def test_bench_compare_names_a_change_of_kernel_set_only_when_both_runs_know_it():
