@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from rawgan import optim
-from rawgan.backends import cpu_threads
+from rawgan.backends import cpu_threads, streams
 from rawgan.backends import numpy_ops as ops
 from rawgan.gradcheck import TOLERANCE, check_layer, random_cases
 from rawgan.nn import Dense, Sequential
@@ -356,6 +356,53 @@ def test_uniforms_with_another_bit_generator_draw_in_one_call(forced):
     a, b = (np.random.Generator(np.random.MT19937(3)) for _ in range(2))
     np.testing.assert_array_equal(ops._uniforms(a, (8, 4), np.float32),
                                   b.random((8, 4), dtype=np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_claim_raced_by_another_draw_takes_the_numbers_after_it(monkeypatch, dtype):
+    """claim_uniforms computes the end state on a copy, outside the generator's lock: a draw
+    by another thread in that window (simulated: made from inside the copy's skip) moves the
+    generator, the claim sees it and starts again from there."""
+    rng, ref = np.random.default_rng(5), np.random.default_rng(5)
+    real, raced = streams.skip_uniforms, []
+
+    def racing(bg, m, dt):
+        if not raced:
+            raced.append(True)
+            rng.random(3, dtype=np.float32)  # "another thread" (leaves a buffered half)
+        real(bg, m, dt)
+
+    monkeypatch.setattr(streams, "skip_uniforms", racing)
+    start = streams.claim_uniforms(rng.bit_generator, 10, dtype)
+    ref.random(3, dtype=np.float32)
+    assert raced and start == ref.bit_generator.state
+    ref.random(10, dtype=dtype)
+    assert rng.bit_generator.state == ref.bit_generator.state
+
+
+def test_threads_sharing_a_generator_get_different_masks(forced):
+    """Four threads drawing dropout uniforms from ONE generator (each draw split over the
+    workers) get between them exactly the numbers of 4 x 30 one-call draws, none twice, and
+    the generator ends where those draws leave it: each draw claims its numbers atomically."""
+    shared, ref = np.random.default_rng(8), np.random.default_rng(8)
+    got: list[np.ndarray] = []
+    start = threading.Barrier(4)
+
+    def user() -> None:
+        start.wait()
+        for _ in range(30):
+            u = ops._uniforms(shared, (16, 257), np.float32)
+            got.append(u)  # (list.append is atomic)
+
+    threads = [threading.Thread(target=user) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    want = [ref.random((16, 257), dtype=np.float32) for _ in range(120)]
+    key = lambda a: a.tobytes()  # noqa: E731
+    assert sorted(map(key, got)) == sorted(map(key, want))
+    assert shared.bit_generator.state == ref.bit_generator.state
 
 
 def test_blas_threads_are_restored_after_concurrent_callers(monkeypatch):

@@ -80,7 +80,7 @@ from .numpy_ops import (
     pair,
 )
 from .shapes import check_bias, check_conv
-from .streams import skip_uniforms
+from .streams import claim_uniforms
 
 __all__ = [
     "asarray", "to_numpy", "synchronize", "check_available", "pair", "conv_pads",
@@ -902,7 +902,9 @@ def dropout_forward(x, rate: float, rng: np.random.Generator, training: bool = T
                     (_THREADS, 1, 1), (x, u, y, mask, np.int64(n), rate_t, scale))
         return y, mask
     if n:  # the same numbers, computed on the GPU from the generator's state
-        st = bg.state
+        # rng moves past the numbers first, where rng.random(x.shape) would leave it
+        # (atomically: another thread drawing from rng meanwhile gets the numbers after these)
+        st = claim_uniforms(bg, n, dt)
         s, inc = st["state"]["state"], st["state"]["inc"]
         lo64 = 2**64 - 1
         per = 2 if dt == np.float32 else 1  # numbers per 64-bit output
@@ -912,7 +914,6 @@ def dropout_forward(x, rate: float, rng: np.random.Generator, training: bool = T
                 (x, y, mask, np.int64(n), np.uint64(s & lo64), np.uint64(s >> 64),
                  np.uint64(inc & lo64), np.uint64(inc >> 64), np.int32(st["has_uint32"]),
                  np.uint32(st["uinteger"]), rate_t, scale))
-        skip_uniforms(bg, n, dt)  # rng where rng.random(x.shape) would leave it
     return y, mask
 
 

@@ -71,7 +71,7 @@ from .shapes import (
     check_grad,
     check_same_shape,
 )
-from .streams import skip_uniforms
+from .streams import claim_uniforms
 
 try:  # numba is only imported when backend "numba" is asked for (rawgan.backends.get)
     from numba import cuda
@@ -1093,7 +1093,9 @@ def dropout_forward(x, rate: float, rng: np.random.Generator, training: bool = T
         return _elementwise("dropout_fwd", x, u, args=(rate_t, scale), out_count=2)
     y, mask = _empty(x.size, x.dtype), _empty(x.size, x.dtype)
     if x.size:
-        st = bg.state
+        # rng moves past the numbers first, where rng.random(x.shape) would leave it
+        # (atomically: another thread drawing from rng meanwhile gets the numbers after these)
+        st = claim_uniforms(bg, x.size, x.dtype)
         s, inc = st["state"]["state"], st["state"]["inc"]
         per = 2 if scalar is np.float32 else 1  # numbers per 64-bit output
         slots = -(-x.size // (per * PCG64_W * PCG64_R)) * PCG64_W
@@ -1102,7 +1104,6 @@ def dropout_forward(x, rate: float, rng: np.random.Generator, training: bool = T
                                np.uint64(inc & _LOW64), np.uint64(inc >> 64),
                                np.int32(st["has_uint32"]), np.uint64(st["uinteger"]), rate_t,
                                scale, y, mask)
-        skip_uniforms(bg, x.size, x.dtype)  # rng where rng.random(x.shape) would leave it
     return y.reshape(x.shape), mask.reshape(x.shape)
 
 

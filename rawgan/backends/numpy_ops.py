@@ -34,7 +34,7 @@ from .shapes import (
     check_grad,
     check_same_shape,
 )
-from .streams import skip_uniforms
+from .streams import claim_uniforms, skip_uniforms
 
 name = "numpy"
 xp = np
@@ -979,7 +979,8 @@ def _uniforms(rng: np.random.Generator, shape: tuple[int, ...], dtype) -> np.nda
     """``rng.random(shape, dtype=dtype)``, the same numbers, drawn by the workers in row
     ranges when ``rng`` runs on PCG64 (numpy's default): worker k draws its rows from a copy
     of the generator skipped to its first number (``streams.skip_uniforms``), and ``rng`` is left
-    where the one-call draw leaves it. Other bit generators draw in one call."""
+    where the one-call draw leaves it (claimed first: ``streams.claim_uniforms``, so threads
+    sharing ``rng`` get different numbers). Other bit generators draw in one call."""
     dtype = np.dtype(dtype)
     u = np.empty(shape, dtype=dtype)
     bg = rng.bit_generator
@@ -987,16 +988,17 @@ def _uniforms(rng: np.random.Generator, shape: tuple[int, ...], dtype) -> np.nda
             or cpu_threads.workers_for(u.shape[0], u.size) == 1):
         rng.random(shape, dtype=dtype, out=u)
         return u
-    start, per = bg.state, u.size // u.shape[0]
+    # rng moves past the numbers first, where rng.random(shape) would leave it (atomically:
+    # another thread drawing from rng meanwhile gets the numbers after these)
+    start, per = claim_uniforms(bg, u.size, dtype), u.size // u.shape[0]
 
     def body(r) -> None:
-        mine = np.random.PCG64()
+        mine = np.random.PCG64(0)
         mine.state = start
         skip_uniforms(mine, r.start * per, dtype)
         np.random.Generator(mine).random(dtype=dtype, out=u[r])
 
     _by_rows(body, u)
-    skip_uniforms(bg, u.size, dtype)  # rng where rng.random(shape) would leave it
     return u
 
 

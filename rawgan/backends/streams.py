@@ -6,6 +6,11 @@ the numbers, and the final generator state, of that one draw, each piece starts 
 of the generator skipped past the numbers before it. PCG64 jumps ahead in O(log m) steps
 (``PCG64.advance``); the only subtlety is float32, which takes 32 bits at a time and keeps
 the spare half of a 64-bit output in the generator's state.
+
+A backend that computes the numbers itself (worker threads, a GPU kernel) first CLAIMS them
+(:func:`claim_uniforms`): the generator is moved past them at once, atomically with respect
+to other threads drawing from it, so two threads sharing one generator never get the same
+numbers (as with ``Generator.random``, which holds the generator's lock while it draws).
 """
 
 from __future__ import annotations
@@ -45,3 +50,22 @@ def skip_uniforms(bg: np.random.PCG64, m: int, dtype) -> None:
         st = bg.state
         st["has_uint32"], st["uinteger"] = 1, v >> 32
         bg.state = st
+
+
+def claim_uniforms(bg: np.random.PCG64, m: int, dtype) -> dict:
+    """Take the next ``m`` uniforms of ``dtype`` from PCG64 ``bg`` for the caller to compute
+    itself: returns the state they start from (``bg.state`` before them) and leaves ``bg``
+    past them, where ``Generator.random`` drawing them would.
+
+    Atomic with respect to other threads: the end state is computed on a copy, then set under
+    ``bg.lock`` (the lock ``Generator`` methods hold while they draw) only if ``bg`` has not
+    moved meanwhile, else the claim starts again from where the other draw left it."""
+    while True:
+        start = bg.state
+        end = np.random.PCG64(0)  # (a seed: no OS entropy; its state is replaced)
+        end.state = start
+        skip_uniforms(end, m, dtype)
+        with bg.lock:
+            if bg.state == start:
+                bg.state = end.state
+                return start
