@@ -902,9 +902,7 @@ def dropout_forward(x, rate: float, rng: np.random.Generator, training: bool = T
                     (_THREADS, 1, 1), (x, u, y, mask, np.int64(n), rate_t, scale))
         return y, mask
     if n:  # the same numbers, computed on the GPU from the generator's state
-        # rng moves past the numbers first, where rng.random(x.shape) would leave it
-        # (atomically: another thread drawing from rng meanwhile gets the numbers after these)
-        st = claim_uniforms(bg, n, dt)
+        st = claim_uniforms(bg, n, dt)  # rng moved past them first
         s, inc = st["state"]["state"], st["state"]["inc"]
         lo64 = 2**64 - 1
         per = 2 if dt == np.float32 else 1  # numbers per 64-bit output

@@ -1093,9 +1093,7 @@ def dropout_forward(x, rate: float, rng: np.random.Generator, training: bool = T
         return _elementwise("dropout_fwd", x, u, args=(rate_t, scale), out_count=2)
     y, mask = _empty(x.size, x.dtype), _empty(x.size, x.dtype)
     if x.size:
-        # rng moves past the numbers first, where rng.random(x.shape) would leave it
-        # (atomically: another thread drawing from rng meanwhile gets the numbers after these)
-        st = claim_uniforms(bg, x.size, x.dtype)
+        st = claim_uniforms(bg, x.size, x.dtype)  # rng moved past them first
         s, inc = st["state"]["state"], st["state"]["inc"]
         per = 2 if scalar is np.float32 else 1  # numbers per 64-bit output
         slots = -(-x.size // (per * PCG64_W * PCG64_R)) * PCG64_W

@@ -30,8 +30,9 @@ scale, float32 to ~1.5e-5 (the direct float32 sum: ~5e-7). ``RAWGAN_WINOGRAD=0``
 Not used for the stride-2 conv FORWARD: as a stride-1 3x3 correlation of the space-to-depth
 input (4C channels, the 5x5 kernel zero-padded to 6x6) it models 1.3x fewer multiply-adds
 than the direct sum for the discriminator's 14x14 64 -> 128 layer, but ran slower (batch 256,
-2 threads, 2026-12-04: 23.6 vs 20.4 ms with OpenBLAS's Haswell kernels, 19.2 vs 11.7 ms with
-its SkylakeX ones; the 4x larger K and the zero taps eat the saving).
+2 threads, 2026-12-04: 26.4 vs 20.4 ms with OpenBLAS's Haswell kernels, 26.9 vs 14.3 ms with
+its SkylakeX ones; the 4x larger K and the zero taps eat the saving;
+``python benchmarks/bench_winograd_stride2.py``).
 
 The interpolation points are ``0, 1, -1, 2, -2, 1/2, -1/2`` (as many as F(m, r) needs) and
 infinity; A, G and B are derived from them below, exactly, in rationals.
